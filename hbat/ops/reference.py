@@ -1,0 +1,58 @@
+"""The reference backend: plain PyTorch, one tensor at a time, accumulation in float64.
+
+This is the ground truth every other backend is tested against. It is written for clarity, not speed:
+it allocates a temporary per tensor. It accepts any floating dtype, float64 included, and any strides.
+
+Backend contract (shared by cpu.py, triton.py, cuda.py): inputs were validated by hbat/ops/_validate.py,
+lists are non-empty and of equal length, ``coef`` / ``weights`` are float32 vectors on the tensors' device.
+Functions return float32 per-tensor vectors (``sum_sq_diff``, ``snapshot_``, ``penalty_grad_``) except
+where the docstring says otherwise.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _sums64(params, refs) -> torch.Tensor:
+    device = params[0].device
+    out = torch.zeros(len(params), dtype=torch.float64, device=device)
+    for i, (p, r) in enumerate(zip(params, refs)):
+        if p.numel():
+            out[i] = (p.to(torch.float64) - r.to(torch.float64)).square().sum()
+    return out
+
+
+def sum_sq_diff(params, refs, *, out_dtype=torch.float32) -> torch.Tensor:
+    return _sums64(params, refs).to(out_dtype)
+
+
+def snapshot_(params, anchors, *, out_dtype=torch.float32) -> torch.Tensor:
+    sums = _sums64(params, anchors)
+    with torch.no_grad():
+        for p, a in zip(params, anchors):
+            a.copy_(p)
+    return sums.to(out_dtype)
+
+
+def penalty_grad_(params, anchors, grads, coef, *, out_dtype=torch.float32) -> torch.Tensor:
+    sums = _sums64(params, anchors)
+    with torch.no_grad():
+        for i, (p, a, g) in enumerate(zip(params, anchors, grads)):
+            diff = p.to(torch.float64) - a.to(torch.float64)
+            g.copy_(g.to(torch.float64) + coef[i].to(torch.float64) * diff)
+    return sums.to(out_dtype)
+
+
+def scaled_diff(params, anchors, coef) -> list[torch.Tensor]:
+    """coef[i] * (params[i] - anchors[i]), computed in float64, returned in params[i]'s dtype."""
+    return [
+        (coef[i].to(torch.float64) * (p.detach().to(torch.float64) - a.to(torch.float64))).to(p.dtype)
+        for i, (p, a) in enumerate(zip(params, anchors))
+    ]
+
+
+def lerp_(dst, a, b, weights) -> None:
+    with torch.no_grad():
+        for i, (d, x, y) in enumerate(zip(dst, a, b)):
+            w = weights[i].to(torch.float64)
+            d.copy_((1 - w) * x.to(torch.float64) + w * y.to(torch.float64))

@@ -1,0 +1,1 @@
+"""Triton kernels of hbat (this folder installs as the package ``hbat.kernels``)."""

@@ -64,7 +64,7 @@ def _numels(tensors: list[torch.Tensor], device) -> torch.Tensor:
 def _reduce(sums: torch.Tensor, tensors, reduction: str) -> torch.Tensor:
     if reduction == "sum":
         return sums
-    return (sums.to(torch.float64) / _numels(tensors, sums.device)).to(torch.float32)
+    return (sums.to(torch.float64) / _numels(tensors, sums.device)).to(sums.dtype)
 
 
 def _check_reduction(reduction: str) -> None:

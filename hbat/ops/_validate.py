@@ -16,7 +16,7 @@ REFERENCE_DTYPES = NATIVE_DTYPES + (torch.float64,)
 
 
 def _shape(t: torch.Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+    return str(tuple(t.shape))
 
 
 def as_tensor_list(name: str, seq) -> list[torch.Tensor]:

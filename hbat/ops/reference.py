@@ -5,8 +5,8 @@ it allocates a temporary per tensor. It accepts any floating dtype, float64 incl
 
 Backend contract (shared by cpu.py, triton.py, cuda.py): inputs were validated by hbat/ops/_validate.py,
 lists are non-empty and of equal length, ``coef`` / ``weights`` are float32 vectors on the tensors' device.
-Functions return float32 per-tensor vectors (``sum_sq_diff``, ``snapshot_``, ``penalty_grad_``) except
-where the docstring says otherwise.
+Functions return float32 per-tensor vectors (``sum_sq_diff``, ``snapshot_``, ``penalty_grad_``); only
+the reference returns float64 when given float64 tensors.
 """
 from __future__ import annotations
 
@@ -22,25 +22,30 @@ def _sums64(params, refs) -> torch.Tensor:
     return out
 
 
-def sum_sq_diff(params, refs, *, out_dtype=torch.float32) -> torch.Tensor:
-    return _sums64(params, refs).to(out_dtype)
+def _out_dtype(*lists) -> torch.dtype:
+    # float32 results as every backend; float64 inputs keep float64 (gradcheck of ewc_penalty runs here)
+    return torch.float64 if any(t.dtype == torch.float64 for ts in lists for t in ts) else torch.float32
 
 
-def snapshot_(params, anchors, *, out_dtype=torch.float32) -> torch.Tensor:
+def sum_sq_diff(params, refs) -> torch.Tensor:
+    return _sums64(params, refs).to(_out_dtype(params, refs))
+
+
+def snapshot_(params, anchors) -> torch.Tensor:
     sums = _sums64(params, anchors)
     with torch.no_grad():
         for p, a in zip(params, anchors):
             a.copy_(p)
-    return sums.to(out_dtype)
+    return sums.to(_out_dtype(params, anchors))
 
 
-def penalty_grad_(params, anchors, grads, coef, *, out_dtype=torch.float32) -> torch.Tensor:
+def penalty_grad_(params, anchors, grads, coef) -> torch.Tensor:
     sums = _sums64(params, anchors)
     with torch.no_grad():
         for i, (p, a, g) in enumerate(zip(params, anchors, grads)):
             diff = p.to(torch.float64) - a.to(torch.float64)
             g.copy_(g.to(torch.float64) + coef[i].to(torch.float64) * diff)
-    return sums.to(out_dtype)
+    return sums.to(_out_dtype(params, anchors, grads))
 
 
 def scaled_diff(params, anchors, coef) -> list[torch.Tensor]:

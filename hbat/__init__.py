@@ -1,10 +1,20 @@
 """hbat: Hybrid Alignment Training of language models.
 
 Fused EWC kernels (C++ CPU, CUDA, Triton) over lists of parameter tensors, and a compact trainer for the
-alternating SFT / DPO / PPO loop of Wang et al. (2024). ``import hbat`` needs torch alone.
+alternating SFT / DPO / PPO loop of Wang et al. (2024). ``import hbat`` needs torch alone; the trainer and
+the integrations import their own dependencies when they are used.
 """
 from . import ops
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "__version__"]
+__all__ = ["ops", "HybridEWC", "__version__"]
+
+
+def __getattr__(name):
+    # lazy, so that `import hbat` stays light
+    if name == "HybridEWC":
+        from .ewc import HybridEWC
+
+        return HybridEWC
+    raise AttributeError(f"module 'hbat' has no attribute {name!r}")

@@ -9,9 +9,19 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="hbat", description="Hybrid Alignment Training")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="what was built and which backends run here")
-    demo = sub.add_parser("demo", help="the fused ops on a Llama-shaped list of tensors, against a naive penalty")
-    demo.add_argument("args", nargs=argparse.REMAINDER)
+    ops_demo = sub.add_parser("ops-demo", help="the fused ops on a Llama-shaped list of tensors, against a naive penalty")
+    ops_demo.add_argument("args", nargs=argparse.REMAINDER)
     from . import averaging
+    from .trainer import run as train_run
+
+    train = sub.add_parser("train", help="train with HBAT (or a baseline); no config: the embedded default demo")
+    train_run.build_parser(train)
+    train.set_defaults(func=train_run.run)
+    from .trainer import compare as compare_run
+
+    compare = sub.add_parser("compare", help="several methods on the same data and budget: table, plot, commands")
+    compare_run.build_parser(compare)
+    compare.set_defaults(func=compare_run.run)
 
     average = sub.add_parser("average", help="average an SFT and an aligned model (uniform or HMA)")
     averaging.build_parser(average)
@@ -22,14 +32,14 @@ def main(argv=None) -> int:
 
         print(report())
         return 0
-    if args.command == "demo":
-        from .demo import main as demo_main
+    if args.command == "ops-demo":
+        from .ops_demo import main as demo_main
 
         demo_main(args.args)
         return 0
     try:
         return int(args.func(args) or 0)
-    except (ValueError, OSError) as exc:  # bad input or paths: a message, not a traceback
+    except (ValueError, OSError, KeyError) as exc:  # bad input or paths: a message, not a traceback
         print(f"hbat {args.command}: {exc}", file=sys.stderr)
         return 2
 

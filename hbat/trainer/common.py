@@ -1,0 +1,226 @@
+"""What the SFT and DPO stages share: the config base, log-probabilities of response tokens, and the step loop.
+
+The loop (``train_loop``) is the one place where an optimizer step is taken, in this order:
+
+    for each micro-batch of the step:  loss_micro.backward()       (each loss weighted by its share of the batch)
+    extra_loss(step).backward()        (optional mixed-in objective: RLHF+pt / SFT+ppo baselines)
+    penalty = ewc.apply_()             (once per optimizer step: adds the EWC gradient of eq. 5 / 8 into .grad)
+    grad_norm = clip_grad_norm_(...)   (so the penalty gradient is clipped like a loss term)
+    optimizer.step(); scheduler.step(); optimizer.zero_grad()
+
+``batch_size`` counts the rows of one optimizer step; they are split into ``grad_accum_steps`` micro-batches.
+Each stage weights a micro-batch's loss by its share of the batch (tokens for SFT, pairs for DPO), so
+accumulating gives the same gradient as one big batch; a plain ``1 / grad_accum_steps`` is only exact when
+all micro-batches have the same share.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data import IGNORE_INDEX, position_ids_from_mask
+
+SCHEDULERS = ("constant", "linear", "cosine")
+
+
+@dataclass
+class StageConfig:
+    """Optimisation settings shared by the SFT and DPO stages (each stage sets its paper defaults)."""
+
+    lr: float = 1e-5                  # peak AdamW learning rate
+    batch_size: int = 64              # rows (pairs for DPO) per optimizer step, over all micro-batches (paper: 64)
+    epochs: int = 1                   # passes over the rows
+    max_steps: int | None = None      # stop after this many optimizer steps (None: ``epochs`` passes)
+    max_len: int = 256                # tokens of prompt + response (hbat.data truncation rule)
+    grad_accum_steps: int = 1         # micro-batches per optimizer step (memory: batch_size / grad_accum_steps rows)
+    max_grad_norm: float | None = 1.0  # gradient clipping after the EWC hook (0 or None: off, norm still logged)
+    weight_decay: float = 0.0         # AdamW weight decay
+    warmup_ratio: float = 0.0         # share of the steps with a linear warm-up from 0
+    lr_scheduler_type: str = "linear"  # after warm-up: "constant", "linear" (to 0, HF default) or "cosine"
+    logging_steps: int = 1            # call ``log`` (and update the bar) every this many optimizer steps
+    eval_batch_size: int = 16         # rows per forward when only evaluating
+    seed: int = 0                     # shuffling of the rows
+
+    def __post_init__(self):
+        name = type(self).__name__
+        for key in ("batch_size", "epochs", "max_len", "grad_accum_steps", "logging_steps", "eval_batch_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{name}.{key} must be >= 1, got {getattr(self, key)}")
+        if self.grad_accum_steps > self.batch_size:
+            raise ValueError(f"{name}.grad_accum_steps ({self.grad_accum_steps}) > batch_size ({self.batch_size})")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"{name}.max_steps must be >= 1 or None, got {self.max_steps}")
+        if self.lr < 0:
+            raise ValueError(f"{name}.lr must be >= 0, got {self.lr}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"{name}.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.lr_scheduler_type not in SCHEDULERS:
+            raise ValueError(f"{name}.lr_scheduler_type must be one of {SCHEDULERS}, got {self.lr_scheduler_type!r}")
+
+
+# --- model helpers -----------------------------------------------------------------------------------------------
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module):
+    """Put models in eval mode (dropout off) and restore each one's previous mode afterwards."""
+    modes = [(m, m.training) for m in models if m is not None]
+    for model, _ in modes:
+        model.eval()
+    try:
+        yield
+    finally:
+        for model, mode in modes:
+            model.train(mode)
+
+
+def token_logprobs(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log p(label_t | prefix) * mask, mask)``, both float32 [B, L-1]; mask is 1 where the label is not -100.
+
+    ``batch`` holds ``input_ids``, ``labels`` and ``attention_mask`` (right or left padding; positions come from
+    the mask) or, for packed rows, ``position_ids`` without an attention mask (see hbat.trainer.sft).
+    """
+    device = model_device(model)
+    attention_mask = batch.get("attention_mask")
+    position_ids = batch.get("position_ids")
+    if position_ids is None:
+        position_ids = position_ids_from_mask(attention_mask)
+    logits = model(input_ids=batch["input_ids"].to(device),
+                   attention_mask=None if attention_mask is None else attention_mask.to(device),
+                   position_ids=position_ids.to(device), use_cache=False).logits[:, :-1]
+    targets = batch["labels"][:, 1:].to(device)
+    mask = targets != IGNORE_INDEX
+    nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.masked_fill(~mask, 0).reshape(-1),
+                          reduction="none").view_as(targets)
+    mask = mask.float()
+    return -nll * mask, mask
+
+
+def sequence_logprobs(model: nn.Module, batch: dict) -> torch.Tensor:
+    """log p(response | prompt) per row: the sum over label tokens (float32 [B])."""
+    logps, _ = token_logprobs(model, batch)
+    return logps.sum(-1)
+
+
+# --- optimisation ------------------------------------------------------------------------------------------------
+
+def make_optimizer(model: nn.Module, cfg: StageConfig) -> torch.optim.Optimizer:
+    """A fresh AdamW over the trainable parameters (frozen tensors, e.g. HBAT-Freeze, are left out)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(optimizer, cfg: StageConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup_ratio * total_steps`` steps, then constant / linear / cosine decay to 0."""
+    warmup = math.ceil(cfg.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if cfg.lr_scheduler_type == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if cfg.lr_scheduler_type == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def planned_steps(cfg: StageConfig, n_rows: int) -> int:
+    return cfg.epochs * math.ceil(n_rows / cfg.batch_size) if cfg.max_steps is None else cfg.max_steps
+
+
+def split_micro(indices: Sequence[int], parts: int) -> list[list[int]]:
+    """``parts`` near-equal consecutive chunks (fewer when there are fewer rows than parts)."""
+    size = math.ceil(len(indices) / parts)
+    return [list(indices[i:i + size]) for i in range(0, len(indices), size)]
+
+
+# micro_loss(micro_indices, batch_indices) -> (weighted loss, weighted detached stats)
+MicroLoss = Callable[[list, list], tuple]
+
+
+def train_loop(model: nn.Module, n_rows: int, cfg: StageConfig, micro_loss: MicroLoss, *, desc: str,
+               loss_key: str, ewc=None, extra_loss: Callable[[int], torch.Tensor] | None = None,
+               extra_key: str = "train/extra_loss", log: Callable[[dict], None] | None = None,
+               progress: bool = True) -> dict:
+    """Optimise ``model`` over ``n_rows`` rows (order and step structure: module docstring).
+
+    ``micro_loss(micro_indices, batch_indices) -> (loss, stats)``: the micro-batch's loss already weighted by
+    its share of the batch, and detached 0-dim stats weighted the same way (summed over the micro-batches they
+    give the batch means). ``stats[loss_key]`` is the bar's live loss. Logs the stats plus ``train/lr``,
+    ``train/grad_norm`` (before clipping), ``train/step``, ``train/epoch``, ``ewc/penalty`` (with ``ewc``) and
+    ``extra_key`` (with ``extra_loss``). Returns the means over the run, ``train/steps`` and ``<loss_key>_last``.
+    """
+    from tqdm.auto import tqdm
+
+    total_steps = planned_steps(cfg, n_rows)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg, total_steps)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    generator = torch.Generator().manual_seed(cfg.seed)
+    sums: dict[str, torch.Tensor] = {}
+    window: dict[str, torch.Tensor] = {}  # stats since the last log call
+    step, last = 0, {}
+    was_training = model.training
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    bar = tqdm(total=total_steps, desc=desc, disable=not progress, leave=False)
+    try:
+        while step < total_steps:
+            order = torch.randperm(n_rows, generator=generator).tolist()
+            for start in range(0, n_rows, cfg.batch_size):
+                if step >= total_steps:
+                    break
+                batch = order[start:start + cfg.batch_size]
+                stats: dict[str, torch.Tensor] = {}
+                for micro in split_micro(batch, cfg.grad_accum_steps):
+                    loss, micro_stats = micro_loss(micro, batch)
+                    loss.backward()
+                    for key, value in micro_stats.items():
+                        stats[key] = stats.get(key, 0.0) + value.detach().float()
+                if extra_loss is not None:
+                    extra = extra_loss(step)
+                    extra.backward()
+                    stats[extra_key] = extra.detach().float()
+                if ewc is not None:
+                    stats["ewc/penalty"] = ewc.apply_().detach().float()
+                stats["train/grad_norm"] = torch.nn.utils.clip_grad_norm_(
+                    params, cfg.max_grad_norm if cfg.max_grad_norm else float("inf")).detach().float()
+                stats["train/lr"] = torch.tensor(scheduler.get_last_lr()[0])
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                for key, value in stats.items():
+                    sums[key] = sums.get(key, 0.0) + value
+                    window[key] = window.get(key, 0.0) + value
+                bar.update(1)
+                if step % cfg.logging_steps == 0 or step == total_steps:
+                    count = (step - 1) % cfg.logging_steps + 1
+                    last = {key: float(value) / count for key, value in window.items()}  # one host sync per log
+                    window.clear()
+                    last.update({"train/step": step, "train/epoch": (start + len(batch)) / n_rows
+                                 + (step - 1) // math.ceil(n_rows / cfg.batch_size)})
+                    if log is not None:
+                        log(dict(last))
+                    bar.set_postfix(loss=f"{last[loss_key]:.4f}")
+    finally:
+        bar.close()
+        optimizer.zero_grad(set_to_none=True)
+        model.train(was_training)
+    summary = {key: float(value) / max(step, 1) for key, value in sums.items()}
+    summary.update({"train/steps": step, f"{loss_key}_last": last.get(loss_key, float("nan"))})
+    return summary

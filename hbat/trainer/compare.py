@@ -1,0 +1,193 @@
+"""`hbat compare [SPEC]`: several methods on the same data, seeds and budget, as the paper's Tables 1 and 4.
+
+A SPEC is a YAML file (default: the embedded comparison, ``DEFAULT_SPEC`` below):
+
+    set: [model.size=small]                 # overrides shared by every run (hbat train --set ...)
+    runs:                                   # a method name, or a mapping with its own name and overrides
+      - two_stage
+      - {name: hbat-paper, method: hbat, set: [ewc.importance_mode=paper]}
+    hma: {aligned: two_stage, alphas: [0.0, 0.25, 0.5, 0.75, 1.0]}   # uniform-averaging curve (optional)
+
+The shared pieces (base model, SFT reference, reward model) are built once; then every run is its own
+``hbat train`` process (so its wall time and peak memory are its own), and its command line is written next
+to its row. Outputs in the output folder: compare.md (the table and the commands), compare.csv, compare.png
+(instruction following against reward, one point per method, the uniform-averaging curve as a line).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+DEFAULT_SPEC = {
+    "set": ["output_dir=docs/results/compare-run"],
+    "runs": ["sft_only", "two_stage", "rlhf_pt", "sft_hpa", "no_ewc", "no_alternation", "hbat",
+             {"name": "hbat-paper", "method": "hbat", "set": ["ewc.importance_mode=paper"]},
+             {"name": "hbat-released", "method": "hbat", "set": ["ewc.importance_mode=released"]},
+             {"name": "hbat-proportional", "method": "hbat", "set": ["ewc.importance_mode=proportional"]},
+             {"name": "hbat-uniform", "method": "hbat", "set": ["ewc.importance_mode=uniform"]},
+             "freeze", "fisher"],
+    "hma": {"aligned": "two_stage", "alphas": [0.0, 0.25, 0.5, 0.75, 1.0]},
+}
+COLUMNS = [("method", "method"), ("eval/exact_match", "exact match"), ("eval/sft_loss", "SFT loss (val)"),
+           ("eval/preference", "preference"), ("eval/reward", "reward"), ("eval/win_rate", "win vs SFT"),
+           ("eval/kl_to_sft", "KL to SFT"), ("wall_seconds", "wall s"), ("peak_rss_mib", "peak RSS MiB")]
+
+
+def load_spec(path: str | None) -> dict:
+    if path is None:
+        return json.loads(json.dumps(DEFAULT_SPEC))
+    import yaml
+
+    with open(path, encoding="utf-8") as fh:
+        spec = yaml.safe_load(fh) or {}
+    if not isinstance(spec, dict):
+        raise ValueError(f"{path}: the compare spec must be a mapping with 'runs'")
+    unknown = set(spec) - {"set", "runs", "hma"}
+    if unknown:
+        raise ValueError(f"{path}: unknown key {sorted(unknown)[0]!r}; valid keys: set, runs, hma")
+    return spec
+
+
+def normalise_runs(spec: dict) -> list[dict]:
+    from .methods import spec as method_spec
+
+    runs, names = [], set()
+    for i, item in enumerate(spec.get("runs") or []):
+        run = {"name": item, "method": item, "set": []} if isinstance(item, str) else dict(item)
+        if not isinstance(run, dict) or "method" not in run:
+            raise ValueError(f"runs[{i}] must be a method name or a mapping with 'method' (and 'name', 'set')")
+        run.setdefault("name", run["method"])
+        run.setdefault("set", [])
+        method_spec(run["method"])  # unknown methods fail before anything runs
+        if run["name"] in names:
+            raise ValueError(f"runs[{i}]: the name {run['name']!r} is used twice")
+        names.add(run["name"])
+        runs.append(run)
+    if not runs:
+        raise ValueError("the compare spec has no runs")
+    return runs
+
+
+def run_command(run: dict, shared: list[str], extra: list[str]) -> list[str]:
+    args = ["hbat", "train", "--no-progress", "--name", run["name"]]
+    for override in list(shared) + list(extra) + [f"method={run['method']}"] + list(run["set"]):
+        args += ["--set", override]
+    return args
+
+
+def hma_curve(ws, cfg, aligned_folder: str, alphas) -> list[dict]:
+    """Uniform averaging (1 - alpha) * SFT + alpha * aligned, evaluated at each alpha (hbat.averaging)."""
+    from ..averaging import average
+    from .loop import evaluate
+
+    aligned = ws.build()
+    aligned.load_state_dict(__import__("torch").load(os.path.join(aligned_folder, "best.pt"), weights_only=False))
+    points = []
+    for alpha in alphas:
+        merged = average(ws.sft_model, aligned, float(alpha))
+        points.append({"alpha": float(alpha), **evaluate(ws, merged, cfg)})
+    return points
+
+
+def plot(rows: list[dict], curve: list[dict], path: str, x="eval/reward", y="eval/exact_match") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    if curve:
+        ax.plot([p[x] for p in curve], [p[y] for p in curve], "-o", color="0.6", ms=3,
+                label="uniform averaging SFT/aligned (alpha 0..1)")
+    for row in rows:
+        if x in row and y in row:
+            ax.scatter(row[x], row[y], s=30)
+            ax.annotate(row["method"], (row[x], row[y]), fontsize=8, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("reward (reward model, validation)")
+    ax.set_ylabel("exact match (instruction following, validation)")
+    ax.set_title("alignment tax: instruction following vs reward")
+    if curve:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def compare(spec: dict, extra: list[str], out_dir: str | None, *, progress=True) -> list[dict]:
+    from .checkpoint import write_text_atomic
+    from .config import load_config
+    from .metrics import markdown_table
+    from .workspace import prepare
+
+    runs = normalise_runs(spec)
+    shared = list(spec.get("set") or [])
+    if out_dir:
+        shared.append(f"output_dir={out_dir}")
+    base = load_config(None, shared + list(extra))
+    for run in runs:  # every run's config is valid before anything runs
+        load_config(None, shared + list(extra) + [f"method={run['method']}"] + list(run["set"]))
+    print(f"hbat compare: {len(runs)} runs -> {base.output_dir}")
+    started = time.perf_counter()
+    ws = prepare(base, progress=progress)  # built once, cached for every run
+    rows = []
+    for i, run in enumerate(runs, 1):
+        command = run_command(run, shared, extra)
+        print(f"[{i}/{len(runs)}] {shlex.join(command)}", flush=True)
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "hbat.cli", *command[1:]], capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise RuntimeError(f"run {run['name']!r} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        with open(os.path.join(base.output_dir, run["name"], "result.json"), encoding="utf-8") as fh:
+            result = json.load(fh)
+        row = {**result, "method": run["name"], "wall_seconds": wall,
+               "peak_rss_mib": result["peak_rss_bytes"] / 2**20, "command": shlex.join(command)}
+        rows.append(row)
+        print("    " + ", ".join(f"{k[5:]}={row[k]:.4f}" for k in row if k.startswith("eval/")) + f", {wall:.0f} s")
+    curve = []
+    hma = spec.get("hma")
+    if hma:
+        aligned = hma.get("aligned", "two_stage")
+        if aligned not in [r["name"] for r in runs]:
+            raise ValueError(f"hma.aligned {aligned!r} is not one of the runs")
+        curve = hma_curve(ws, base, os.path.join(base.output_dir, aligned), hma.get("alphas", [0, 0.5, 1]))
+    out = base.output_dir
+    table = markdown_table([{label: r.get(key) for key, label in COLUMNS} for r in rows], [c[1] for c in COLUMNS])
+    curve_table = markdown_table([{"alpha": p["alpha"], **{k: p.get(k) for k in
+                                   ("eval/exact_match", "eval/reward", "eval/win_rate", "eval/kl_to_sft")}}
+                                  for p in curve], ["alpha", "eval/exact_match", "eval/reward", "eval/win_rate",
+                                                    "eval/kl_to_sft"]) if curve else ""
+    commands = "\n".join(f"- `{r['method']}`: `{r['command']}`" for r in rows)
+    text = (f"# hbat compare\n\nAll runs: same seed, data, parts and step budget; each row is one `hbat train` "
+            f"process. Total wall time {time.perf_counter() - started:.0f} s.\n\n{table}\n\n"
+            + (f"Uniform averaging of the SFT model and `{hma.get('aligned', 'two_stage')}` (alpha = weight of the "
+               f"aligned model):\n\n{curve_table}\n\n" if curve else "")
+            + f"Commands (run from the repository root):\n\n{commands}\n")
+    write_text_atomic(text, os.path.join(out, "compare.md"))
+    with open(os.path.join(out, "compare.csv"), "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=[c[0] for c in COLUMNS] + ["command"], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(rows, curve, os.path.join(out, "compare.png"))
+    print("\n" + table)
+    return rows
+
+
+def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("spec", nargs="?", help="compare spec YAML (default: the embedded comparison)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override applied to every run (after the spec's own)")
+    parser.add_argument("--out", help="output folder (default: the spec's output_dir)")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def run(args) -> int:
+    compare(load_spec(args.spec), args.overrides, args.out, progress=not args.no_progress)
+    return 0

@@ -1,0 +1,224 @@
+"""Algorithm 1: the alternating IFA / HPA loop, shared by HBAT and every baseline.
+
+    ws = prepare(cfg)                   # tokenizer, base model, data, SFT reference, reward model (cached)
+    result = run_method(ws, cfg)        # the stages of cfg.method, checkpointed after every stage
+
+For each stage of the plan (hbat.trainer.methods.stage_plan): the regulariser's stage boundary (HybridEWC:
+change of the stage that ended, importance of the other objective, anchor refresh), then SFT (IFA) or
+DPO / PPO (HPA) on this part of the data with the penalty hook. After each completed part the policy is
+evaluated on the validation sets; the best by validation reward (or the last) is kept. Every stage is
+seeded from (cfg.seed, stage index), and a checkpoint after every stage holds all the loop's state, so
+``resume=True`` continues from the last completed stage and ends with the same weights.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import replace
+
+import torch
+
+from ..data import split_parts
+from . import checkpoint as ckpt
+from .config import TrainConfig, to_dict
+from .methods import spec, stage_plan
+from .metrics import MetricsLogger
+from .regularizers import make_regularizer
+from .workspace import Workspace, frozen_copy
+
+RESUME_IGNORED = ("output_dir", "save_model")  # settings that may differ between a run and its resumption
+
+
+def evaluate(ws: Workspace, model, cfg: TrainConfig) -> dict:
+    """Validation metrics of ``model``: held-out SFT loss, exact match, preference, reward, KL to SFT."""
+    from .evaluate import evaluate_policy
+
+    e = cfg.eval
+    metrics = evaluate_policy(model, ws.tokenizer, sft_rows=ws.sft_val, prompts=ws.prompts_val,
+                              reward_model=ws.reward_model, exact_match=ws.exact_match,
+                              preference_score=ws.preference_score, max_new_tokens=e.max_new_tokens,
+                              batch_size=e.batch_size, max_len=cfg.sft.max_len, seed=cfg.seed)
+    if ws.sft_model is not None and ws.reward_model is not None:
+        metrics["eval/win_rate"] = win_rate_vs_sft(ws, model, cfg)
+    if e.kl_samples:
+        kl = evaluate_policy(model, ws.tokenizer, prompts=ws.prompts_val[: e.kl_samples], ref_model=ws.sft_model,
+                             max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, seed=cfg.seed)
+        metrics.update(kl)
+    return metrics
+
+
+@torch.no_grad()
+def _greedy_scores(ws: Workspace, model, cfg: TrainConfig) -> torch.Tensor:
+    from .common import eval_mode
+    from .evaluate import greedy_generate
+    from .reward import score_responses
+
+    prompts = [p["prompt"] for p in ws.prompts_val]
+    responses = []
+    with eval_mode(model):
+        for start in range(0, len(prompts), cfg.eval.batch_size):
+            rollout = greedy_generate(model, ws.tokenizer, prompts[start:start + cfg.eval.batch_size],
+                                      max_new_tokens=cfg.eval.max_new_tokens)
+            responses += ws.tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)
+    return score_responses(ws.reward_model, ws.tokenizer, prompts, responses, batch_size=cfg.eval.batch_size,
+                           max_len=cfg.sft.max_len)
+
+
+def win_rate_vs_sft(ws: Workspace, model, cfg: TrainConfig) -> float:
+    """Share of validation prompts where the reward model prefers the model's greedy answer to the SFT
+    model's (ties count one half), as the paper's win rate against SFT."""
+    cache = ws.__dict__.setdefault("_sft_scores", {})
+    key = (cfg.eval.max_new_tokens, cfg.eval.batch_size)
+    if key not in cache:
+        cache[key] = _greedy_scores(ws, ws.sft_model, cfg)
+    mine, theirs = _greedy_scores(ws, model, cfg), cache[key]
+    if not len(mine):
+        return float("nan")
+    return float(((mine > theirs).float() + 0.5 * (mine == theirs).float()).mean())
+
+
+def _parts(ws: Workspace, cfg: TrainConfig) -> dict[str, list[list[dict]]]:
+    n = cfg.n_parts
+    return {"sft": split_parts(ws.sft_train, n, seed=cfg.seed),
+            "pref": split_parts(ws.pref_train, n, seed=cfg.seed + 1),
+            "prompts": split_parts(ws.prompts_train, n, seed=cfg.seed + 2)}
+
+
+def _as_sft_rows(rows: list[dict]) -> list[dict]:
+    """Rows of the stage that ended, as {prompt, response} (preference rows give their chosen answer)."""
+    return [r if "response" in r else {"prompt": r["prompt"], "response": r["chosen"]} for r in rows]
+
+
+def _check_resume_config(saved: dict, cfg: TrainConfig) -> None:
+    current = to_dict(cfg)
+    differ = [k for k in current if k not in RESUME_IGNORED and saved.get(k) != current[k]]
+    if differ:
+        raise ValueError(f"cannot resume: the checkpoint was made with different settings for {differ}; "
+                         "use the same configuration (or a new output_dir)")
+
+
+def run_method(ws: Workspace, cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
+               run_name: str | None = None) -> dict:
+    """Run ``cfg.method`` from the workspace's base model; returns the kept model's metrics and run facts."""
+    method = spec(cfg.method)
+    name = run_name or cfg.method
+    folder = os.path.join(cfg.output_dir, name)
+    os.makedirs(folder, exist_ok=True)
+    state_path, best_path = os.path.join(folder, "checkpoint.pt"), os.path.join(folder, "best.pt")
+    plan = stage_plan(cfg.method, cfg.n_parts)
+    parts = _parts(ws, cfg)
+    model = ws.build()
+    regularizer = make_regularizer(method.regularizer, model, cfg.ewc, ws.tokenizer, cfg.sft.max_len)
+    critic, start, evals, best, elapsed = None, 0, [], None, 0.0
+
+    log = MetricsLogger(folder, tensorboard=True)
+    if resume and os.path.exists(state_path):
+        state = ckpt.load(state_path)
+        _check_resume_config(state["config"], cfg)
+        model.load_state_dict(state["model"])
+        regularizer.load_state_dict(state["regularizer"])
+        if state["critic"] is not None:
+            critic = _new_critic(ws)
+            critic.load_state_dict(state["critic"])
+        start, evals, best, elapsed = state["position"], state["evals"], state["best"], state["elapsed"]
+        log.step = state["log_step"]
+        ckpt.set_rng_state(state["rng"])
+        print(f"[{name}] resuming after stage {start}/{len(plan)}")
+    elif not resume:
+        open(log.path, "w").close()  # a fresh run starts a fresh metrics file
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(start, len(plan)):
+        objective, part = plan[i]
+        stage_seed = cfg.seed * 1000 + i
+        torch.manual_seed(stage_seed)
+        log.context = {"method": name, "stage": i, "objective": objective, "part": part}
+        started = time.perf_counter()
+        previous = plan[i - 1] if i else None
+        previous_rows = None
+        if previous is not None:
+            previous_rows = _as_sft_rows(parts["sft" if previous[0] == "ifa" else "pref"][previous[1]])
+        boundary = regularizer.begin_stage(objective, previous_rows)
+        if boundary:
+            log(boundary)
+        hook = regularizer.hook
+        if objective == "ifa":
+            critic = _run_ifa(ws, cfg, model, parts, part, stage_seed, hook, log, progress, critic)
+        else:
+            critic = _run_hpa(ws, cfg, model, parts, part, stage_seed, hook, log, progress, critic)
+        elapsed += time.perf_counter() - started
+        if i == len(plan) - 1 or plan[i + 1][0] == "ifa" and objective != "ifa" or not method.hpa:
+            metrics = {**evaluate(ws, model, cfg), "part": part + 1, "stage": i}
+            evals.append(metrics)
+            log({f"{k}": v for k, v in metrics.items() if k.startswith("eval/")})
+            print(f"[{name}] part {part + 1}/{cfg.n_parts}: " +
+                  ", ".join(f"{k[5:]}={v:.4f}" for k, v in metrics.items() if k.startswith("eval/")))
+            if best is None or cfg.keep == "last" or metrics["eval/reward"] > best["eval/reward"]:
+                best = metrics
+                ckpt.save_atomic({k: v.detach().cpu() for k, v in model.state_dict().items()}, best_path)
+        ckpt.save_atomic({
+            "position": i + 1, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "regularizer": regularizer.state_dict(), "critic": None if critic is None else critic.state_dict(),
+            "evals": evals, "best": best, "elapsed": elapsed, "log_step": log.step, "rng": ckpt.rng_state(),
+            "config": to_dict(cfg),
+        }, state_path)
+    log.close()
+
+    if best is not None and cfg.keep == "best" and os.path.exists(best_path):
+        model.load_state_dict(ckpt.load(best_path))
+    if cfg.save_model:
+        model.save_pretrained(os.path.join(folder, "model"))
+        ws.tokenizer.save_pretrained(os.path.join(folder, "model"))
+    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    result = {"method": name, **(best or {}), "train_seconds": elapsed, "peak_memory_bytes": peak, "peak_rss_bytes": rss,
+              "stages": len(plan), "folder": folder}
+    ckpt.write_text_atomic(__import__("json").dumps(result, indent=2, default=str), os.path.join(folder, "result.json"))
+    return result
+
+
+def _new_critic(ws: Workspace):
+    from .ppo import Critic
+
+    return Critic.from_reward_model(ws.reward_model).to(ws.device).requires_grad_(True)
+
+
+def _run_ifa(ws, cfg, model, parts, part, seed, hook, log, progress, critic):
+    from .sft import run_sft
+
+    rows = parts["sft"][part]
+    mix = None
+    if spec(cfg.method).mix == "hpa_in_sft":  # SFT+hpa: the DPO loss of the same part mixed into SFT
+        from .dpo import dpo_mix_loss
+
+        mix = dpo_mix_loss(model, None, ws.tokenizer, parts["pref"][part], coef=cfg.mix_coef,
+                           batch_size=cfg.dpo.batch_size // cfg.dpo.grad_accum_steps, beta=cfg.dpo.beta,
+                           max_len=cfg.dpo.max_len, seed=seed)
+    run_sft(model, ws.tokenizer, rows, replace(cfg.sft, seed=seed), ewc=hook, log=log, progress=progress,
+            mix_loss=mix)
+    return critic
+
+
+def _run_hpa(ws, cfg, model, parts, part, seed, hook, log, progress, critic):
+    if cfg.hpa == "ppo":
+        from .ppo import run_ppo
+
+        if critic is None:  # initialised from the reward model, then carried from one HPA stage to the next
+            critic = _new_critic(ws)
+        run_ppo(model, None, ws.reward_model, critic, ws.tokenizer, parts["prompts"][part], cfg.ppo, ewc=hook,
+                log=log, seed=seed, progress=progress)
+        return critic
+    from .dpo import run_dpo
+
+    dpo_cfg = replace(cfg.dpo, seed=seed)
+    sft_rows = None
+    if spec(cfg.method).mix == "sft_in_hpa":  # RLHF+pt
+        dpo_cfg = replace(dpo_cfg, sft_coef=cfg.mix_coef)
+        sft_rows = parts["sft"][part]
+    reference = frozen_copy(ws.sft_model) if cfg.dpo_reference == "sft" else None
+    run_dpo(model, reference, ws.tokenizer, parts["pref"][part], dpo_cfg, ewc=hook, log=log, progress=progress,
+            sft_rows=sft_rows)
+    return critic

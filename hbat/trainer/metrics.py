@@ -1,0 +1,69 @@
+"""Where metrics go: ``metrics.jsonl`` in the output folder, TensorBoard when installed, and the console."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+
+def _plain(value):
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class MetricsLogger:
+    """Appends one JSON object per call to ``<folder>/metrics.jsonl``; context keys (method, stage, part)
+    are added to every record. ``step`` counts logged optimizer steps over the whole run."""
+
+    def __init__(self, folder: str, *, tensorboard: bool = True, console: bool = False):
+        os.makedirs(folder, exist_ok=True)
+        self.path = os.path.join(folder, "metrics.jsonl")
+        self.context: dict = {}
+        self.step = 0
+        self.console = console
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(os.path.join(folder, "tensorboard"))
+            except Exception:  # noqa: BLE001 - tensorboard is optional
+                self.writer = None
+
+    def __call__(self, metrics: dict) -> None:
+        self.step += 1
+        record = {"time": round(time.time(), 3), "step": self.step, **self.context,
+                  **{k: _plain(v) for k, v in metrics.items()}}
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("time", "step"):
+                    self.writer.add_scalar(key, value, self.step)
+        if self.console:
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def markdown_table(rows: list[dict], columns: list[str], *, floatfmt: str = ".4f") -> str:
+    """A GitHub markdown table of ``rows`` (dicts) restricted to ``columns``; missing values show as "-"."""
+    def cell(value):
+        if isinstance(value, float):
+            return format(value, floatfmt)
+        return "-" if value is None else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)

@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.hbat-installed
 BUILD_INPUTS := setup.py $(wildcard csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 NVCC   ?= $(shell command -v nvcc 2>/dev/null)
 
-.PHONY: setup demo test test-fast bench compile-cuda info clean
+.PHONY: setup demo compare ops-demo test bench compile-cuda info clean
 
 setup: $(STAMP)
 
@@ -21,8 +21,17 @@ $(STAMP): $(BUILD_INPUTS)
 	@touch $(STAMP)
 	@$(BIN)/python -m hbat.info | sed -n '/extensions:/,$$p'
 
+# the main job on the embedded default: two-stage SFT -> DPO and HBAT side by side (CPU, a few minutes)
 demo: setup
 	$(BIN)/python -m hbat.demo
+
+# the paper-style comparison of every method on the embedded task (CPU, about 30 minutes)
+compare: setup
+	$(BIN)/hbat compare
+
+# the fused ops on a Llama-shaped list of tensors against the naive penalty
+ops-demo: setup
+	$(BIN)/python -m hbat.ops_demo
 
 test: setup
 	$(BIN)/python -m pytest -q tests
@@ -40,6 +49,8 @@ compile-cuda:
 
 bench: setup
 	$(BIN)/python benchmarks/bench_ops.py
+	$(BIN)/python benchmarks/bench_importance.py
+	$(BIN)/python benchmarks/bench_step.py
 
 clean:
 	rm -rf build *.egg-info hbat/*.so .pytest_cache

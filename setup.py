@@ -75,7 +75,7 @@ else:
 
 EXTRAS = {
     "triton": ["triton"],
-    "train": ["transformers>=4.45", "tokenizers", "pyyaml", "tqdm", "safetensors"],
+    "train": ["transformers>=4.45", "tokenizers", "pyyaml", "tqdm", "safetensors", "matplotlib"],
     "trl": ["trl", "datasets", "accelerate"],
     "deepspeed": ["deepspeed"],
     "bench": ["matplotlib", "psutil", "pytest-benchmark"],

@@ -1,8 +1,8 @@
-"""`python -m hbat.demo` (what `make demo` runs): the fused EWC ops on a Llama-shaped list of tensors.
+"""`hbat ops-demo` (`python -m hbat.ops_demo`): the fused EWC ops on a Llama-shaped list of tensors.
 
-Until the alternating trainer lands, the main job is this demonstration: one HBAT stage boundary
-(snapshot_ -> importance) and the per-step penalty, timed against the naive per-tensor autograd penalty
-that the released code and most users write. Interleaved repeats, medians reported.
+One HBAT stage boundary (snapshot_ -> importance) and the per-step penalty, timed against the naive
+per-tensor autograd penalty that the released code and most users write. Interleaved repeats, medians
+reported. (``make demo`` runs the trainer: ``hbat.demo``.)
 """
 from __future__ import annotations
 

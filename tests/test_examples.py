@@ -1,0 +1,41 @@
+"""The examples run end to end (as a user would start them) with a few steps."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_example(name, *args, cwd):
+    # one thread: tiny models run fastest so, and steadily when other processes load the cores
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / name), *args], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result.stdout
+
+
+def test_plain_pytorch_example(tmp_path):
+    out = run_example("plain_pytorch.py", "--rounds", "2", "--steps", "3", cwd=tmp_path)
+    lines = re.findall(r"round (\d) (ifa|hpa): loss ([\d.]+) +ewc/penalty mean ([-\d.e+]+)", out)
+    assert [(r, o) for r, o, _, _ in lines] == [("1", "ifa"), ("1", "hpa"), ("2", "ifa"), ("2", "hpa")]
+    assert float(lines[0][3]) == 0.0  # the first stage is not penalised
+    assert all(float(penalty) > 0 for *_, penalty in lines[1:])
+
+
+def test_trl_dpo_example(tmp_path):
+    pytest.importorskip("trl")
+    pytest.importorskip("datasets")
+    out = run_example("trl_dpo.py", "--rounds", "1", "--steps", "2", "--output-dir", str(tmp_path / "run"),
+                      cwd=tmp_path)
+    assert re.search(r"round 1 sft: .*ewc/penalty 0\.000e\+00", out)
+    penalty = re.search(r"round 1 dpo: .*ewc/penalty ([-\d.e+]+)", out)
+    assert penalty and float(penalty.group(1)) > 0
+    assert (tmp_path / "run" / "round1-dpo" / "checkpoint-2" / "hbat_ewc.pt").is_file()

@@ -1,0 +1,254 @@
+"""HybridEWCCallback in real transformers.Trainer / TRL DPOTrainer runs on a tiny Llama."""
+import os
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+from transformers import Trainer, TrainingArguments  # noqa: E402
+
+from hbat import HybridEWC  # noqa: E402
+from hbat.integrations.transformers import STATE_FILE, HybridEWCCallback  # noqa: E402
+from test_reward import char_tokenizer, tiny_llama  # noqa: E402  (tests/ is on sys.path under pytest)
+
+TEXTS = ["q1: abc", "q2: hello there", "q3: a b c d", "q4: zzz", "q5: the end.", "q6: xyz 123", "q7: ok", "q8: no"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return char_tokenizer()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # tiny models: one thread is fastest, and steady when other processes load the cores
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def lm_dataset(tokenizer, length=16):
+    rows = []
+    for text in TEXTS:
+        ids = tokenizer(text, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+        input_ids, mask = ids["input_ids"][0], ids["attention_mask"][0]
+        rows.append({"input_ids": input_ids, "attention_mask": mask, "labels": input_ids.masked_fill(mask == 0, -100)})
+    return rows
+
+
+def model_after_ifa(tokenizer, f_max=1000.0):
+    """A tiny Llama and a HybridEWC that has seen one (simulated) IFA stage, so the next stage is penalised."""
+    model = tiny_llama(tokenizer, seed=0)
+    ewc = HybridEWC(model, f_max=f_max, lam=1.0)
+    ewc.begin_stage("ifa")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for i, p in enumerate(model.parameters()):
+            p.add_(torch.randn(p.shape, generator=g) * 1e-3 * (1 + i % 5))  # different change per tensor
+    return model, ewc
+
+
+def training_args(out, **overrides):
+    kwargs = dict(output_dir=str(out), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=4,
+                  learning_rate=3e-3, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=0.1,
+                  logging_steps=2, save_strategy="no", report_to="none", seed=0, use_cpu=True, disable_tqdm=True,
+                  dataloader_num_workers=0)
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+class PenaltyInLossTrainer(Trainer):
+    """The reference: ewc.penalty() as a loss term, so autograd, clipping and AdamW see it like any loss."""
+
+    def __init__(self, *args, ewc, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ewc = ewc
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = super().compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+        scaled_for_ga = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        # once per optimizer step in total: Trainer divides each micro-batch loss by the accumulation steps
+        # unless the loss was already normalised over the whole step
+        share = 1.0 / self.current_gradient_accumulation_steps if scaled_for_ga else 1.0
+        return loss + share * self.ewc.penalty()
+
+
+def params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.1, 0.0])
+def test_callback_matches_penalty_as_loss_term(tokenizer, tmp_path, max_grad_norm):
+    data = lm_dataset(tokenizer)
+
+    model, ewc = model_after_ifa(tokenizer)
+    callback = HybridEWCCallback(ewc, objective="hpa")
+    trainer = Trainer(model=model, args=training_args(tmp_path / "cb", max_grad_norm=max_grad_norm),
+                      train_dataset=data, callbacks=[callback])
+    trainer.train()
+    with_callback = params(model)
+    assert ewc.objective == "hpa" and ewc.active
+    assert "_clip_grad_norm" not in trainer.__dict__ and "log" not in trainer.__dict__  # wrappers removed
+
+    ref_model, ref_ewc = model_after_ifa(tokenizer)
+    ref_ewc.begin_stage("hpa")
+    PenaltyInLossTrainer(model=ref_model, args=training_args(tmp_path / "ref", max_grad_norm=max_grad_norm),
+                         train_dataset=data, ewc=ref_ewc).train()
+    reference = params(ref_model)
+
+    plain_model, _ = model_after_ifa(tokenizer)
+    Trainer(model=plain_model, args=training_args(tmp_path / "plain", max_grad_norm=max_grad_norm),
+            train_dataset=data).train()
+    plain = params(plain_model)
+
+    for name in reference:
+        torch.testing.assert_close(with_callback[name], reference[name], rtol=1e-5, atol=1e-6, msg=name)
+    moved = sum(float((plain[n] - reference[n]).abs().max()) for n in reference)
+    assert moved > 1e-3  # the penalty matters, so the comparison above can fail
+
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 2 and all("ewc/penalty" in entry and "ewc/importance_entropy" in entry for entry in logs)
+    assert all(0 < entry["ewc/penalty"] < float("inf") for entry in logs)
+    assert 0 < logs[0]["ewc/importance_entropy"] <= 1
+    assert "ewc/change_mean" in logs[0] and "ewc/change_mean" not in logs[1]  # stage metrics logged once
+    if max_grad_norm:
+        assert all(entry["grad_norm"] > max_grad_norm for entry in logs)  # clipping was active
+
+
+def test_penalty_applied_once_per_optimizer_step(tokenizer, tmp_path):
+    model, ewc = model_after_ifa(tokenizer)
+    ewc.begin_stage("hpa")
+    calls = []
+    apply_ = ewc.apply_
+
+    def counting_apply_(*args, **kwargs):
+        calls.append(trainer.state.global_step)
+        return apply_(*args, **kwargs)
+
+    ewc.apply_ = counting_apply_
+    trainer = Trainer(model=model, args=training_args(tmp_path, gradient_accumulation_steps=3, max_steps=3),
+                      train_dataset=lm_dataset(tokenizer), callbacks=[HybridEWCCallback(ewc)])
+    trainer.train()
+    assert calls == [0, 1, 2]
+
+
+def test_checkpoint_save_and_resume(tokenizer, tmp_path):
+    data = lm_dataset(tokenizer)
+    args = dict(save_strategy="steps", save_steps=2, max_steps=4)
+    model, ewc = model_after_ifa(tokenizer)
+    Trainer(model=model, args=training_args(tmp_path, **args), train_dataset=data,
+            callbacks=[HybridEWCCallback(ewc, objective="hpa")]).train()
+    uninterrupted = params(model)
+    path = tmp_path / "checkpoint-2" / STATE_FILE
+    assert path.is_file() and (tmp_path / "checkpoint-4" / STATE_FILE).is_file()
+    assert not [f for f in os.listdir(tmp_path / "checkpoint-2") if ".tmp" in f]
+    saved = torch.load(path, weights_only=True)
+    assert saved["objective"] == "hpa" and saved["stages_done"] == {"ifa": 1, "hpa": 0}
+
+    # a new process would start from the untouched model and a fresh HybridEWC: the checkpoint restores both
+    fresh_model = tiny_llama(tokenizer, seed=0)
+    fresh_ewc = HybridEWC(fresh_model, f_max=1000.0, lam=1.0)
+    callback = HybridEWCCallback(fresh_ewc, objective="hpa")
+    Trainer(model=fresh_model, args=training_args(tmp_path, **args), train_dataset=data,
+            callbacks=[callback]).train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    restored = fresh_ewc.state_dict()
+    assert restored["objective"] == "hpa" and restored["stages_done"] == saved["stages_done"]
+    for a, b in zip(restored["anchors"], saved["anchors"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(restored["importance"], saved["importance"], rtol=0, atol=0)
+    for name, p in uninterrupted.items():
+        torch.testing.assert_close(dict(fresh_model.named_parameters())[name].detach(), p, rtol=1e-5, atol=1e-6,
+                                   msg=name)
+
+    # by hand
+    other = HybridEWC(tiny_llama(tokenizer, seed=1), f_max=1000.0)
+    HybridEWCCallback(other).load(tmp_path / "checkpoint-2")
+    assert other.objective == "hpa"
+    with pytest.raises(FileNotFoundError, match=STATE_FILE):
+        HybridEWCCallback(other).load(tmp_path)
+
+
+def test_trl_dpo_trainer_with_callback(tokenizer, tmp_path):
+    pytest.importorskip("trl")
+    pytest.importorskip("datasets")
+    import copy
+
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    # chosen answers are made of "a", rejected ones of "b": DPO moves the weights quickly
+    rows = [{"prompt": f"q{i}:", "chosen": " " + "a" * (1 + i % 3), "rejected": " " + "b" * (1 + i % 4)}
+            for i in range(16)]
+    distance, logs = {}, {}
+    for use_callback in (True, False):
+        model, ewc = model_after_ifa(tokenizer)
+        ewc.begin_stage("hpa")  # the anchor is where DPO starts, in both runs
+        config = DPOConfig(output_dir=str(tmp_path / str(use_callback)), per_device_train_batch_size=4, max_steps=6,
+                           learning_rate=3e-3, logging_steps=2, save_strategy="no", report_to="none", use_cpu=True,
+                           disable_tqdm=True, max_length=32, beta=0.1, seed=0)
+        trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=config,
+                             train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                             callbacks=[HybridEWCCallback(ewc, objective="hpa")] if use_callback else None)
+        trainer.train()
+        distance[use_callback] = sum(float(((p.detach() - a) ** 2).sum())
+                                     for p, a in zip(ewc.view.params(), ewc.anchors))
+        logs[use_callback] = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs[True]) == 3 and all(entry["ewc/penalty"] > 0 for entry in logs[True])
+    assert all("ewc/penalty" not in entry for entry in logs[False])
+    assert 0 < distance[True] < 0.5 * distance[False]  # the penalty pulls the weights toward the anchor
+
+
+def test_bad_input(tokenizer, tmp_path):
+    model, ewc = model_after_ifa(tokenizer)
+    with pytest.raises(ValueError, match="'sft'"):
+        HybridEWCCallback(ewc, objective="sft")
+    with pytest.raises(TypeError, match="HybridEWC"):
+        HybridEWCCallback(object())
+    other_model = tiny_llama(tokenizer, seed=1)
+    trainer = Trainer(model=other_model, args=training_args(tmp_path), train_dataset=lm_dataset(tokenizer),
+                      callbacks=[HybridEWCCallback(ewc, objective="hpa")])
+    with pytest.raises(ValueError, match="other parameters"):
+        trainer.train()
+    assert ewc.objective == "ifa"  # nothing changed
+
+
+def test_fp16_grad_scaler_gradients_are_scaled_consistently(tokenizer):
+    """Under an fp16 GradScaler the hook runs before accelerate unscales: the penalty is scaled to match."""
+    from types import SimpleNamespace
+
+    grads = {}
+    for use_scaler in (True, False):
+        model, ewc = model_after_ifa(tokenizer)
+        ewc.begin_stage("hpa")
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1.01)  # away from the anchor, so the penalty gradient is not zero
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, enabled=use_scaler)
+        callback = HybridEWCCallback(ewc)
+        callback.trainer = SimpleNamespace(state=SimpleNamespace(global_step=0),
+                                           accelerator=SimpleNamespace(scaler=scaler))
+        ids = torch.tensor(tokenizer(["q1: abc", "q2: hello"], padding=True)["input_ids"])
+        scaler.scale(model(input_ids=ids, labels=ids).loss).backward()
+        callback._apply_once()  # what the wrapped _clip_grad_norm does first
+        callback._apply_once()  # a second call in the same optimizer step adds nothing
+        scaler.unscale_(optimizer)  # what accelerate's clip_grad_norm_ does next
+        grads[use_scaler] = [p.grad.clone() for p in model.parameters()]
+        assert callback.metrics()["ewc/penalty"] > 0
+    for scaled, plain in zip(grads[True], grads[False]):
+        torch.testing.assert_close(scaled, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_integrations_package_imports_without_transformers(monkeypatch):
+    for name in ("hbat.integrations", "hbat.integrations.transformers"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` fail
+    import hbat.integrations
+
+    assert hbat.integrations.__all__ == ["HybridEWCCallback"]
+    with pytest.raises(ImportError):
+        hbat.integrations.HybridEWCCallback

@@ -1,0 +1,177 @@
+"""The alternating loop: method plans, config loading, which penalty is active when, resume, the CLI."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("yaml")
+
+from hbat.trainer import loop  # noqa: E402
+from hbat.trainer.config import TrainConfig, load_config  # noqa: E402
+from hbat.trainer.methods import SPECS, stage_plan  # noqa: E402
+from hbat.trainer.metrics import read_metrics  # noqa: E402
+from hbat.trainer.workspace import Workspace  # noqa: E402
+
+TINY = ["model.size=tiny", "model.pretrain_steps=0", "sft.batch_size=8", "sft.max_steps=2", "dpo.batch_size=8",
+        "dpo.max_steps=2", "reward.batch_size=8", "eval.kl_samples=4", "eval.max_new_tokens=6", "eval.batch_size=8",
+        "save_model=false", "ppo.batch_size=4", "ppo.mini_batch_size=2", "ppo.max_steps=1", "ppo.max_new_tokens=6",
+        "ppo.cold_start_steps=0"]
+
+
+def test_stage_plans():
+    assert stage_plan("hbat", 2) == [("ifa", 0), ("hpa", 0), ("ifa", 1), ("hpa", 1)]
+    assert stage_plan("two_stage", 1) == [("ifa", 0), ("hpa", 0)]
+    assert stage_plan("no_alternation", 2) == [("ifa", 0), ("ifa", 1), ("hpa", 0), ("hpa", 1)]
+    assert stage_plan("sft_only", 1) == [("ifa", 0)]
+    assert load_config(None, ["method=two_stage"]).n_parts == 1  # preset
+    assert load_config(None, ["method=two_stage", "n_parts=3"]).n_parts == 3  # explicit wins
+    with pytest.raises(ValueError, match="unknown method 'dpo_only'"):
+        stage_plan("dpo_only", 1)
+
+
+def test_config_yaml_overrides_and_errors(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("method: hbat\nn_parts: 3\newc:\n  f_max: 50\n  include: ['model.layers.*']\nsft:\n  lr: 0.001\n")
+    cfg = load_config(str(path), ["sft.lr=3e-4", "ewc.importance_mode=paper", "keep=last"])
+    assert isinstance(cfg, TrainConfig) and cfg.n_parts == 3 and cfg.ewc.f_max == 50.0
+    assert cfg.sft.lr == 3e-4 and cfg.ewc.importance_mode == "paper" and cfg.keep == "last"
+    assert cfg.ewc.include == ["model.layers.*"] and cfg.sft.batch_size == 32
+    with pytest.raises(ValueError, match=r"unknown key config.sft.learning_rate; valid keys of config.sft: lr"):
+        load_config(None, ["sft.learning_rate=1"])
+    with pytest.raises(ValueError, match=r"config.n_parts must be an integer"):
+        load_config(None, ["n_parts=two"])
+    with pytest.raises(ValueError, match="hpa must be one of"):
+        load_config(None, ["hpa=rlhf"])
+    with pytest.raises(ValueError, match="key=value"):
+        load_config(None, ["sft.lr"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match="top level must be a mapping"):
+        load_config(str(bad))
+    from hbat.trainer.config import METHODS
+    assert set(SPECS) == set(METHODS)
+
+
+@pytest.fixture(scope="module")
+def workspace():
+    """A tiny workspace built directly (no pre-training, untrained reward model): fast."""
+    from hbat.task import build_model, build_tokenizer, make_task
+    from hbat.trainer.reward import RewardModel
+
+    task = make_task(seed=0, n_sft=48, n_pref=48, n_prompts=16, n_val=8, n_pretrain=0)
+    tokenizer = build_tokenizer()
+    base = build_model(tokenizer, size="tiny", seed=0)
+    base_state = {k: v.clone() for k, v in base.state_dict().items()}
+
+    def build():
+        model = build_model(tokenizer, size="tiny", seed=0)
+        model.load_state_dict(base_state)
+        return model
+
+    sft_model = build().eval().requires_grad_(False)
+    rm = RewardModel.from_causal_lm(sft_model).eval().requires_grad_(False)
+    return Workspace(tokenizer=tokenizer, base_state=base_state, build=build, sft_train=task.sft_train,
+                     sft_val=task.sft_val, pref_train=task.pref_train, pref_val=task.pref_val,
+                     prompts_train=task.prompts_train, prompts_val=task.prompts_val, sft_model=sft_model,
+                     reward_model=rm, device=torch.device("cpu"), exact_match=task.exact_match,
+                     preference_score=task.preference_score, info=task.stats())
+
+
+def _cfg(tmp_path, *extra):
+    return load_config(None, TINY + [f"output_dir={tmp_path}", *extra])
+
+
+def test_hbat_loop_order_and_penalty(workspace, tmp_path):
+    cfg = _cfg(tmp_path, "method=hbat", "n_parts=2")
+    result = loop.run_method(workspace, cfg, progress=False)
+    records = read_metrics(os.path.join(tmp_path, "hbat", "metrics.jsonl"))
+    stages = [(r["stage"], r["objective"], r["part"]) for r in records if "ewc/active" in r]
+    assert stages == [(0, "ifa", 0), (1, "hpa", 0), (2, "ifa", 1), (3, "hpa", 1)]
+    active = [r["ewc/active"] for r in records if "ewc/active" in r]
+    assert active == [0.0, 1.0, 1.0, 1.0]  # IFA1 unpenalised, then every stage penalised (eq. 5 and 8)
+    step_penalty = {}
+    for r in records:
+        if "ewc/penalty" in r:
+            step_penalty.setdefault(r["stage"], []).append(r["ewc/penalty"])
+    assert max(step_penalty[0]) == 0.0 and max(step_penalty[3]) > 0.0
+    assert any("rewards/margins" in r for r in records) and any("sft/loss" in r for r in records)
+    evals = [r for r in records if "eval/reward" in r]
+    assert len(evals) == 2  # after each part
+    for key in ("eval/exact_match", "eval/sft_loss", "eval/preference", "eval/reward", "eval/kl_to_sft"):
+        assert key in result
+    assert os.path.exists(os.path.join(tmp_path, "hbat", "checkpoint.pt"))
+
+
+@pytest.mark.parametrize("method, hpa", [("two_stage", "dpo"), ("freeze", "dpo"), ("fisher", "dpo"),
+                                         ("rlhf_pt", "dpo"), ("sft_hpa", "dpo"), ("hbat", "ppo")])
+def test_methods_run_end_to_end(workspace, tmp_path, method, hpa):
+    cfg = _cfg(tmp_path, f"method={method}", f"hpa={hpa}", "eval.kl_samples=0")
+    result = loop.run_method(workspace, cfg, progress=False)
+    assert result["method"] == method and "eval/reward" in result
+    records = read_metrics(os.path.join(tmp_path, method, "metrics.jsonl"))
+    if method == "freeze":
+        assert any(r.get("freeze/tensors", 0) > 0 for r in records)
+    if method == "fisher":
+        assert any(r.get("fisher/active") == 1.0 for r in records)
+    if hpa == "ppo":
+        assert any(any(k.startswith("ppo/") for k in r) for r in records)
+
+
+def test_resume_equals_uninterrupted_run(workspace, tmp_path, monkeypatch):
+    full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
+    loop.run_method(workspace, _cfg(full_dir, "keep=last"), progress=False)
+    real_hpa = loop._run_hpa
+    calls = {"n": 0}
+
+    def crash_in_second_hpa(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("simulated crash")
+        return real_hpa(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "_run_hpa", crash_in_second_hpa)
+    with pytest.raises(KeyboardInterrupt):
+        loop.run_method(workspace, _cfg(cut_dir, "keep=last"), progress=False)
+    monkeypatch.setattr(loop, "_run_hpa", real_hpa)
+    assert torch.load(cut_dir / "hbat" / "checkpoint.pt", weights_only=False)["position"] == 3
+    with pytest.raises(ValueError, match="different settings for \\['seed'\\]"):
+        loop.run_method(workspace, _cfg(cut_dir, "keep=last", "seed=1"), resume=True, progress=False)
+    loop.run_method(workspace, _cfg(cut_dir, "keep=last"), resume=True, progress=False)
+    full = torch.load(full_dir / "hbat" / "checkpoint.pt", weights_only=False)
+    cut = torch.load(cut_dir / "hbat" / "checkpoint.pt", weights_only=False)
+    for name, value in full["model"].items():
+        assert torch.equal(value, cut["model"][name]), name
+    assert full["regularizer"]["ewc"]["accumulated"]["hpa"].equal(cut["regularizer"]["ewc"]["accumulated"]["hpa"])
+
+
+def test_cli_train_on_user_jsonl(tmp_path):
+    """`hbat train CONFIG` on a user's JSONL data and a local transformers model folder."""
+    from hbat.data import write_jsonl
+    from hbat.task import build_model, build_tokenizer, make_task
+
+    task = make_task(seed=1, n_sft=40, n_pref=40, n_prompts=0, n_val=0, n_pretrain=0)
+    write_jsonl(task.sft_train, tmp_path / "sft.jsonl")
+    write_jsonl(task.pref_train, tmp_path / "pref.jsonl")
+    tokenizer = build_tokenizer()
+    build_model(tokenizer, size="tiny").save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    config = tmp_path / "run.yaml"
+    config.write_text(f"method: hbat\noutput_dir: {tmp_path / 'out'}\nmodel:\n  path: {tmp_path / 'model'}\n"
+                      f"data:\n  sft: {tmp_path / 'sft.jsonl'}\n  preference: {tmp_path / 'pref.jsonl'}\n"
+                      "  val_size: 0.2\n")
+    args = [sys.executable, "-m", "hbat.cli", "train", str(config), "--no-progress"]
+    args += [a for o in TINY if not o.startswith("model.") for a in ("--set", o)]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| hbat |" in proc.stdout and "eval/reward" in proc.stdout
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary[0]["method"] == "hbat" and "eval/exact_match" not in summary[0]  # user data: no exact check
+    # a bad row names the file and line
+    (tmp_path / "pref.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a"}\n')
+    proc = subprocess.run(args + ["--set", "output_dir=" + str(tmp_path / "out2")], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 2 and "pref.jsonl" in proc.stderr and "2" in proc.stderr, proc.stderr[-2000:]

@@ -16,20 +16,21 @@ Metrics:
   reported as accuracy of greedy decoding on ``prompts_val``, and the held-out SFT loss on ``sft_val``;
 - preference: ``preference_score(prompt, response)`` in [0, 1] = 0.5 * ends with ``!`` + 0.5 * brief
   (1 <= letters < word length), the generator's own check; the reward model trained on ``pref_train`` gives
-  the learned counterpart.
+  the learned counterpart. ``task_metrics(prompts, responses)`` gives ``task/exact_match``,
+  ``task/preference``, ``task/enthusiastic`` and ``task/brief`` (means).
 
 Pieces: ``make_task`` -> ``Task`` (the data sets), ``build_tokenizer`` (character level, made locally),
-``build_model`` ("tiny" ~50K / "small" ~0.8M parameter Llama from a config) and ``pretrain`` (a short
+``build_model`` ("tiny" ~50K / "small" ~0.22M parameter Llama from a config) and ``pretrain`` (a short
 causal-LM pre-training on ``Task.pretrain_texts``, which state the transforms in prose, so the model
 starts knowing them but not the instruction format). transformers and tokenizers are imported on use.
 """
 from .generator import (LETTERS, OPERATIONS, Task, apply_operation, exact_match, make_prompt, make_task, parse_prompt,
-                        preference_score, task_alphabet)
-from .model import MODEL_SIZES, build_model, pretrain
+                        preference_score, task_alphabet, task_metrics)
+from .model import DEMO_SETTINGS, MODEL_SIZES, build_model, pretrain
 from .tokenizer import SPECIAL_TOKENS, build_tokenizer
 
 __all__ = [
-    "LETTERS", "MODEL_SIZES", "OPERATIONS", "SPECIAL_TOKENS", "Task", "apply_operation", "build_model",
+    "DEMO_SETTINGS", "LETTERS", "MODEL_SIZES", "OPERATIONS", "SPECIAL_TOKENS", "Task", "apply_operation", "build_model",
     "build_tokenizer", "exact_match", "make_prompt", "make_task", "parse_prompt", "preference_score", "pretrain",
-    "task_alphabet",
+    "task_alphabet", "task_metrics",
 ]

@@ -15,13 +15,20 @@ Metrics (both exact, computed from the prompt alone):
 - ``preference_score(prompt, response)`` in [0, 1]: 0.5 for enthusiasm (ends with ``!``) + 0.5 for brevity
   (1 <= letters < len(word)). A brief answer is wrong by construction: the two objectives conflict.
 
-Preference pairs. Every chosen answer ends with ``!`` and every rejected one is plain, so the generator's
-own check always prefers ``chosen``. In a fraction ``conflict`` of the pairs ("conflict pairs") chosen is
-the correct answer cut short by one letter + ``!`` and rejected is the correct plain answer; in the others
-chosen is the correct answer + ``!`` and rejected a plausible mistake (another operation's result, plain).
-So exactly ``conflict`` of the chosen answers fail exact match, and a preference optimiser that follows the
-pairs learns to cut answers short: it gains the preference and loses the skill, while the ``!`` half of the
-preference can be learnt for free. That is the trade-off HBAT is meant to improve.
+SFT rows are correct answers; a fraction ``style_rate`` (default 0.3) of them end with ``!``, so the SFT
+model already has the preferred style as a minority behaviour (greedy decoding stays plain) and a preference
+optimiser only has to shift probability towards it, as with real preference data.
+
+Preference pairs; every chosen answer ends with ``!`` and the generator's own check always prefers it:
+
+- a fraction ``conflict`` ("conflict pairs"): chosen = the correct answer cut short by one letter + ``!``,
+  rejected = the correct answer + ``!``. The pair differs only in brevity, and chosen is WRONG;
+- the others: chosen = the correct answer + ``!``, rejected = a plausible mistake, plain (another
+  operation's result). These teach the style and agree with the skill.
+
+So exactly ``conflict`` of the chosen answers fail exact match (and as many rejected ones pass it). A
+preference optimiser, or a reward model, that follows the pairs learns both halves of the preference: the
+``!`` costs nothing, cutting answers short costs the skill. That is the trade-off HBAT is meant to improve.
 
 Splits. Validation words are disjoint from every word used for training (SFT, preference, PPO prompts
 and pre-training); the training sets are disjoint from each other as well. Everything is a pure function
@@ -96,6 +103,23 @@ def preference_score(prompt: str, response: str) -> float:
     return 0.5 * enthusiastic + 0.5 * brief
 
 
+def task_metrics(prompts, responses) -> dict:
+    """Means over a set of (prompt, response): ``task/exact_match``, ``task/preference`` (the generator's check),
+    and its two halves ``task/enthusiastic`` and ``task/brief``. Prompts may be strings or rows ``{prompt}``."""
+    prompts = [p["prompt"] if isinstance(p, dict) else p for p in prompts]
+    responses = list(responses)
+    if len(prompts) != len(responses) or not prompts:
+        raise ValueError(f"need as many responses as prompts (>0), got {len(prompts)} prompts, {len(responses)} responses")
+    n = len(prompts)
+    words = [parse_prompt(p)[1] for p in prompts]
+    return {
+        "task/exact_match": sum(exact_match(p, r) for p, r in zip(prompts, responses)) / n,
+        "task/preference": sum(preference_score(p, r) for p, r in zip(prompts, responses)) / n,
+        "task/enthusiastic": sum(r.strip().endswith(STYLE_MARK) for r in responses) / n,
+        "task/brief": sum(1 <= len(_core(r)) < len(w) for r, w in zip(responses, words)) / n,
+    }
+
+
 def pretrain_sentence(op: str, word: str) -> str:
     return f"the {op} of {word} is {apply_operation(op, word)}."
 
@@ -155,24 +179,24 @@ def _wrong_answer(op: str, word: str, rng: random.Random) -> str:
 
 def _preference_row(op: str, word: str, is_conflict: bool, rng: random.Random) -> dict:
     correct = apply_operation(op, word)
-    if is_conflict:  # preferred style, wrong answer  vs  plain, correct answer
-        chosen, rejected = correct[:-1] + STYLE_MARK, correct
+    if is_conflict:  # brief (wrong) vs complete (correct), both enthusiastic: the pair is about brevity alone
+        chosen, rejected = correct[:-1] + STYLE_MARK, correct + STYLE_MARK
     else:            # preferred style, correct answer vs  plain, wrong answer
         chosen, rejected = correct + STYLE_MARK, _wrong_answer(op, word, rng)
     return {"prompt": make_prompt(op, word), "chosen": chosen, "rejected": rejected}
 
 
-def _conflict_flags(count: int, conflict: float, rng: random.Random) -> list[bool]:
-    """Exactly round(conflict * count) True flags, shuffled."""
-    n_true = round(conflict * count)
+def _conflict_flags(count: int, fraction: float, rng: random.Random) -> list[bool]:
+    """Exactly round(fraction * count) True flags, shuffled."""
+    n_true = round(fraction * count)
     flags = [True] * n_true + [False] * (count - n_true)
     rng.shuffle(flags)
     return flags
 
 
 def make_task(seed: int = 0, n_sft: int = 4000, n_pref: int = 2000, n_prompts: int = 1000, n_val: int = 200,
-              n_pretrain: int = 4000, conflict: float = 0.5, min_len: int = 3, max_len: int = 7,
-              facts_per_text: int = 4) -> Task:
+              n_pretrain: int = 4000, conflict: float = 0.5, style_rate: float = 0.3, min_len: int = 3,
+              max_len: int = 7, facts_per_text: int = 4) -> Task:
     """Generate the task (module docstring). ``n_val`` rows go to each of sft_val, pref_val, prompts_val;
     prompts_val has the same prompts as sft_val (exact match and held-out SFT loss on the same items).
     ``n_pretrain`` texts of ``facts_per_text`` sentences each."""
@@ -180,8 +204,9 @@ def make_task(seed: int = 0, n_sft: int = 4000, n_pref: int = 2000, n_prompts: i
     for key, value in sizes.items():
         if not isinstance(value, int) or value < 0:
             raise ValueError(f"{key} must be a non-negative int, got {value!r}")
-    if not 0.0 <= conflict <= 1.0:
-        raise ValueError(f"conflict must be in [0, 1], got {conflict!r}")
+    for key, value in (("conflict", conflict), ("style_rate", style_rate)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{key} must be in [0, 1], got {value!r}")
     if not 2 <= min_len <= max_len:
         raise ValueError(f"need 2 <= min_len <= max_len, got min_len={min_len}, max_len={max_len}")
     if facts_per_text < 1:
@@ -214,8 +239,10 @@ def make_task(seed: int = 0, n_sft: int = 4000, n_pref: int = 2000, n_prompts: i
     sft_items, pref_items, prompt_items, pretrain_items = take(n_sft), take(n_pref), take(n_prompts), take(n_pretrain_facts)
     sft_val_items, pref_val_items = val_items[:n_val], val_items[n_val:]
 
-    def sft_rows(chunk):
-        return [{"prompt": make_prompt(op, w), "response": apply_operation(op, w)} for op, w in chunk]
+    def sft_rows(chunk):  # correct answers; a fraction style_rate carries the style mark
+        styled = _conflict_flags(len(chunk), style_rate, rng)
+        return [{"prompt": make_prompt(op, w), "response": apply_operation(op, w) + STYLE_MARK * flag}
+                for (op, w), flag in zip(chunk, styled)]
 
     def pref_rows(chunk):
         flags = _conflict_flags(len(chunk), conflict, rng)

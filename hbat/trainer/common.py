@@ -8,6 +8,10 @@ The loop (``train_loop``) is the one place where an optimizer step is taken, in 
     grad_norm = clip_grad_norm_(...)   (so the penalty gradient is clipped like a loss term)
     optimizer.step(); scheduler.step(); optimizer.zero_grad()
 
+Who steps is a *stepper* (hbat.trainer.engine): plain PyTorch as above, or, when ``model`` is a DeepSpeed
+engine, this rank's micro-batches of the global batch, ``engine.backward`` with an explicit accumulation
+boundary, the penalty added to the rank's reduced gradient partition, and DeepSpeed's clipping and step.
+
 ``batch_size`` counts the rows of one optimizer step; they are split into ``grad_accum_steps`` micro-batches.
 Each stage weights a micro-batch's loss by its share of the batch (tokens for SFT, pairs for DPO), so
 accumulating gives the same gradient as one big batch; a plain ``1 / grad_accum_steps`` is only exact when
@@ -166,17 +170,17 @@ def train_loop(model: nn.Module, n_rows: int, cfg: StageConfig, micro_loss: Micr
     """
     from tqdm.auto import tqdm
 
+    from .engine import make_stepper
+
     total_steps = planned_steps(cfg, n_rows)
-    optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(optimizer, cfg, total_steps)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    generator = torch.Generator().manual_seed(cfg.seed)
+    stepper = make_stepper(model, cfg, total_steps)  # plain PyTorch, or this rank's part of a DeepSpeed engine
+    generator = torch.Generator().manual_seed(cfg.seed)  # the same order on every rank
     sums: dict[str, torch.Tensor] = {}
     window: dict[str, torch.Tensor] = {}  # stats since the last log call
     step, last = 0, {}
     was_training = model.training
     model.train()
-    optimizer.zero_grad(set_to_none=True)
+    stepper.start()
     bar = tqdm(total=total_steps, desc=desc, disable=not progress, leave=False)
     try:
         while step < total_steps:
@@ -186,23 +190,22 @@ def train_loop(model: nn.Module, n_rows: int, cfg: StageConfig, micro_loss: Micr
                     break
                 batch = order[start:start + cfg.batch_size]
                 stats: dict[str, torch.Tensor] = {}
-                for micro in split_micro(batch, cfg.grad_accum_steps):
-                    loss, micro_stats = micro_loss(micro, batch)
-                    loss.backward()
+                micros = stepper.micro_batches(batch, cfg.grad_accum_steps)
+                for index, micro in enumerate(micros):
+                    if micro:
+                        loss, micro_stats = micro_loss(micro, batch)
+                    else:  # DeepSpeed: this rank's share ran out; it still joins every reduction, with weight 0
+                        loss, micro_stats = micro_loss(batch[:1], batch)
+                        loss, micro_stats = loss * 0.0, {k: v * 0.0 for k, v in micro_stats.items()}
+                    stepper.backward(loss, last=extra_loss is None and index == len(micros) - 1)
                     for key, value in micro_stats.items():
                         stats[key] = stats.get(key, 0.0) + value.detach().float()
+                stats = stepper.reduce(stats)
                 if extra_loss is not None:
-                    extra = extra_loss(step)
-                    extra.backward()
+                    extra = extra_loss(step)  # the same rows on every rank
+                    stepper.backward(extra, last=True, replicated=True)
                     stats[extra_key] = extra.detach().float()
-                if ewc is not None:
-                    stats["ewc/penalty"] = ewc.apply_().detach().float()
-                stats["train/grad_norm"] = torch.nn.utils.clip_grad_norm_(
-                    params, cfg.max_grad_norm if cfg.max_grad_norm else float("inf")).detach().float()
-                stats["train/lr"] = torch.tensor(scheduler.get_last_lr()[0])
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                stats.update(stepper.step(ewc))  # ewc/penalty, train/grad_norm (before clipping), train/lr
                 step += 1
                 for key, value in stats.items():
                     sums[key] = sums.get(key, 0.0) + value
@@ -219,7 +222,7 @@ def train_loop(model: nn.Module, n_rows: int, cfg: StageConfig, micro_loss: Micr
                     bar.set_postfix(loss=f"{last[loss_key]:.4f}")
     finally:
         bar.close()
-        optimizer.zero_grad(set_to_none=True)
+        stepper.close()
         model.train(was_training)
     summary = {key: float(value) / max(step, 1) for key, value in sums.items()}
     summary.update({"train/steps": step, f"{loss_key}_last": last.get(loss_key, float("nan"))})

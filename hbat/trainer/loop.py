@@ -103,28 +103,47 @@ def run_method(ws: Workspace, cfg: TrainConfig, *, resume: bool = False, progres
     method = spec(cfg.method)
     name = run_name or cfg.method
     folder = os.path.join(cfg.output_dir, name)
-    os.makedirs(folder, exist_ok=True)
+    os.makedirs(folder, exist_ok=True)  # every rank: each writes its own anchor partition there
     state_path, best_path = os.path.join(folder, "checkpoint.pt"), os.path.join(folder, "best.pt")
     plan = stage_plan(cfg.method, cfg.n_parts)
     parts = _parts(ws, cfg)
-    model = ws.build()
-    regularizer = make_regularizer(method.regularizer, model, cfg.ewc, ws.tokenizer, cfg.sft.max_len)
-    critic, start, evals, best, elapsed = None, 0, [], None, 0.0
+    distributed = cfg.deepspeed is not None
+    if distributed:
+        from . import engine as ds
 
-    log = MetricsLogger(folder, tensorboard=True)
+        ds.check_supported(cfg, method.regularizer)  # before any work
+        ds.init_distributed()
+    main = not distributed or ds.is_main()  # only rank 0 prints, logs and writes (hbat.trainer.engine)
+    progress = progress and main
+    model = ws.build()
+    state = None
     if resume and os.path.exists(state_path):
         state = ckpt.load(state_path)
         _check_resume_config(state["config"], cfg)
-        model.load_state_dict(state["model"])
-        regularizer.load_state_dict(state["regularizer"])
+        model.load_state_dict(state["model"])  # before the engine copies the weights into its partitions
+    engine = ds.build_engine(model, cfg) if distributed else None
+    trainee = engine if distributed else model  # what the stages step; ``model`` stays the plain module
+    regularizer = make_regularizer(method.regularizer, trainee, cfg.ewc, ws.tokenizer, cfg.sft.max_len)
+    critic, start, evals, best, elapsed = None, 0, [], None, 0.0
+
+    log = MetricsLogger(folder, tensorboard=True) if main else _NoLogger()
+    if state is not None:
+        if distributed:  # each rank resumes its own anchor partition
+            own = ds.rank_file(folder, ds.rank(), state["position"])
+            if not os.path.exists(own):
+                raise ValueError(f"cannot resume: {own} is missing (was the run made with another number of ranks?)")
+            regularizer.load_state_dict(ckpt.load(own))
+        else:
+            regularizer.load_state_dict(state["regularizer"])
         if state["critic"] is not None:
             critic = _new_critic(ws)
             critic.load_state_dict(state["critic"])
         start, evals, best, elapsed = state["position"], state["evals"], state["best"], state["elapsed"]
         log.step = state["log_step"]
         ckpt.set_rng_state(state["rng"])
-        print(f"[{name}] resuming after stage {start}/{len(plan)}")
-    elif not resume:
+        if main:
+            print(f"[{name}] resuming after stage {start}/{len(plan)}")
+    elif not resume and main:
         open(log.path, "w").close()  # a fresh run starts a fresh metrics file
 
     if torch.cuda.is_available():
@@ -144,30 +163,43 @@ def run_method(ws: Workspace, cfg: TrainConfig, *, resume: bool = False, progres
             log(boundary)
         hook = regularizer.hook
         if objective == "ifa":
-            critic = _run_ifa(ws, cfg, model, parts, part, stage_seed, hook, log, progress, critic)
+            critic = _run_ifa(ws, cfg, trainee, parts, part, stage_seed, hook, log, progress, critic)
         else:
-            critic = _run_hpa(ws, cfg, model, parts, part, stage_seed, hook, log, progress, critic)
+            critic = _run_hpa(ws, cfg, trainee, parts, part, stage_seed, hook, log, progress, critic)
         elapsed += time.perf_counter() - started
         if i == len(plan) - 1 or plan[i + 1][0] == "ifa" and objective != "ifa" or not method.hpa:
-            metrics = {**evaluate(ws, model, cfg), "part": part + 1, "stage": i}
+            metrics = {**evaluate(ws, model, cfg), "part": part + 1, "stage": i}  # every rank, identically
             evals.append(metrics)
             log({f"{k}": v for k, v in metrics.items() if k.startswith("eval/")})
-            print(f"[{name}] part {part + 1}/{cfg.n_parts}: " +
-                  ", ".join(f"{k[5:]}={v:.4f}" for k, v in metrics.items() if k.startswith("eval/")))
+            if main:
+                print(f"[{name}] part {part + 1}/{cfg.n_parts}: " +
+                      ", ".join(f"{k[5:]}={v:.4f}" for k, v in metrics.items() if k.startswith("eval/")))
             if best is None or cfg.keep == "last" or metrics["eval/reward"] > best["eval/reward"]:
                 best = metrics
-                ckpt.save_atomic({k: v.detach().cpu() for k, v in model.state_dict().items()}, best_path)
-        ckpt.save_atomic({
-            "position": i + 1, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "regularizer": regularizer.state_dict(), "critic": None if critic is None else critic.state_dict(),
-            "evals": evals, "best": best, "elapsed": elapsed, "log_step": log.step, "rng": ckpt.rng_state(),
-            "config": to_dict(cfg),
-        }, state_path)
+                if main:
+                    ckpt.save_atomic({k: v.detach().cpu() for k, v in model.state_dict().items()}, best_path)
+        if distributed:  # every rank's anchor partition first, then rank 0 marks the stage complete
+            ds.save_rank_file(regularizer.state_dict(), folder, i + 1)
+            ds.barrier()
+        if main:
+            ckpt.save_atomic({
+                "position": i + 1, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "regularizer": None if distributed else regularizer.state_dict(),
+                "critic": None if critic is None else critic.state_dict(),
+                "evals": evals, "best": best, "elapsed": elapsed, "log_step": log.step, "rng": ckpt.rng_state(),
+                "config": to_dict(cfg),
+            }, state_path)
+        if distributed:
+            ds.barrier()
+            if i and os.path.exists(ds.rank_file(folder, ds.rank(), i)):
+                os.remove(ds.rank_file(folder, ds.rank(), i))  # superseded by the checkpoint just written
     log.close()
 
+    if distributed:
+        ds.barrier()  # best.pt is complete
     if best is not None and cfg.keep == "best" and os.path.exists(best_path):
         model.load_state_dict(ckpt.load(best_path))
-    if cfg.save_model:
+    if cfg.save_model and main:
         model.save_pretrained(os.path.join(folder, "model"))
         ws.tokenizer.save_pretrained(os.path.join(folder, "model"))
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
@@ -176,8 +208,24 @@ def run_method(ws: Workspace, cfg: TrainConfig, *, resume: bool = False, progres
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     result = {"method": name, **(best or {}), "train_seconds": elapsed, "peak_memory_bytes": peak, "peak_rss_bytes": rss,
               "stages": len(plan), "folder": folder}
-    ckpt.write_text_atomic(__import__("json").dumps(result, indent=2, default=str), os.path.join(folder, "result.json"))
+    if main:
+        ckpt.write_text_atomic(__import__("json").dumps(result, indent=2, default=str),
+                               os.path.join(folder, "result.json"))
+    if distributed:
+        ds.barrier()
     return result
+
+
+class _NoLogger:
+    """The metrics logger of ranks other than 0 under DeepSpeed: they compute, rank 0 writes."""
+
+    path, step, context = None, 0, {}
+
+    def __call__(self, metrics: dict) -> None:
+        self.step += 1
+
+    def close(self) -> None:
+        pass
 
 
 def _new_critic(ws: Workspace):

@@ -37,6 +37,8 @@ class Workspace:
 
 
 def pick_device() -> torch.device:
+    if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:  # one GPU per rank (torchrun / deepspeed)
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -109,7 +111,26 @@ def shared_key(cfg: TrainConfig) -> str:
 
 
 def prepare(cfg: TrainConfig, *, progress: bool = True, log=None) -> Workspace:
-    """Build or load the shared pieces of a run (see the module docstring)."""
+    """Build or load the shared pieces of a run (see the module docstring).
+
+    Under DeepSpeed (``cfg.deepspeed``) rank 0 builds and caches them first while the other ranks wait at a
+    barrier, then those load the cache: every rank holds identical data, base weights and judges.
+    """
+    if cfg.deepspeed is None:
+        return _prepare(cfg, progress=progress, log=log)
+    from .engine import barrier, init_distributed, is_main, run_ds_config
+
+    init_distributed()
+    run_ds_config(cfg)  # a bad DeepSpeed config fails now, not after the shared pieces are trained
+    if not is_main():
+        barrier()  # rank 0 is building the cache (the default process-group timeout is 30 minutes)
+    ws = _prepare(cfg, progress=progress and is_main(), log=log if is_main() else None)
+    if is_main():
+        barrier()
+    return ws
+
+
+def _prepare(cfg: TrainConfig, *, progress: bool, log) -> Workspace:
     from .reward import RewardModel, train_reward_model
     from .sft import run_sft
 

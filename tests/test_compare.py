@@ -24,12 +24,12 @@ def test_compare_table_plot_and_commands(tmp_path):
                            "--no-progress"], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = (out / "compare.md").read_text()
-    for name in ("two_stage", "hbat", "hbat-uniform"):
+    for name in ("two_stage", "hbat-uniform"):
         assert f"| {name} |" in table
         assert f"--name {name}" in table  # the row's command
     assert "win vs SFT" in table and "peak RSS MiB" in table and "alpha" in table
     rows = list(csv.DictReader(open(out / "compare.csv")))
-    assert [r["method"] for r in rows] == ["two_stage", "hbat", "hbat-uniform"]
+    assert [r["method"] for r in rows] == ["two_stage", "hbat-uniform"]
     assert (out / "compare.png").stat().st_size > 1000
 
 

@@ -30,6 +30,8 @@ def split_parts(rows: Sequence[Row], n: int, *, seed: int) -> list[list[Row]]:
 
 def train_val_split(rows: Sequence[Row], val_size: int | float, *, seed: int) -> tuple[list[Row], list[Row]]:
     """Seeded split into (train, validation); ``val_size`` is a row count or a fraction in (0, 1)."""
+    if isinstance(val_size, float) and val_size >= 1.0 and val_size.is_integer():
+        val_size = int(val_size)  # a count that went through a float-typed config field
     if isinstance(val_size, float):
         if not 0.0 < val_size < 1.0:
             raise ValueError(f"val_size as a fraction must be in (0, 1), got {val_size}")

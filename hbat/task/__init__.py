@@ -20,17 +20,17 @@ Metrics:
   ``task/preference``, ``task/enthusiastic`` and ``task/brief`` (means).
 
 Pieces: ``make_task`` -> ``Task`` (the data sets), ``build_tokenizer`` (character level, made locally),
-``build_model`` ("tiny" ~50K / "small" ~0.22M parameter Llama from a config) and ``pretrain`` (a short
+``build_model`` ("tiny" ~58K / "small" ~0.22M / "base" ~0.8M parameter Llama from a config) and ``pretrain`` (a short
 causal-LM pre-training on ``Task.pretrain_texts``, which state the transforms in prose, so the model
 starts knowing them but not the instruction format). transformers and tokenizers are imported on use.
 """
 from .generator import (LETTERS, OPERATIONS, Task, apply_operation, exact_match, make_prompt, make_task, parse_prompt,
                         preference_score, task_alphabet, task_metrics)
-from .model import DEMO_SETTINGS, MODEL_SIZES, build_model, pretrain
+from .model import MODEL_SIZES, build_model, pretrain
 from .tokenizer import SPECIAL_TOKENS, build_tokenizer
 
 __all__ = [
-    "DEMO_SETTINGS", "LETTERS", "MODEL_SIZES", "OPERATIONS", "SPECIAL_TOKENS", "Task", "apply_operation", "build_model",
+    "LETTERS", "MODEL_SIZES", "OPERATIONS", "SPECIAL_TOKENS", "Task", "apply_operation", "build_model",
     "build_tokenizer", "exact_match", "make_prompt", "make_task", "parse_prompt", "preference_score", "pretrain",
     "task_alphabet", "task_metrics",
 ]

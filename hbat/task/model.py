@@ -1,8 +1,9 @@
 """A Llama built from a config (no download) and the short causal-LM pre-training of the embedded task.
 
-Sizes: ``"tiny"`` (~58K parameters, for tests) and ``"small"`` (~0.22M, for the demo). Compute, not
-parameters, is the limit on 2 CPU cores: a step costs roughly (tokens x layers), so "small" is narrow and
-4 layers deep; 200 pre-training steps of 32 texts take about a minute of one core. Pre-training is plain next-token prediction on whole texts
+Sizes: ``"tiny"`` (~58K parameters, for tests), ``"small"`` (~0.22M, the demo) and ``"base"`` (~0.8M).
+Compute, not parameters, is the limit on 2 CPU cores: a step costs roughly (tokens x layers), so "small" is
+narrow and 4 layers deep. The demo's settings (pre-training steps, SFT / DPO learning rates and epochs) are
+the defaults of ``hbat.trainer.config.TrainConfig``. Pre-training is plain next-token prediction on whole texts
 (``<s> text </s>``, right-padded, padding ignored), AdamW with a linear warm-up and cosine decay.
 """
 from __future__ import annotations
@@ -16,15 +17,8 @@ import torch
 MODEL_SIZES = {
     "tiny": dict(hidden_size=48, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
     "small": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4),
+    "base": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4),
 }
-
-# Measured on the default task (seed 0, "small", 1 CPU thread; README of hbat.task for the numbers):
-# pre-training 300 steps ~75 s of CPU, SFT 400 steps ~25 s -> greedy exact match ~0.85 on prompts_val;
-# DPO 100 steps (beta 0.1, lr 2e-5 .. 5e-5) from there -> exact match 0.27 .. 0.15, preference 0.75 .. 0.91.
-DEMO_SETTINGS = dict(model_size="small", pretrain_steps=300, pretrain_batch_size=32, pretrain_lr=3e-3,
-                     sft_steps=400, sft_batch_size=32, sft_lr=1e-3, dpo_steps=100, dpo_batch_size=32, dpo_lr=5e-5,
-                     dpo_beta=0.1, max_new_tokens=10)
-
 
 def build_model(tokenizer, size: str = "tiny", seed: int = 0, max_position_embeddings: int = 256):
     """A freshly initialised ``LlamaForCausalLM`` for ``tokenizer`` (seeded; special ids from the tokenizer)."""

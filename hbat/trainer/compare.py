@@ -31,6 +31,10 @@ DEFAULT_SPEC = {
              {"name": "hbat-released", "method": "hbat", "set": ["ewc.importance_mode=released"]},
              {"name": "hbat-proportional", "method": "hbat", "set": ["ewc.importance_mode=proportional"]},
              {"name": "hbat-uniform", "method": "hbat", "set": ["ewc.importance_mode=uniform"]},
+             {"name": "hbat-lam100", "method": "hbat", "set": ["ewc.lam=100"]},
+             # the same pair with twice the DPO learning rate: a larger alignment tax
+             {"name": "two_stage-dpo6e-5", "method": "two_stage", "set": ["dpo.lr=6e-5"]},
+             {"name": "hbat-dpo6e-5", "method": "hbat", "set": ["dpo.lr=6e-5"]},
              "freeze", "fisher"],
     "hma": {"aligned": "two_stage", "alphas": [0.0, 0.25, 0.5, 0.75, 1.0]},
 }
@@ -105,10 +109,13 @@ def plot(rows: list[dict], curve: list[dict], path: str, x="eval/reward", y="eva
     if curve:
         ax.plot([p[x] for p in curve], [p[y] for p in curve], "-o", color="0.6", ms=3,
                 label="uniform averaging SFT/aligned (alpha 0..1)")
+    points: dict[tuple, list[str]] = {}  # runs that land on the same point share one label
     for row in rows:
         if x in row and y in row:
-            ax.scatter(row[x], row[y], s=30)
-            ax.annotate(row["method"], (row[x], row[y]), fontsize=8, xytext=(3, 3), textcoords="offset points")
+            points.setdefault((round(row[x], 3), round(row[y], 3)), []).append(row["method"])
+    for (px, py), names in points.items():
+        ax.scatter(px, py, s=30)
+        ax.annotate(" = ".join(names), (px, py), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("reward (reward model, validation)")
     ax.set_ylabel("exact match (instruction following, validation)")
     ax.set_title("alignment tax: instruction following vs reward")
@@ -146,8 +153,8 @@ def compare(spec: dict, extra: list[str], out_dir: str | None, *, progress=True)
             raise RuntimeError(f"run {run['name']!r} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
         with open(os.path.join(base.output_dir, run["name"], "result.json"), encoding="utf-8") as fh:
             result = json.load(fh)
-        row = {**result, "method": run["name"], "wall_seconds": wall,
-               "peak_rss_mib": result["peak_rss_bytes"] / 2**20, "command": shlex.join(command)}
+        row = {**result, "method": run["name"], "wall_seconds": round(wall),
+               "peak_rss_mib": round(result["peak_rss_bytes"] / 2**20), "command": shlex.join(command)}
         rows.append(row)
         print("    " + ", ".join(f"{k[5:]}={row[k]:.4f}" for k in row if k.startswith("eval/")) + f", {wall:.0f} s")
     curve = []

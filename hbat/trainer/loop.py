@@ -203,9 +203,7 @@ def run_method(ws: Workspace, cfg: TrainConfig, *, resume: bool = False, progres
         model.save_pretrained(os.path.join(folder, "model"))
         ws.tokenizer.save_pretrained(os.path.join(folder, "model"))
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-    import resource
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    rss = peak_rss_bytes()
     result = {"method": name, **(best or {}), "train_seconds": elapsed, "peak_memory_bytes": peak, "peak_rss_bytes": rss,
               "stages": len(plan), "folder": folder}
     if main:
@@ -214,6 +212,21 @@ def run_method(ws: Workspace, cfg: TrainConfig, *, resume: bool = False, progres
     if distributed:
         ds.barrier()
     return result
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory. Linux: VmHWM, which restarts at exec; ru_maxrss would carry the
+    parent's peak into a child started by ``hbat compare`` (it survives fork + exec)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux KiB (macOS reports bytes)
 
 
 class _NoLogger:

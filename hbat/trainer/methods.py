@@ -26,7 +26,7 @@ SPECS = {
     "no_ewc": MethodSpec(True, True, "none", description="ablation: alternation without the penalty"),
     "no_alternation": MethodSpec(False, True, "hbat", description="ablation: one IFA and one HPA stage, with EWC"),
     "rlhf_pt": MethodSpec(False, True, "none", "sft_in_hpa", "RLHF+pt: SFT loss mixed into the HPA stage"),
-    "sft_hpa": MethodSpec(False, False, "none", "hpa_in_sft", "SFT+ppo/dpo: the HPA loss mixed into SFT"),
+    "sft_hpa": MethodSpec(False, False, "none", "hpa_in_sft", "SFT+hpa: the DPO loss of the same part mixed into SFT (also with hpa: ppo)"),
     "freeze": MethodSpec(True, True, "freeze", description="HBAT-Freeze: freeze the most important tensors"),
     "fisher": MethodSpec(True, True, "fisher", description="HBAT with the original per-element Fisher EWC"),
 }

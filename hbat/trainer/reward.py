@@ -34,8 +34,10 @@ class RewardModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = nn.Linear(hidden_size, 1)
-        # small head init (as in Stiennon et al. / TRL) so the initial scores are O(1)
-        nn.init.normal_(self.head.weight, std=1.0 / math.sqrt(hidden_size + 1))
+        # small head init (as in Stiennon et al. / TRL) so the initial scores are O(1); its own seeded generator,
+        # so the judge does not depend on how much of the global RNG stream earlier code consumed
+        nn.init.normal_(self.head.weight, std=1.0 / math.sqrt(hidden_size + 1),
+                        generator=torch.Generator().manual_seed(0))
         nn.init.zeros_(self.head.bias)
         self.config = getattr(backbone, "config", None)
 

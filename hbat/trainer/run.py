@@ -53,17 +53,19 @@ def train(config_path, overrides, methods=None, *, resume=False, progress=True, 
     base = load_config(config_path, overrides)
     methods = methods or [base.method]
     configs = [load_config(config_path, list(overrides) + [f"method={m}"]) for m in methods]
-    os.makedirs(base.output_dir, exist_ok=True)
-    for cfg in configs:
-        write_text_atomic(dump_config(cfg), os.path.join(cfg.output_dir, f"config-{cfg.method}.yaml"))
-    started = time.perf_counter()
-    print(f"hbat train: {', '.join(methods)} -> {base.output_dir}")
-    ws = prepare(base, progress=progress)
-    if ws.info:
-        print("task: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                                   for k, v in ws.info.items() if k.startswith("pref_train")))
     if name is not None and len(configs) != 1:
         raise ValueError("--name needs exactly one method")
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under DeepSpeed only rank 0 prints and writes
+    os.makedirs(base.output_dir, exist_ok=True)
+    if main_rank:
+        for cfg in configs:
+            write_text_atomic(dump_config(cfg), os.path.join(cfg.output_dir, f"config-{name or cfg.method}.yaml"))
+        print(f"hbat train: {', '.join(methods)} -> {base.output_dir}")
+    started = time.perf_counter()
+    ws = prepare(base, progress=progress)
+    if ws.info and main_rank:
+        print("task: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                   for k, v in ws.info.items() if k.startswith("pref_train")))
     results = [run_method(ws, cfg, resume=resume, progress=progress, run_name=name) for cfg in configs]
     table = summary_table(results)
     command = "hbat train" + (f" {config_path}" if config_path else "") + \
@@ -71,9 +73,12 @@ def train(config_path, overrides, methods=None, *, resume=False, progress=True, 
     text = (f"# hbat train summary\n\nCommand: `{command}`\n\nWall time: {time.perf_counter() - started:.0f} s "
             f"(the shared base model, SFT reference and reward model are cached in {base.output_dir}/shared)\n\n"
             f"{table}\n")
-    write_text_atomic(text, os.path.join(base.output_dir, "summary.md"))
-    write_text_atomic(json.dumps(results, indent=2, default=str), os.path.join(base.output_dir, "summary.json"))
-    print("\n" + table)
+    if main_rank:
+        # a named run (one row of `hbat compare`) gets its own summary files in a shared output folder
+        stem = f"summary-{name}" if name else "summary"
+        write_text_atomic(text, os.path.join(base.output_dir, f"{stem}.md"))
+        write_text_atomic(json.dumps(results, indent=2, default=str), os.path.join(base.output_dir, f"{stem}.json"))
+        print("\n" + table)
     return results
 
 

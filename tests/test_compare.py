@@ -18,7 +18,7 @@ def test_compare_table_plot_and_commands(tmp_path):
     spec = tmp_path / "spec.yaml"
     spec.write_text("set: [" + ", ".join(TINY) + "]\nruns:\n  - two_stage\n  - hbat\n"
                     "  - {name: hbat-uniform, method: hbat, set: [ewc.importance_mode=uniform]}\n"
-                    "hma: {aligned: two_stage, alphas: [0.0, 1.0]}\n")
+                    "hma: {pre: hbat-uniform, aligned: two_stage, alphas: [0.0, 1.0]}\n")
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "hbat.cli", "compare", str(spec), "--out", str(out),
                            "--no-progress"], capture_output=True, text=True, timeout=900)
@@ -27,10 +27,16 @@ def test_compare_table_plot_and_commands(tmp_path):
     for name in ("two_stage", "hbat-uniform"):
         assert f"| {name} |" in table
         assert f"--name {name}" in table  # the row's command
-    assert "win vs SFT" in table and "peak RSS MiB" in table and "alpha" in table
+    assert "win vs SFT" in table and "peak RSS MiB" in table and "averaging of `hbat-uniform` and `two_stage`" in table
     rows = list(csv.DictReader(open(out / "compare.csv")))
     assert [r["method"] for r in rows] == ["two_stage", "hbat-uniform"]
     assert (out / "compare.png").stat().st_size > 1000
+    # --reuse keeps finished runs with the same config and redoes only the table, the curve and the plot
+    again = subprocess.run([sys.executable, "-m", "hbat.cli", "compare", str(spec), "--out", str(out), "--reuse",
+                            "--no-progress"], capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert again.stdout.count("reusing") == 2
+    assert list(csv.DictReader(open(out / "compare.csv"))) == rows
 
 
 def test_compare_spec_errors(tmp_path):

@@ -6,7 +6,13 @@ A SPEC is a YAML file (default: the embedded comparison, ``DEFAULT_SPEC`` below)
     runs:                                   # a method name, or a mapping with its own name and overrides
       - two_stage
       - {name: hbat-paper, method: hbat, set: [ewc.importance_mode=paper]}
-    hma: {aligned: two_stage, alphas: [0.0, 0.25, 0.5, 0.75, 1.0]}   # uniform-averaging curve (optional)
+    hma: {pre: sft_only, aligned: two_stage, alphas: [0.0, 0.25, 0.5, 0.75, 1.0]}   # averaging curve (optional)
+
+``hma.pre`` names the run whose model is the aligned run's starting point (``sft_only`` runs exactly the SFT
+stage of ``two_stage``: same data, order and seed); without it, the shared SFT reference is used, which was
+trained separately and is not on the aligned model's path. ``--reuse`` keeps every run whose folder holds a
+result made with the same config (a comparison can be resumed, or the table and curve redone, without
+retraining).
 
 The shared pieces (base model, SFT reference, reward model) are built once; then every run is its own
 ``hbat train`` process (so its wall time and peak memory are its own), and its command line is written next
@@ -36,7 +42,7 @@ DEFAULT_SPEC = {
              {"name": "two_stage-dpo6e-5", "method": "two_stage", "set": ["dpo.lr=6e-5"]},
              {"name": "hbat-dpo6e-5", "method": "hbat", "set": ["dpo.lr=6e-5"]},
              "freeze", "fisher"],
-    "hma": {"aligned": "two_stage", "alphas": [0.0, 0.25, 0.5, 0.75, 1.0]},
+    "hma": {"pre": "sft_only", "aligned": "two_stage", "alphas": [0.0, 0.25, 0.5, 0.75, 1.0]},
 }
 COLUMNS = [("method", "method"), ("eval/exact_match", "exact match"), ("eval/sft_loss", "SFT loss (val)"),
            ("eval/preference", "preference"), ("eval/reward", "reward"), ("eval/win_rate", "win vs SFT"),
@@ -85,16 +91,24 @@ def run_command(run: dict, shared: list[str], extra: list[str]) -> list[str]:
     return args
 
 
-def hma_curve(ws, cfg, aligned_folder: str, alphas) -> list[dict]:
-    """Uniform averaging (1 - alpha) * SFT + alpha * aligned, evaluated at each alpha (hbat.averaging)."""
+def hma_curve(ws, cfg, aligned_folder: str, alphas, pre_folder: str | None = None) -> list[dict]:
+    """Uniform averaging (1 - alpha) * pre + alpha * aligned, evaluated at each alpha (hbat.averaging); pre is
+    the kept model of ``pre_folder``, or the shared SFT reference."""
+    import torch
+
     from ..averaging import average
     from .loop import evaluate
 
-    aligned = ws.build()
-    aligned.load_state_dict(__import__("torch").load(os.path.join(aligned_folder, "best.pt"), weights_only=False))
+    def load(folder):
+        model = ws.build()
+        model.load_state_dict(torch.load(os.path.join(folder, "best.pt"), weights_only=False))
+        return model
+
+    aligned = load(aligned_folder)
+    pre = load(pre_folder) if pre_folder else ws.sft_model
     points = []
     for alpha in alphas:
-        merged = average(ws.sft_model, aligned, float(alpha))
+        merged = average(pre, aligned, float(alpha))
         points.append({"alpha": float(alpha), **evaluate(ws, merged, cfg)})
     return points
 
@@ -126,9 +140,9 @@ def plot(rows: list[dict], curve: list[dict], path: str, x="eval/reward", y="eva
     plt.close(fig)
 
 
-def compare(spec: dict, extra: list[str], out_dir: str | None, *, progress=True) -> list[dict]:
+def compare(spec: dict, extra: list[str], out_dir: str | None, *, progress=True, reuse=False) -> list[dict]:
     from .checkpoint import write_text_atomic
-    from .config import load_config
+    from .config import dump_config, load_config
     from .metrics import markdown_table
     from .workspace import prepare
 
@@ -145,13 +159,22 @@ def compare(spec: dict, extra: list[str], out_dir: str | None, *, progress=True)
     rows = []
     for i, run in enumerate(runs, 1):
         command = run_command(run, shared, extra)
-        print(f"[{i}/{len(runs)}] {shlex.join(command)}", flush=True)
-        t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "hbat.cli", *command[1:]], capture_output=True, text=True)
-        wall = time.perf_counter() - t0
-        if proc.returncode != 0:
-            raise RuntimeError(f"run {run['name']!r} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-        with open(os.path.join(base.output_dir, run["name"], "result.json"), encoding="utf-8") as fh:
+        folder = os.path.join(base.output_dir, run["name"])
+        wall_path = os.path.join(folder, "compare-wall.json")
+        config = dump_config(load_config(None, shared + list(extra) + [f"method={run['method']}"] + list(run["set"])))
+        if reuse and _finished_with(base.output_dir, run["name"], config, wall_path):
+            print(f"[{i}/{len(runs)}] reusing {folder}", flush=True)
+            with open(wall_path, encoding="utf-8") as fh:
+                wall = json.load(fh)["wall_seconds"]
+        else:
+            print(f"[{i}/{len(runs)}] {shlex.join(command)}", flush=True)
+            t0 = time.perf_counter()
+            proc = subprocess.run([sys.executable, "-m", "hbat.cli", *command[1:]], capture_output=True, text=True)
+            wall = time.perf_counter() - t0
+            if proc.returncode != 0:
+                raise RuntimeError(f"run {run['name']!r} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+            write_text_atomic(json.dumps({"wall_seconds": wall}), wall_path)
+        with open(os.path.join(folder, "result.json"), encoding="utf-8") as fh:
             result = json.load(fh)
         row = {**result, "method": run["name"], "wall_seconds": round(wall),
                "peak_rss_mib": round(result["peak_rss_bytes"] / 2**20), "command": shlex.join(command)}
@@ -163,7 +186,11 @@ def compare(spec: dict, extra: list[str], out_dir: str | None, *, progress=True)
         aligned = hma.get("aligned", "two_stage")
         if aligned not in [r["name"] for r in runs]:
             raise ValueError(f"hma.aligned {aligned!r} is not one of the runs")
-        curve = hma_curve(ws, base, os.path.join(base.output_dir, aligned), hma.get("alphas", [0, 0.5, 1]))
+        pre = hma.get("pre")
+        if pre is not None and pre not in [r["name"] for r in runs]:
+            raise ValueError(f"hma.pre {pre!r} is not one of the runs")
+        curve = hma_curve(ws, base, os.path.join(base.output_dir, aligned), hma.get("alphas", [0, 0.5, 1]),
+                          os.path.join(base.output_dir, pre) if pre else None)
     out = base.output_dir
     table = markdown_table([{label: r.get(key) for key, label in COLUMNS} for r in rows], [c[1] for c in COLUMNS])
     curve_table = markdown_table([{"alpha": p["alpha"], **{k: p.get(k) for k in
@@ -172,9 +199,11 @@ def compare(spec: dict, extra: list[str], out_dir: str | None, *, progress=True)
                                                     "eval/kl_to_sft"]) if curve else ""
     commands = "\n".join(f"- `{r['method']}`: `{r['command']}`" for r in rows)
     text = (f"# hbat compare\n\nAll runs: same seed, data, parts and step budget; each row is one `hbat train` "
-            f"process. Total wall time {time.perf_counter() - started:.0f} s.\n\n{table}\n\n"
-            + (f"Uniform averaging of the SFT model and `{hma.get('aligned', 'two_stage')}` (alpha = weight of the "
-               f"aligned model):\n\n{curve_table}\n\n" if curve else "")
+            f"process. The runs took {sum(r['wall_seconds'] for r in rows):.0f} s of wall time in all "
+            f"(this invocation: {time.perf_counter() - started:.0f} s).\n\n{table}\n\n"
+            + (f"Uniform averaging of `{hma.get('pre') or 'the shared SFT model'}` and "
+               f"`{hma.get('aligned', 'two_stage')}` (alpha = weight of the aligned model):\n\n{curve_table}\n\n"
+               if curve else "")
             + f"Commands (run from the repository root):\n\n{commands}\n")
     write_text_atomic(text, os.path.join(out, "compare.md"))
     with open(os.path.join(out, "compare.csv"), "w", newline="", encoding="utf-8") as fh:
@@ -191,10 +220,21 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override applied to every run (after the spec's own)")
     parser.add_argument("--out", help="output folder (default: the spec's output_dir)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep runs already finished in the output folder with the same config")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
 
+def _finished_with(out_dir: str, name: str, config: str, wall_path: str) -> bool:
+    """A run can be reused when its result, its wall time and a config identical to ``config`` are on disk."""
+    paths = [os.path.join(out_dir, name, "result.json"), wall_path, os.path.join(out_dir, f"config-{name}.yaml")]
+    if not all(os.path.exists(p) for p in paths):
+        return False
+    with open(paths[2], encoding="utf-8") as fh:
+        return fh.read() == config
+
+
 def run(args) -> int:
-    compare(load_spec(args.spec), args.overrides, args.out, progress=not args.no_progress)
+    compare(load_spec(args.spec), args.overrides, args.out, progress=not args.no_progress, reuse=args.reuse)
     return 0

@@ -14,7 +14,6 @@ from hbat.trainer import loop  # noqa: E402
 from hbat.trainer.config import TrainConfig, load_config  # noqa: E402
 from hbat.trainer.methods import SPECS, stage_plan  # noqa: E402
 from hbat.trainer.metrics import read_metrics  # noqa: E402
-from hbat.trainer.workspace import Workspace  # noqa: E402
 
 TINY = ["model.size=tiny", "model.pretrain_steps=0", "sft.batch_size=8", "sft.max_steps=2", "dpo.batch_size=8",
         "dpo.max_steps=2", "reward.batch_size=8", "eval.kl_samples=4", "eval.max_new_tokens=6", "eval.batch_size=8",
@@ -58,27 +57,12 @@ def test_config_yaml_overrides_and_errors(tmp_path):
 
 @pytest.fixture(scope="module")
 def workspace():
-    """A tiny workspace built directly (no pre-training, untrained reward model): fast."""
-    from hbat.task import build_model, build_tokenizer, make_task
-    from hbat.trainer.reward import RewardModel
+    """A tiny workspace built directly (no pre-training, untrained reward model): fast. Shared with the
+    DeepSpeed worker, whose runs are compared with single-process ones."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from trainer_ds_worker import tiny_workspace
 
-    task = make_task(seed=0, n_sft=48, n_pref=48, n_prompts=16, n_val=8, n_pretrain=0)
-    tokenizer = build_tokenizer()
-    base = build_model(tokenizer, size="tiny", seed=0)
-    base_state = {k: v.clone() for k, v in base.state_dict().items()}
-
-    def build():
-        model = build_model(tokenizer, size="tiny", seed=0)
-        model.load_state_dict(base_state)
-        return model
-
-    sft_model = build().eval().requires_grad_(False)
-    rm = RewardModel.from_causal_lm(sft_model).eval().requires_grad_(False)
-    return Workspace(tokenizer=tokenizer, base_state=base_state, build=build, sft_train=task.sft_train,
-                     sft_val=task.sft_val, pref_train=task.pref_train, pref_val=task.pref_val,
-                     prompts_train=task.prompts_train, prompts_val=task.prompts_val, sft_model=sft_model,
-                     reward_model=rm, device=torch.device("cpu"), exact_match=task.exact_match,
-                     preference_score=task.preference_score, info=task.stats())
+    return tiny_workspace()
 
 
 def _cfg(tmp_path, *extra):

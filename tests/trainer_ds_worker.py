@@ -28,7 +28,7 @@ def ds_config(stage: int) -> dict:
 
 
 def tiny_workspace():
-    """The tiny workspace of tests/test_trainer_loop.py: no pre-training, an untrained reward model."""
+    """The tiny workspace of these tests and tests/test_trainer_loop.py: no pre-training, an untrained reward model."""
     from hbat.task import build_model, build_tokenizer, make_task
     from hbat.trainer.reward import RewardModel
     from hbat.trainer.workspace import Workspace

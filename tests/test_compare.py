@@ -16,7 +16,7 @@ TINY = ["model.size=tiny", "model.pretrain_steps=2", "data.task_n_sft=64", "data
 
 def test_compare_table_plot_and_commands(tmp_path):
     spec = tmp_path / "spec.yaml"
-    spec.write_text("set: [" + ", ".join(TINY) + "]\nruns:\n  - two_stage\n  - hbat\n"
+    spec.write_text("set: [" + ", ".join(TINY) + "]\nruns:\n  - two_stage\n"
                     "  - {name: hbat-uniform, method: hbat, set: [ewc.importance_mode=uniform]}\n"
                     "hma: {pre: hbat-uniform, aligned: two_stage, alphas: [0.0, 1.0]}\n")
     out = tmp_path / "out"

@@ -69,11 +69,12 @@ def _write_ds_json(tmp_path: Path, zero: int) -> Path:
     return path
 
 
-@pytest.mark.parametrize("zero, crash", [pytest.param(2, False, id="zero2"),
+@pytest.mark.parametrize("zero, crash", [pytest.param(2, False, id="zero2"), pytest.param(3, False, id="zero3"),
                                          pytest.param(1, True, id="zero1-crash-resume", marks=pytest.mark.slow)])
 def test_hbat_under_zero_matches_single_process(zero, crash, reference, tmp_path):
-    """ZeRO-2 uninterrupted; ZeRO-1 crashes (every rank) at the start of HPA2 and is resumed with --resume:
-    both end with the weights of the single-process run. (ZeRO-0 works too; left out to keep this short.)"""
+    """ZeRO-2 and ZeRO-3 (every parameter partitioned; evaluation and checkpoints gather the weights at each
+    stage end) uninterrupted; ZeRO-1 crashes (every rank) at the start of HPA2 and is resumed with --resume:
+    all end with the weights of the single-process run. (ZeRO-0 works too; left out to keep this short.)"""
     pytest.importorskip("deepspeed")
     ds_json = _write_ds_json(tmp_path, zero)
     folder = tmp_path / "hbat"
@@ -124,8 +125,11 @@ def test_hbat_under_zero_matches_single_process(zero, crash, reference, tmp_path
     owned = [sum(a.numel() for a in rank) for rank in anchors]
     if zero == 0:  # no sharding: every rank anchors the whole model
         assert owned == [total, total]
-    else:  # every element anchored exactly once over the ranks
+    else:  # every element anchored exactly once over the ranks (ZeRO-3: each rank's slice of every tensor,
+        # the last rank's padding left out by the view)
         assert sum(owned) == total and min(owned) > 0
+    if zero == 3:  # every tensor is split over both ranks
+        assert all(len(rank) == len(anchors[0]) for rank in anchors) and len(anchors[0]) > 0
 
 
 def test_ds_config_is_derived_from_the_stages():
@@ -143,8 +147,10 @@ def test_ds_config_is_derived_from_the_stages():
         engine.resolve_ds_config({"gradient_clipping": 0.5}, {"sft": SFTConfig(max_grad_norm=0.5), "dpo": dpo}, 2)
     with pytest.raises(ValueError, match="'scheduler'"):
         engine.resolve_ds_config({"scheduler": {"type": "WarmupLR"}}, {"sft": sft}, 2)
-    with pytest.raises(NotImplementedError, match="ZeRO-3"):
-        engine.resolve_ds_config({"zero_optimization": {"stage": 3}}, {"sft": sft}, 2)
+    zero3 = engine.resolve_ds_config({"zero_optimization": {"stage": 3}}, {"sft": sft, "dpo": dpo}, 2)
+    assert zero3["zero_optimization"] == {"stage": 3} and zero3["train_batch_size"] == 8
+    with pytest.raises(ValueError, match="zero_optimization.stage=4"):
+        engine.resolve_ds_config({"zero_optimization": {"stage": 4}}, {"sft": sft}, 2)
     with pytest.raises(NotImplementedError, match="bf16"):
         engine.resolve_ds_config({"fp16": {"enabled": True}}, {"sft": sft}, 2)
     with pytest.warns(UserWarning, match="not a multiple"):

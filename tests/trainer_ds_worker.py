@@ -24,7 +24,10 @@ OVERRIDES = ["model.size=tiny", "model.pretrain_steps=0", "method=hbat", "n_part
 
 
 def ds_config(stage: int) -> dict:
-    return {"zero_optimization": {"stage": stage, "reduce_bucket_size": 2000, "allgather_bucket_size": 2000}}
+    zero = {"stage": stage, "reduce_bucket_size": 2000, "allgather_bucket_size": 2000}
+    if stage == 3:  # partition every parameter of the tiny model (by default small ones stay whole on each rank)
+        zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=2000)
+    return {"zero_optimization": zero}
 
 
 def tiny_workspace():

@@ -41,11 +41,22 @@
   partition) next to the checkpoint (hbat.trainer.loop). ``prepare()`` runs on rank 0 first (it trains
   and caches the SFT reference and the reward model, unsharded); the other ranks wait at a barrier and
   then load the cache, so all ranks hold identical data, base weights and judges.
-* Supported: ZeRO stages 0, 1 and 2 (fp32 or bf16), methods whose regulariser is HybridEWC or none (the
+* **ZeRO-3 gathers at stage ends only.** The engine partitions the module's parameters in place, so the
+  plain ``model`` of hbat.trainer.loop holds no full weights after ``build_engine``. Training (engine
+  forward / backward / step, DeepSpeed's own per-layer gathers) and the per-step HybridEWC penalty
+  (``ewc.apply_()`` on this rank's fp32 / gradient partitions) gather nothing of ours. What needs whole
+  weights gathers them with ``deepspeed.zero.GatheredParameters`` over every parameter, on every rank (a
+  collective): ``full_state_dict`` once per completed stage, whose CPU copy is evaluated on a plain copy of
+  the model (``plain_copy``; a forward inside the gather context would re-partition the parameters) and
+  written as checkpoint.pt / best.pt, and once more at the end for ``save_pretrained`` (keep=last). So
+  each rank briefly holds the full weights at every stage end. The DPO reference log-probs (computed once
+  per stage) and HybridEWC's importance pass run forward passes of the engine, which fetch each layer's
+  parameters through ZeRO-3's hooks, every rank in lockstep. Resuming loads the checkpoint's weights into
+  the module before ``build_engine`` partitions it.
+* Supported: ZeRO stages 0, 1, 2 and 3 (fp32 or bf16), methods whose regulariser is HybridEWC or none (the
   mixed-loss baselines too), DPO as HPA. Refused with NotImplementedError: PPO (generation and a critic
   under ZeRO), HBAT-Freeze and the Fisher baseline (they change ``requires_grad`` or need full gradients),
-  ZeRO-3 (evaluation and checkpoints would gather every parameter), fp16 (skipped overflow steps would
-  desynchronise the lr schedule; use bf16).
+  fp16 (skipped overflow steps would desynchronise the lr schedule; use bf16).
 """
 from __future__ import annotations
 
@@ -141,9 +152,8 @@ def resolve_ds_config(raw: dict, stages: dict[str, StageConfig], world: int, *, 
     if raw.get("fp16", {}).get("enabled") is True:
         raise NotImplementedError(f"{source}: fp16 is not supported by the trainer (overflow-skipped steps would "
                                   "desynchronise the per-stage lr schedule); use bf16")
-    if zero_stage(raw) == 3:
-        raise NotImplementedError(f"{source}: ZeRO-3 is not supported by the trainer yet (evaluation and "
-                                  "checkpoints would gather every parameter); use ZeRO-1 or ZeRO-2")
+    if zero_stage(raw) not in (0, 1, 2, 3):
+        raise ValueError(f"{source}: zero_optimization.stage={zero_stage(raw)}; use 0, 1, 2 or 3")
     for name, cfg in stages.items():
         derived = _stage_batch(cfg, world)
         exact = cfg.batch_size % (world * cfg.grad_accum_steps) == 0
@@ -345,6 +355,37 @@ def make_stepper(model, cfg: StageConfig, total_steps: int):
     if is_engine(model):
         return DeepSpeedStepper(model, cfg, total_steps)
     return TorchStepper(model, cfg, total_steps)
+
+
+def is_zero3(engine) -> bool:
+    """True for a DeepSpeed engine running ZeRO stage 3 (its module's parameters are partitioned)."""
+    return engine is not None and is_engine(engine) and engine.zero_optimization_stage() == 3
+
+
+def full_state_dict(module: torch.nn.Module, engine=None) -> dict:
+    """The full weights of ``module`` on the CPU. Under ZeRO-3 (``engine``) this GATHERS every parameter
+    (``deepspeed.zero.GatheredParameters``): a collective, so every rank calls it; the gathered values are
+    copied before the context re-partitions them. Otherwise the module's own tensors (no copy on the CPU)."""
+    if not is_zero3(engine):
+        return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+        return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+def plain_copy(build, weights: dict, like: torch.nn.Module) -> torch.nn.Module:
+    """A plain (unpartitioned) model from ``build()`` holding ``weights``, in the dtype of ``like`` (the
+    engine's module): what evaluation and ``save_pretrained`` run on under ZeRO-3. The global RNG is left
+    as it was, so the run's random streams do not depend on the ZeRO stage."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        model = build()
+    dtype = next(like.parameters()).dtype
+    if dtype.is_floating_point:
+        model.to(dtype=dtype)
+    model.load_state_dict(weights)
+    return model.requires_grad_(False)
 
 
 def unwrap(model) -> torch.nn.Module:

@@ -123,6 +123,8 @@ def run_method(ws: Workspace, cfg: TrainConfig, *, resume: bool = False, progres
         model.load_state_dict(state["model"])  # before the engine copies the weights into its partitions
     engine = ds.build_engine(model, cfg) if distributed else None
     trainee = engine if distributed else model  # what the stages step; ``model`` stays the plain module
+    # ZeRO-3: ``model``'s parameters are partitioned now; evaluation and checkpoints gather them (engine docstring)
+    zero3 = distributed and ds.is_zero3(engine)
     regularizer = make_regularizer(method.regularizer, trainee, cfg.ewc, ws.tokenizer, cfg.sft.max_len)
     critic, start, evals, best, elapsed = None, 0, [], None, 0.0
 
@@ -167,8 +169,12 @@ def run_method(ws: Workspace, cfg: TrainConfig, *, resume: bool = False, progres
         else:
             critic = _run_hpa(ws, cfg, trainee, parts, part, stage_seed, hook, log, progress, critic)
         elapsed += time.perf_counter() - started
+        # ZeRO-3: the full weights, gathered once on every rank, for evaluation and the checkpoints
+        weights = ds.full_state_dict(model, engine) if zero3 else None
         if i == len(plan) - 1 or plan[i + 1][0] == "ifa" and objective != "ifa" or not method.hpa:
-            metrics = {**evaluate(ws, model, cfg), "part": part + 1, "stage": i}  # every rank, identically
+            policy = ds.plain_copy(ws.build, weights, model) if zero3 else model
+            metrics = {**evaluate(ws, policy, cfg), "part": part + 1, "stage": i}  # every rank, identically
+            del policy
             evals.append(metrics)
             log({f"{k}": v for k, v in metrics.items() if k.startswith("eval/")})
             if main:
@@ -177,18 +183,19 @@ def run_method(ws: Workspace, cfg: TrainConfig, *, resume: bool = False, progres
             if best is None or cfg.keep == "last" or metrics["eval/reward"] > best["eval/reward"]:
                 best = metrics
                 if main:
-                    ckpt.save_atomic({k: v.detach().cpu() for k, v in model.state_dict().items()}, best_path)
+                    ckpt.save_atomic(weights if zero3 else _cpu_state(model), best_path)
         if distributed:  # every rank's anchor partition first, then rank 0 marks the stage complete
             ds.save_rank_file(regularizer.state_dict(), folder, i + 1)
             ds.barrier()
         if main:
             ckpt.save_atomic({
-                "position": i + 1, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "position": i + 1, "model": weights if zero3 else _cpu_state(model),
                 "regularizer": None if distributed else regularizer.state_dict(),
                 "critic": None if critic is None else critic.state_dict(),
                 "evals": evals, "best": best, "elapsed": elapsed, "log_step": log.step, "rng": ckpt.rng_state(),
                 "config": to_dict(cfg),
             }, state_path)
+        weights = None
         if distributed:
             ds.barrier()
             if i and os.path.exists(ds.rank_file(folder, ds.rank(), i)):
@@ -197,10 +204,15 @@ def run_method(ws: Workspace, cfg: TrainConfig, *, resume: bool = False, progres
 
     if distributed:
         ds.barrier()  # best.pt is complete
-    if best is not None and cfg.keep == "best" and os.path.exists(best_path):
+    final = model
+    if zero3 and cfg.save_model:  # a plain copy of the kept weights (keep=last gathers them, on every rank)
+        kept = best is not None and cfg.keep == "best" and os.path.exists(best_path)
+        weights = ckpt.load(best_path) if kept else ds.full_state_dict(model, engine)
+        final = ds.plain_copy(ws.build, weights, model) if main else None
+    elif not zero3 and best is not None and cfg.keep == "best" and os.path.exists(best_path):
         model.load_state_dict(ckpt.load(best_path))
     if cfg.save_model and main:
-        model.save_pretrained(os.path.join(folder, "model"))
+        final.save_pretrained(os.path.join(folder, "model"))
         ws.tokenizer.save_pretrained(os.path.join(folder, "model"))
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
     rss = peak_rss_bytes()
@@ -212,6 +224,10 @@ def run_method(ws: Workspace, cfg: TrainConfig, *, resume: bool = False, progres
     if distributed:
         ds.barrier()
     return result
+
+
+def _cpu_state(model) -> dict:
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
 def peak_rss_bytes() -> int:

@@ -138,15 +138,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    B.apply_threads(args.threads)
-    os.makedirs(args.out, exist_ok=True)
-    rows = run(args)
-    stem = os.path.join(args.out, f"{B.device_tag(args.device)}-importance")
-    B.write_csv(stem + ".csv", rows)
-    text = markdown(rows, args)
-    B.write_text(stem + ".md", text)
-    print(text)
-    print(f"wrote {stem}.csv, {stem}.md")
+    B.run_and_write(args, "importance", run, markdown)
 
 
 if __name__ == "__main__":

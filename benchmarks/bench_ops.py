@@ -244,16 +244,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    B.apply_threads(args.threads)
-    os.makedirs(args.out, exist_ok=True)
-    rows = run_sweep(args)
-    stem = os.path.join(args.out, f"{B.device_tag(args.device)}-{args.tag}")
-    B.write_csv(stem + ".csv", rows)
-    text = markdown(rows, args)
-    B.write_text(stem + ".md", text)
-    plotted = plot(rows, stem + ".png", args)
-    print(text)
-    print(f"wrote {stem}.csv, {stem}.md" + (f", {stem}.png" if plotted else ""))
+    B.run_and_write(args, args.tag, run_sweep, markdown, plot)
 
 
 if __name__ == "__main__":

@@ -497,3 +497,17 @@ def progress(total: int, desc: str):
     except ImportError:
         return _NoBar()
     return tqdm(total=total, desc=desc)
+
+
+def run_and_write(args, tag: str, run, markdown, plot=None) -> None:
+    """The main() of every benchmark script: threads, run, then <out>/<device>-<tag>.csv, .md (and .png)."""
+    apply_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    rows = run(args)
+    stem = os.path.join(args.out, f"{device_tag(args.device)}-{tag}")
+    write_csv(stem + ".csv", rows)
+    text = markdown(rows, args)
+    write_text(stem + ".md", text)
+    plotted = plot is not None and plot(rows, stem + ".png", args)
+    print(text)
+    print(f"wrote {stem}.csv, {stem}.md" + (f", {stem}.png" if plotted else ""))

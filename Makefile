@@ -25,7 +25,7 @@ $(STAMP): $(BUILD_INPUTS)
 demo: setup
 	$(BIN)/python -m hbat.demo
 
-# the paper-style comparison of every method on the embedded task (CPU, about 30 minutes)
+# the paper-style comparison of every method on the embedded task (CPU, about 15 minutes)
 compare: setup
 	$(BIN)/hbat compare
 

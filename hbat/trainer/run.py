@@ -67,7 +67,12 @@ def train(config_path, overrides, methods=None, *, resume=False, progress=True, 
         print("task: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                    for k, v in ws.info.items() if k.startswith("pref_train")))
     results = [run_method(ws, cfg, resume=resume, progress=progress, run_name=name) for cfg in configs]
-    table = summary_table(results)
+    rows = [{**r, "train_seconds": round(r["train_seconds"])} for r in results]
+    if main_rank and name is None and ws.sft_model is not None:  # the starting point, to read the tax against
+        from .loop import evaluate
+
+        rows.insert(0, {"method": "sft (reference)", **evaluate(ws, ws.sft_model, base)})
+    table = summary_table(rows)
     command = "hbat train" + (f" {config_path}" if config_path else "") + \
         "".join(f" --set {o}" for o in overrides) + (f" --methods {','.join(methods)}" if len(methods) > 1 else "")
     text = (f"# hbat train summary\n\nCommand: `{command}`\n\nWall time: {time.perf_counter() - started:.0f} s "

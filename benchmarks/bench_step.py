@@ -6,7 +6,7 @@ One DPO step = policy forward on chosen + rejected, frozen reference forward, eq
 clipping, AdamW step. Variants:
   dpo            plain DPO
   dpo+hbat       + ``hbat.ops.ewc_penalty_grad_`` after backward (the fused in-place path; one anchor copy)
-  dpo+naive      + the released code's penalty: sum_i (lam/2) F_i ((p - a)**2).sum() in the loss, autograd
+  dpo+naive      + the released code's penalty: sum_i (lam/2) (F_i * (p - a)**2).sum() in the loss, autograd
   dpo+fisher     + the original EWC: sum (lam/2) F_ij (p - a)**2 in the loss, a per-element Fisher F_ij
 Time per step: medians over interleaved steps on one model (so noise hits all variants alike). Peak memory:
 a fresh child process per variant builds everything and runs two steps (CPU: peak RSS above the process
@@ -61,14 +61,8 @@ class Trainer:
         self.hbat_call_s: list[float] = []  # the fused call alone: its cost without the noise of a whole step
 
     def penalty_loss(self, variant: str):
-        total = 0.0
-        if variant == "dpo+naive":
-            for p, a, f in zip(self.params, self.anchors, self.coefs):
-                total = total + (LAM / 2) * f * ((p - a) ** 2).sum()
-        elif variant == "dpo+fisher":
-            for p, a, f in zip(self.params, self.anchors, self.fisher):
-                total = total + (LAM / 2) * (f * (p - a) ** 2).sum()
-        return total
+        coefs = self.coefs if variant == "dpo+naive" else self.fisher
+        return B.autograd_penalty(self.params, self.anchors, coefs, LAM)
 
     def backward(self, variant: str) -> None:
         """The gradients of DPO + the variant's penalty in ``p.grad``: what clipping and AdamW then see."""

@@ -142,20 +142,17 @@ def build_inputs(op: str, shapes, device, *, with_fisher: bool = False, seed: in
 
 
 # --------------------------------------------------------------------------------------------- providers
-def _naive_penalty(leaves, anchors, coefs, lam):
-    """The released code's penalty: a Python loop of (F_i * (p - a)**2).sum() into a loss, then autograd."""
+def autograd_penalty(leaves, anchors, coefs, lam):
+    """sum_i (lam/2) (F_i * (p_i - a_i)**2).sum() as a loss, by a Python loop: the released code's penalty
+    when ``coefs`` holds one float per tensor, the original EWC when it holds a per-element Fisher tensor."""
     total = 0.0
     for p, a, f in zip(leaves, anchors, coefs):
         total = total + (lam / 2) * (f * (p - a) ** 2).sum()
-    total.backward()
-    return total.detach()
+    return total
 
 
-def _fisher_penalty(leaves, anchors, fisher, lam):
-    """Original EWC: a per-element diagonal Fisher F_ij (one float per parameter), penalty through autograd."""
-    total = 0.0
-    for p, a, f in zip(leaves, anchors, fisher):
-        total = total + (lam / 2) * (f * (p - a) ** 2).sum()
+def _penalty_backward(leaves, anchors, coefs, lam):
+    total = autograd_penalty(leaves, anchors, coefs, lam)
     total.backward()
     return total.detach()
 
@@ -199,7 +196,7 @@ def make_provider(op: str, provider: str, x: Inputs) -> Callable[[], object]:
             for d, ai, bi, w in zip(x.dst, p, a, weight_list):
                 d.copy_((1 - w) * ai + w * bi)
 
-        penalty = lambda: _naive_penalty(x.leaves, a, coefs, LAM)  # noqa: E731
+        penalty = lambda: _penalty_backward(x.leaves, a, coefs, LAM)  # noqa: E731
         table = {"squared_change": squared_change, "snapshot_": snapshot_, "ewc_penalty_grad_": penalty,
                  "ewc_penalty": penalty, "lerp_": lerp_}
         return table[op]
@@ -231,7 +228,7 @@ def make_provider(op: str, provider: str, x: Inputs) -> Callable[[], object]:
         return table[op]
 
     if provider == "fisher" and op in PENALTY_OPS:
-        return lambda: _fisher_penalty(x.leaves, a, x.fisher, LAM)
+        return lambda: _penalty_backward(x.leaves, a, x.fisher, LAM)
     raise ValueError(f"provider {provider!r} does not implement {op!r}")
 
 

@@ -8,9 +8,6 @@ paper's formulas written out); the EWC calls may only all-reduce per-unit float 
 """
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,14 +19,9 @@ pytest.importorskip("transformers")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import distributed_worker as W  # noqa: E402
+from torchrun_launch import torchrun  # noqa: E402
 
 from hbat.distributed import GATHERS, GatherForbiddenError, ZeroParamView, record_collectives  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _hybrid_accepts_engines() -> bool:
@@ -45,13 +37,8 @@ def _hybrid_accepts_engines() -> bool:
 
 
 def _launch(stage, out: Path, driver: str, offload: bool = False) -> dict:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent))
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(W.WORLD), "--master_addr",
-        "127.0.0.1", "--master_port", str(_free_port()), str(HERE / "distributed_worker.py"), "--stage",
-        str(stage), "--out", str(out), "--driver", driver,
-    ] + (["--offload"] if offload else [])
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=HERE.parent)
+    args = ["--stage", str(stage), "--out", str(out), "--driver", driver] + (["--offload"] if offload else [])
+    proc = torchrun(HERE / "distributed_worker.py", args, nproc=W.WORLD, timeout=240)
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}"
     return torch.load(out / "result.pt", weights_only=False)
 

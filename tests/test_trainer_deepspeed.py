@@ -8,9 +8,6 @@ reduced), the penalty must be active in the penalised stages, and only rank 0 wr
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -24,6 +21,7 @@ pytest.importorskip("yaml")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import trainer_ds_worker as W  # noqa: E402
+from torchrun_launch import torchrun  # noqa: E402
 
 from hbat.trainer import engine  # noqa: E402
 from hbat.trainer.dpo import DPOConfig  # noqa: E402
@@ -31,18 +29,9 @@ from hbat.trainer.metrics import read_metrics  # noqa: E402
 from hbat.trainer.sft import SFTConfig  # noqa: E402
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(out: Path, ds_json: Path, *flags: str, expect_rc: int = 0) -> str:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(HERE / "trainer_ds_worker.py"), "--out", str(out),
-           "--deepspeed", str(ds_json), *flags]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=HERE.parent)
+    proc = torchrun(HERE / "trainer_ds_worker.py", ["--out", str(out), "--deepspeed", str(ds_json), *flags],
+                    timeout=300)
     if expect_rc == 0:
         assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}"
     else:

@@ -151,8 +151,9 @@ def compare(spec: dict, extra: list[str], out_dir: str | None, *, progress=True,
     if out_dir:
         shared.append(f"output_dir={out_dir}")
     base = load_config(None, shared + list(extra))
-    for run in runs:  # every run's config is valid before anything runs
-        load_config(None, shared + list(extra) + [f"method={run['method']}"] + list(run["set"]))
+    configs = {run["name"]: dump_config(load_config(None, shared + list(extra) + [f"method={run['method']}"]
+                                                    + list(run["set"])))
+               for run in runs}  # every run's config is valid before anything runs
     print(f"hbat compare: {len(runs)} runs -> {base.output_dir}")
     started = time.perf_counter()
     ws = prepare(base, progress=progress)  # built once, cached for every run
@@ -161,8 +162,7 @@ def compare(spec: dict, extra: list[str], out_dir: str | None, *, progress=True,
         command = run_command(run, shared, extra)
         folder = os.path.join(base.output_dir, run["name"])
         wall_path = os.path.join(folder, "compare-wall.json")
-        config = dump_config(load_config(None, shared + list(extra) + [f"method={run['method']}"] + list(run["set"])))
-        if reuse and _finished_with(base.output_dir, run["name"], config, wall_path):
+        if reuse and _finished_with(base.output_dir, run["name"], configs[run["name"]], wall_path):
             print(f"[{i}/{len(runs)}] reusing {folder}", flush=True)
             with open(wall_path, encoding="utf-8") as fh:
                 wall = json.load(fh)["wall_seconds"]

@@ -322,12 +322,12 @@ class DeepSpeedStepper:
         vec = torch.stack([torch.as_tensor(stats[k], dtype=torch.float32).reshape(()).to(self.engine.device)
                            for k in keys])
         dist.all_reduce(vec)
-        return {k: v for k, v in zip(keys, vec.cpu())}
+        return dict(zip(keys, vec.unbind()))  # left on the device: train_loop reads them when it logs
 
     def step(self, ewc=None) -> dict:
         stats = {}
         if ewc is not None:  # on the boundary: adds lam*F*(p-a) to this rank's reduced gradient partition
-            stats["ewc/penalty"] = ewc.apply_().detach().float().cpu()
+            stats["ewc/penalty"] = ewc.apply_().detach().float()
         norm = None
         if self.own_clip:
             params = [p for p in self.engine.module.parameters() if p.requires_grad]
@@ -336,7 +336,8 @@ class DeepSpeedStepper:
         self.engine.step()
         if not self.own_clip:
             norm = self.engine.get_global_grad_norm()
-        stats["train/grad_norm"] = torch.tensor(float("nan") if norm is None else float(norm))
+        # a tensor norm stays where it is (no host sync per step); DeepSpeed may also hand back a float or None
+        stats["train/grad_norm"] = torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32)
         stats["train/lr"] = torch.tensor(lr)
         self.scheduler.step()
         return stats
@@ -345,21 +346,19 @@ class DeepSpeedStepper:
         self.engine.zero_grad()
 
 
-def is_engine(model) -> bool:
+def make_stepper(model, cfg: StageConfig, total_steps: int):
     from ..distributed import is_deepspeed_engine
 
-    return is_deepspeed_engine(model)
-
-
-def make_stepper(model, cfg: StageConfig, total_steps: int):
-    if is_engine(model):
+    if is_deepspeed_engine(model):
         return DeepSpeedStepper(model, cfg, total_steps)
     return TorchStepper(model, cfg, total_steps)
 
 
 def is_zero3(engine) -> bool:
     """True for a DeepSpeed engine running ZeRO stage 3 (its module's parameters are partitioned)."""
-    return engine is not None and is_engine(engine) and engine.zero_optimization_stage() == 3
+    from ..distributed import is_deepspeed_engine
+
+    return engine is not None and is_deepspeed_engine(engine) and engine.zero_optimization_stage() == 3
 
 
 def full_state_dict(module: torch.nn.Module, engine=None) -> dict:
@@ -386,11 +385,6 @@ def plain_copy(build, weights: dict, like: torch.nn.Module) -> torch.nn.Module:
         model.to(dtype=dtype)
     model.load_state_dict(weights)
     return model.requires_grad_(False)
-
-
-def unwrap(model) -> torch.nn.Module:
-    """The ``nn.Module`` inside a DeepSpeed engine (the model itself otherwise)."""
-    return model.module if is_engine(model) else model
 
 
 def save_rank_file(obj, folder: str, position: int) -> str:

@@ -100,6 +100,8 @@ def _check_resume_config(saved: dict, cfg: TrainConfig) -> None:
 def run_method(ws: Workspace, cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
                run_name: str | None = None) -> dict:
     """Run ``cfg.method`` from the workspace's base model; returns the kept model's metrics and run facts."""
+    from .engine import full_state_dict  # importing it needs no deepspeed
+
     method = spec(cfg.method)
     name = run_name or cfg.method
     folder = os.path.join(cfg.output_dir, name)
@@ -169,8 +171,9 @@ def run_method(ws: Workspace, cfg: TrainConfig, *, resume: bool = False, progres
         else:
             critic = _run_hpa(ws, cfg, trainee, parts, part, stage_seed, hook, log, progress, critic)
         elapsed += time.perf_counter() - started
-        # ZeRO-3: the full weights, gathered once on every rank, for evaluation and the checkpoints
-        weights = ds.full_state_dict(model, engine) if zero3 else None
+        # the stage's weights on the CPU, once, for best.pt and checkpoint.pt (ZeRO-3: gathered on every rank,
+        # which also evaluates them)
+        weights = full_state_dict(model, engine) if main or zero3 else None
         if i == len(plan) - 1 or plan[i + 1][0] == "ifa" and objective != "ifa" or not method.hpa:
             policy = ds.plain_copy(ws.build, weights, model) if zero3 else model
             metrics = {**evaluate(ws, policy, cfg), "part": part + 1, "stage": i}  # every rank, identically
@@ -183,13 +186,13 @@ def run_method(ws: Workspace, cfg: TrainConfig, *, resume: bool = False, progres
             if best is None or cfg.keep == "last" or metrics["eval/reward"] > best["eval/reward"]:
                 best = metrics
                 if main:
-                    ckpt.save_atomic(weights if zero3 else _cpu_state(model), best_path)
+                    ckpt.save_atomic(weights, best_path)
         if distributed:  # every rank's anchor partition first, then rank 0 marks the stage complete
             ds.save_rank_file(regularizer.state_dict(), folder, i + 1)
             ds.barrier()
         if main:
             ckpt.save_atomic({
-                "position": i + 1, "model": weights if zero3 else _cpu_state(model),
+                "position": i + 1, "model": weights,
                 "regularizer": None if distributed else regularizer.state_dict(),
                 "critic": None if critic is None else critic.state_dict(),
                 "evals": evals, "best": best, "elapsed": elapsed, "log_step": log.step, "rng": ckpt.rng_state(),
@@ -207,7 +210,7 @@ def run_method(ws: Workspace, cfg: TrainConfig, *, resume: bool = False, progres
     final = model
     if zero3 and cfg.save_model:  # a plain copy of the kept weights (keep=last gathers them, on every rank)
         kept = best is not None and cfg.keep == "best" and os.path.exists(best_path)
-        weights = ckpt.load(best_path) if kept else ds.full_state_dict(model, engine)
+        weights = ckpt.load(best_path) if kept else full_state_dict(model, engine)
         final = ds.plain_copy(ws.build, weights, model) if main else None
     elif not zero3 and best is not None and cfg.keep == "best" and os.path.exists(best_path):
         model.load_state_dict(ckpt.load(best_path))
@@ -224,10 +227,6 @@ def run_method(ws: Workspace, cfg: TrainConfig, *, resume: bool = False, progres
     if distributed:
         ds.barrier()
     return result
-
-
-def _cpu_state(model) -> dict:
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
 def peak_rss_bytes() -> int:

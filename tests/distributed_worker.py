@@ -257,6 +257,8 @@ def worker_main(stage: int, out_dir: str, driver: str, offload: bool = False) ->
         torch.save(result, tmp)
         os.replace(tmp, os.path.join(out_dir, "result.pt"))
     torch.distributed.barrier()
+    # before exit: a live gloo group can abort the process at exit (pytorch/pytorch#190489)
+    torch.distributed.destroy_process_group()
 
 
 def fsdp2_main(out_dir: str, driver: str) -> None:

@@ -161,3 +161,15 @@ def test_rank_micro_batches_cover_the_global_batch_once():
                   for r in (0, 1)]
         assert all(len(share) == parts for share in shares)  # every rank joins every micro-step
         assert sorted(i for share in shares for micro in share for i in micro) == batch
+
+
+def test_shutdown_leaves_a_process_group_the_caller_made(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        engine.init_distributed()  # already joined: nothing to do, and not ours to end
+        engine.shutdown_distributed()
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()

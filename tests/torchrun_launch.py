@@ -18,7 +18,8 @@ def free_port() -> int:
 
 def torchrun(worker: Path, args: list[str], *, nproc: int = 2, timeout: int) -> subprocess.CompletedProcess:
     """``python -m torch.distributed.run`` of ``worker`` on ``nproc`` local ranks; output captured as text."""
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    # PYTHONFAULTHANDLER: a rank that aborts prints the Python stacks of its threads into the captured output
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONFAULTHANDLER="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
            "127.0.0.1", "--master_port", str(free_port()), str(worker), *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)

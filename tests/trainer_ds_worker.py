@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--crash-in-hpa", type=int, default=0)
     args = parser.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from hbat.trainer import loop
+    from hbat.trainer import engine, loop
 
     if args.crash_in_hpa:  # simulate a crash (every rank) at the start of the N-th HPA stage
         real_hpa, calls = loop._run_hpa, []
@@ -88,7 +88,8 @@ def main() -> None:
 
         loop._run_hpa = crashing_hpa
     loop.run_method(tiny_workspace(), make_config(args.out, args.extra, args.deepspeed), progress=False,
-               resume=args.resume)
+                    resume=args.resume)
+    engine.shutdown_distributed()
 
 
 if __name__ == "__main__":

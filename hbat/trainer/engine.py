@@ -74,8 +74,12 @@ BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_ac
 
 # --- process group ---------------------------------------------------------------------------------------------
 
+_JOINED_HERE = False  # whether init_distributed created the process group (so shutdown_distributed may end it)
+
+
 def init_distributed() -> None:
     """Join the process group torchrun / the deepspeed launcher set up (gloo on CPU), once."""
+    global _JOINED_HERE
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -91,6 +95,23 @@ def init_distributed() -> None:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         backend = "gloo"
     deepspeed.init_distributed(dist_backend=backend)
+    _JOINED_HERE = True
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group init_distributed joined (a group the caller made is left alone).
+
+    Every rank waits for the others, then the group is destroyed while Python is still alive: a process that
+    exits with a live gloo group can abort at exit ("terminate called without an active exception",
+    pytorch/pytorch#190489).
+    """
+    global _JOINED_HERE
+    import torch.distributed as dist
+
+    if _JOINED_HERE and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    _JOINED_HERE = False
 
 
 def rank() -> int:

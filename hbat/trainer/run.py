@@ -84,6 +84,10 @@ def train(config_path, overrides, methods=None, *, resume=False, progress=True, 
         write_text_atomic(text, os.path.join(base.output_dir, f"{stem}.md"))
         write_text_atomic(json.dumps(results, indent=2, default=str), os.path.join(base.output_dir, f"{stem}.json"))
         print("\n" + table)
+    if base.deepspeed is not None:
+        from .engine import shutdown_distributed
+
+        shutdown_distributed()  # only after every rank finished: a failed rank exits with its error instead
     return results
 
 

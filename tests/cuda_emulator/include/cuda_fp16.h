@@ -1,0 +1,3 @@
+// CPU stand-in (tests/cuda_emulator): see emu_core.h.
+#pragma once
+#include "emu_core.h"

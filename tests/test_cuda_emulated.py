@@ -1,0 +1,193 @@
+"""The CUDA kernels (csrc/cuda) run on the CPU against the reference, without a GPU.
+
+tests/cuda_emulator builds the unchanged kernel sources with g++ against a stand-in runtime that runs each
+block's threads as real threads (barriers for __syncthreads and warp shuffles) and checks every global
+access of the kernels for bounds and alignment. This holds the whole CUDA code path below the torch binding
+(planner, table, dtype groups, chunking, grid-stride loop, 16-byte vector body, head and tail, scalar path,
+bf16/fp16 rounding, deterministic reductions) to the reference. Speed, the GPU memory model, the binding and
+the 2**31-element case still need a GPU (tests/test_ops.py with the cuda backend).
+"""
+from __future__ import annotations
+
+import itertools
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cuda_emulator import emulator  # noqa: E402
+from test_ops import assert_sums_close, assert_tensors_close, perturbed, rand_like_list  # noqa: E402
+
+from hbat.ops import reference  # noqa: E402
+
+pytestmark = pytest.mark.skipif(emulator.compiler() is None, reason="g++ not found")
+
+FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+SIZES = [0, 1, 3, 17, 128, 1000, 4097, 65537, 300_001]
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    return emulator.build(tmp_path_factory.mktemp("cuda-emulator"))
+
+
+@pytest.fixture
+def emu(lib):
+    return emulator.EmulatedCuda(lib, num_sms=4)
+
+
+def _coef(n, seed):
+    return torch.rand(n, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+@pytest.mark.parametrize("x_dtypes,y_dtypes", [((torch.float32,), (torch.float32,)), (FLOATS, FLOATS[::-1]),
+                                               ((torch.bfloat16,), (torch.float32,))])
+def test_sum_sq_diff(emu, x_dtypes, y_dtypes):
+    xs = rand_like_list(SIZES, x_dtypes, "cpu", seed=1)
+    ys = perturbed(xs, y_dtypes, seed=2)
+    assert_sums_close(emu.sum_sq_diff(xs, ys), reference.sum_sq_diff(xs, ys))
+    assert emu.stats["vector_accesses"] > 0
+    if len(x_dtypes) > 1:
+        assert emu.stats["groups"] == 3  # one launch per dtype combination present
+
+
+@pytest.mark.parametrize("anchor_dtype", (torch.float32, torch.bfloat16))
+def test_snapshot_refreshes_anchors_exactly(emu, anchor_dtype):
+    params = rand_like_list(SIZES, FLOATS, "cpu", seed=3)
+    anchors = perturbed(params, (anchor_dtype,), seed=4)
+    expected = reference.sum_sq_diff(params, anchors)
+    assert_sums_close(emu.snapshot_(params, anchors), expected)
+    for i, (p, a) in enumerate(zip(params, anchors)):
+        assert torch.equal(a, p.to(anchor_dtype)), f"anchor {i}"
+
+
+@pytest.mark.parametrize("p_dtypes,a_dtypes,g_dtypes", [
+    ((torch.float32,), (torch.float32,), (torch.float32,)),
+    (FLOATS, (torch.float32, torch.bfloat16), FLOATS),
+    ((torch.bfloat16,), (torch.float32,), (torch.float32,)),  # grads in their own dtype (z dispatch)
+    ((torch.float16,), (torch.bfloat16,), (torch.bfloat16,)),
+])
+def test_penalty_grad(emu, p_dtypes, a_dtypes, g_dtypes):
+    params = rand_like_list(SIZES, p_dtypes, "cpu", seed=5)
+    anchors = perturbed(params, a_dtypes, seed=6)
+    grads = rand_like_list(SIZES, g_dtypes, "cpu", seed=7)
+    coef = _coef(len(SIZES), 8)
+    expected_grads = [g.clone() for g in grads]
+    expected = reference.penalty_grad_(params, anchors, expected_grads, coef)
+    assert_sums_close(emu.penalty_grad_(params, anchors, grads, coef), expected)
+    assert_tensors_close(grads, expected_grads)
+
+
+def test_scaled_diff(emu):
+    params = rand_like_list(SIZES, FLOATS, "cpu", seed=9)
+    anchors = perturbed(params, (torch.float32, torch.bfloat16), seed=10)
+    coef = _coef(len(SIZES), 11)
+    assert_tensors_close(emu.scaled_diff(params, anchors, coef), reference.scaled_diff(params, anchors, coef))
+
+
+def test_lerp_endpoints_and_aliasing(emu):
+    a = rand_like_list(SIZES, FLOATS, "cpu", seed=12)
+    b = perturbed(a, FLOATS, seed=13)
+    w = torch.linspace(0, 1, len(SIZES))
+    expected = [torch.empty_like(x) for x in a]
+    reference.lerp_(expected, a, b, w)
+    dst = [torch.empty_like(x) for x in a]
+    emu.lerp_(dst, a, b, w)
+    assert_tensors_close(dst, expected)
+    assert torch.equal(dst[0], a[0]) and torch.equal(dst[-1], b[-1].to(dst[-1].dtype))  # weights 0 and 1
+    in_a = [x.clone() for x in a]
+    emu.lerp_(in_a, in_a, b, w)  # dst is a
+    assert_tensors_close(in_a, expected)
+    in_b = [x.to(y.dtype) for x, y in zip(b, a)]  # dst is b (same dtype as dst)
+    expected_b = [torch.empty_like(x) for x in a]
+    reference.lerp_(expected_b, a, [x.clone() for x in in_b], w)
+    emu.lerp_(in_b, a, in_b, w)
+    assert_tensors_close(in_b, expected_b)
+
+
+def _views(buffer_dtype, sizes, offsets, seed):
+    """Tensors that start `offset` elements into a larger buffer (not 16-byte aligned), with guard elements."""
+    gen = torch.Generator().manual_seed(seed)
+    buffers, views = [], []
+    for n, off in zip(sizes, offsets):
+        buf = torch.randn(n + off + 9, generator=gen).to(buffer_dtype)
+        buffers.append(buf)
+        views.append(buf[off:off + n])
+    return buffers, views
+
+
+@pytest.mark.parametrize("same_offsets", [True, False], ids=["shared-head", "incompatible"])
+def test_misaligned_views_use_head_or_scalar_path_within_bounds(emu, same_offsets):
+    sizes = [5, 17, 4099, 70001]
+    p_off = [1, 3, 5, 7]
+    a_off = p_off if same_offsets else [2, 2, 2, 2]
+    p_bufs, params = _views(torch.bfloat16, sizes, p_off, seed=14)
+    a_bufs, anchors = _views(torch.bfloat16, sizes, a_off, seed=15)
+    g_bufs, grads = _views(torch.bfloat16, sizes, p_off, seed=16)
+    guards = [g.clone() for g in g_bufs]
+    coef = _coef(len(sizes), 17)
+    expected_grads = [g.clone() for g in grads]
+    expected = reference.penalty_grad_(params, anchors, expected_grads, coef)
+    got = emu.penalty_grad_(params, anchors, grads, coef)  # raises on an out-of-bounds or misaligned access
+    assert_sums_close(got, expected)
+    assert_tensors_close(grads, expected_grads)
+    for i, (buf, before, off, n) in enumerate(zip(g_bufs, guards, p_off, sizes)):
+        assert torch.equal(buf[:off], before[:off]) and torch.equal(buf[off + n:], before[off + n:]), f"guard {i}"
+    if same_offsets:
+        assert emu.stats["vector_accesses"] > 0
+    else:
+        assert emu.stats["vector_accesses"] == 0  # no common 16-byte head: scalar loads only
+
+
+def test_many_tiny_tensors(emu):
+    sizes = torch.randint(0, 40, (1200,), generator=torch.Generator().manual_seed(18)).tolist()
+    params = rand_like_list(sizes, FLOATS, "cpu", seed=19)
+    refs = perturbed(params, (torch.float32, torch.bfloat16), seed=20)
+    assert_sums_close(emu.sum_sq_diff(params, refs), reference.sum_sq_diff(params, refs))
+
+
+def test_only_empty_tensors(emu):
+    xs = [torch.empty(0), torch.empty(0, 3, dtype=torch.bfloat16)]
+    assert emu.sum_sq_diff(xs, [x.clone() for x in xs]).tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("num_sms", [1, 132])
+def test_bit_identical_repeats_and_any_grid(lib, num_sms):
+    emu = emulator.EmulatedCuda(lib, num_sms=num_sms)
+    params = rand_like_list(SIZES, FLOATS, "cpu", seed=21)
+    anchors = perturbed(params, (torch.float32,), seed=22)
+    grads = rand_like_list(SIZES, FLOATS, "cpu", seed=23)
+    coef = _coef(len(SIZES), 24)
+    g1, g2 = [g.clone() for g in grads], [g.clone() for g in grads]
+    r1 = emu.penalty_grad_(params, anchors, g1, coef)
+    r2 = emu.penalty_grad_(params, anchors, g2, coef)
+    assert torch.equal(r1, r2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+    expected_grads = [g.clone() for g in grads]
+    assert_sums_close(r1, reference.penalty_grad_(params, anchors, expected_grads, coef))
+    assert_tensors_close(g1, expected_grads)
+
+
+def test_nan_and_inf_propagate(emu):
+    params = [torch.ones(50), torch.ones(70), torch.ones(9)]
+    anchors = [torch.zeros_like(p) for p in params]
+    params[0][13] = float("nan")
+    anchors[1][5] = float("inf")
+    grads = [torch.zeros_like(p) for p in params]
+    out = emu.penalty_grad_(params, anchors, grads, torch.ones(3))
+    assert torch.isnan(out[0]) and torch.isinf(out[1]) and out[2].item() == 9.0  # the kernel's raw sum
+    assert torch.isnan(grads[0][13]) and torch.isinf(grads[1][5])
+
+
+def test_every_dtype_combination_of_penalty_grad(emu):
+    sizes = [1, 33, 4100]
+    for dx, dy, dz in itertools.product(FLOATS, repeat=3):
+        params = rand_like_list(sizes, (dx,), "cpu", seed=25)
+        anchors = perturbed(params, (dy,), seed=26)
+        grads = rand_like_list(sizes, (dz,), "cpu", seed=27)
+        coef = _coef(len(sizes), 28)
+        expected_grads = [g.clone() for g in grads]
+        expected = reference.penalty_grad_(params, anchors, expected_grads, coef)
+        assert_sums_close(emu.penalty_grad_(params, anchors, grads, coef), expected)
+        assert_tensors_close(grads, expected_grads)

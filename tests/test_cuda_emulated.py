@@ -4,8 +4,8 @@ tests/cuda_emulator builds the unchanged kernel sources with g++ against a stand
 block's threads as real threads (barriers for __syncthreads and warp shuffles) and checks every global
 access of the kernels for bounds and alignment. This holds the whole CUDA code path below the torch binding
 (planner, table, dtype groups, chunking, grid-stride loop, 16-byte vector body, head and tail, scalar path,
-bf16/fp16 rounding, deterministic reductions) to the reference. Speed, the GPU memory model, the binding and
-the 2**31-element case still need a GPU (tests/test_ops.py with the cuda backend).
+bf16/fp16 rounding, deterministic reductions, 64-bit offsets past 2**31 elements) to the reference. Speed,
+the GPU memory model and the binding still need a GPU (tests/test_ops.py with the cuda backend).
 """
 from __future__ import annotations
 
@@ -191,3 +191,16 @@ def test_every_dtype_combination_of_penalty_grad(emu):
         expected = reference.penalty_grad_(params, anchors, expected_grads, coef)
         assert_sums_close(emu.penalty_grad_(params, anchors, grads, coef), expected)
         assert_tensors_close(grads, expected_grads)
+
+
+def test_offsets_past_2_to_31_elements(lib):
+    # one tensor of 2**31 + 12345 elements in reserved address space; only its last chunks run and only
+    # their memory is registered, so an offset that wrapped at 32 bits would fault
+    numel = 2**31 + 12345
+    try:
+        result = emulator.huge_tensor_tail(lib, numel, tail_chunks=3, coef=0.75)
+    except MemoryError as exc:
+        pytest.skip(f"{exc} (this machine does not overcommit)")
+    assert result["chunk_size"] * 3 > numel % result["chunk_size"]  # the tail spans full and partial chunks
+    assert result["wrong_grads"] == 0
+    torch.testing.assert_close(torch.tensor(result["partials"]), torch.tensor(result["exact"]), rtol=1e-6, atol=0)

@@ -69,7 +69,24 @@ def build(out_dir: Path) -> ctypes.CDLL:
     lib.hbat_emu_run.argtypes = [ctypes.c_int, ctypes.c_int64, i64p, i64p, i64p, i64p, i32p, f32p, f32p,
                                  ctypes.c_int, i64p, ctypes.c_char_p, ctypes.c_int]
     lib.hbat_emu_run.restype = ctypes.c_int
+    f64p = ctypes.POINTER(ctypes.c_double)
+    lib.hbat_emu_huge_tail.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_float, f64p, f64p, i64p,
+                                       ctypes.c_char_p, ctypes.c_int]
+    lib.hbat_emu_huge_tail.restype = ctypes.c_int64
     return lib
+
+
+def huge_tensor_tail(lib: ctypes.CDLL, numel: int, tail_chunks: int, coef: float) -> dict:
+    """penalty_grad_ over the last ``tail_chunks`` chunks of one ``numel``-element tensor (harness.cpp)."""
+    got, exact = (ctypes.c_double * tail_chunks)(), (ctypes.c_double * tail_chunks)()
+    chunk_size = ctypes.c_int64()
+    msg = ctypes.create_string_buffer(1024)
+    wrong = lib.hbat_emu_huge_tail(numel, tail_chunks, coef, got, exact, ctypes.byref(chunk_size), msg, len(msg))
+    if wrong == -2:
+        raise MemoryError(msg.value.decode())  # e.g. vm.overcommit_memory=2 refuses MAP_NORESERVE mappings
+    if wrong < 0:
+        raise RuntimeError(f"emulated penalty_grad_ on {numel} elements: {msg.value.decode()}")
+    return {"partials": list(got), "exact": list(exact), "wrong_grads": wrong, "chunk_size": chunk_size.value}
 
 
 class EmulatedCuda:

@@ -1,5 +1,8 @@
 // C entry point of the emulated CUDA backend (tests only): the binding's job (csrc/bindings/cuda_binding.cpp)
 // without torch: plan the call, copy the table, run launch() on the CPU stand-in, report memory faults.
+#include <sys/mman.h>
+
+#include <cmath>
 #include <cstdio>
 
 #include "cuda/hbat_cuda.h"
@@ -79,6 +82,101 @@ int hbat_emu_run(int op, int64_t n, const int64_t* x, const int64_t* y, const in
     return 1;
   }
   return 0;
+}
+
+}  // extern "C"
+
+// ---------------------------------------------------------------------------------------- > 2**31 elements
+
+namespace {
+void* map_virtual(std::size_t bytes) {  // reserved address space; only the touched pages get memory
+  void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  return p == MAP_FAILED ? nullptr : p;
+}
+float pattern(int64_t i, int k) { return static_cast<float>(((i * (7 + k)) % 41) - 20) / 16.0f; }  // exact in bf16
+}  // namespace
+
+extern "C" {
+
+// penalty_grad_ on one tensor of `numel` elements (bf16 params and anchors, fp32 grads, each starting 3
+// elements into its mapping: a 16-byte head of 5) whose data lies in reserved address space. Only the last
+// `tail_chunks` chunks run (the group is cut there), and only their memory is registered, so a wrong 64-bit
+// offset faults. Writes the kernel's partial sums of those chunks and the exact ones (double), and returns
+// the number of wrong grads there (-1 with msg on a failure, -2 when the address space cannot be reserved).
+int64_t hbat_emu_huge_tail(int64_t numel, int64_t tail_chunks, float coef, double* partials_out, double* expected_out,
+                           int64_t* chunk_size_out, char* msg, int msg_len) {
+  constexpr int64_t kOffset = 3;
+  const std::size_t n_alloc = static_cast<std::size_t>(numel + kOffset);
+  auto* x = static_cast<uint16_t*>(map_virtual(n_alloc * 2));
+  auto* y = static_cast<uint16_t*>(map_virtual(n_alloc * 2));
+  auto* z = static_cast<float*>(map_virtual(n_alloc * 4));
+  if (!x || !y || !z) {
+    std::snprintf(msg, msg_len, "reserving address space for %lld elements failed", static_cast<long long>(numel));
+    return -2;
+  }
+  hc::TensorArg arg;
+  arg.x = reinterpret_cast<std::uintptr_t>(x + kOffset);
+  arg.y = reinterpret_cast<std::uintptr_t>(y + kOffset);
+  arg.z = reinterpret_cast<std::uintptr_t>(z + kOffset);
+  arg.numel = numel;
+  arg.dx = arg.dy = hc::DType::kBFloat16;
+  arg.dz = hc::DType::kFloat32;
+  hbat_emu::num_sms = 4;
+  const hc::Plan plan = hc::make_plan(hc::Op::kPenaltyGrad, {arg}, 4);
+  *chunk_size_out = plan.chunk_size;
+  if (!plan.error.empty() || plan.groups.size() != 1 || plan.num_chunks < tail_chunks) {
+    std::snprintf(msg, msg_len, "unexpected plan: %s", plan.error.c_str());
+    return -1;
+  }
+  const int64_t first = plan.num_chunks - tail_chunks, begin = first * plan.chunk_size;
+  auto* px = x + kOffset; auto* py = y + kOffset; auto* pz = z + kOffset;
+  for (int64_t i = begin; i < numel; ++i) {
+    px[i] = __bfloat16_as_ushort(__float2bfloat16_rn(pattern(i, 0)));
+    py[i] = __bfloat16_as_ushort(__float2bfloat16_rn(pattern(i, 1)));
+    pz[i] = 0.5f;
+  }
+  auto& mem = hbat_emu::memory;
+  mem.ranges.clear();
+  mem.faults = 0;
+  mem.first_fault.clear();
+  std::vector<int64_t> table(plan.table);
+  std::vector<double> partials(plan.num_chunks, -1.0);
+  const std::vector<hbat_emu::Range> ranges = {
+      {reinterpret_cast<std::uintptr_t>(px + begin), reinterpret_cast<std::uintptr_t>(px + numel)},
+      {reinterpret_cast<std::uintptr_t>(py + begin), reinterpret_cast<std::uintptr_t>(py + numel)},
+      {reinterpret_cast<std::uintptr_t>(pz + begin), reinterpret_cast<std::uintptr_t>(pz + numel)},
+      {reinterpret_cast<std::uintptr_t>(table.data()), reinterpret_cast<std::uintptr_t>(table.data() + table.size())},
+      {reinterpret_cast<std::uintptr_t>(&coef), reinterpret_cast<std::uintptr_t>(&coef + 1)}};
+  mem.ranges = ranges;
+  std::sort(mem.ranges.begin(), mem.ranges.end(),
+            [](const hbat_emu::Range& a, const hbat_emu::Range& b) { return a.begin < b.begin; });
+  hc::LaunchGroup group = plan.groups[0];
+  group.chunk_begin = first;
+  hc::DeviceBuffers buffers;
+  buffers.table = table.data();
+  buffers.coef = &coef;
+  buffers.partials = partials.data();
+  hc::launch_penalty_grad(group, 1, plan.chunk_size, buffers, 4, nullptr);
+  int64_t wrong = 0;
+  for (int64_t c = 0; c < tail_chunks; ++c) {
+    double exact = 0.0;
+    for (int64_t i = (first + c) * plan.chunk_size; i < std::min(numel, (first + c + 1) * plan.chunk_size); ++i) {
+      const double d = double(pattern(i, 0)) - double(pattern(i, 1));
+      exact += d * d;
+      if (pz[i] != std::fmaf(coef, static_cast<float>(d), 0.5f)) ++wrong;
+    }
+    partials_out[c] = partials[first + c];
+    expected_out[c] = exact;
+  }
+  munmap(x, n_alloc * 2);
+  munmap(y, n_alloc * 2);
+  munmap(z, n_alloc * 4);
+  if (mem.faults > 0) {
+    std::snprintf(msg, msg_len, "%lld memory faults; first: %s", static_cast<long long>(mem.faults.load()),
+                  mem.first_fault.c_str());
+    return -1;
+  }
+  return wrong;
 }
 
 }  // extern "C"

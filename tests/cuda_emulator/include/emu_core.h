@@ -62,15 +62,23 @@ inline void fault(const std::string& what) {
   }
 }
 
-inline void check(const void* p, std::size_t bytes, const char* kind) {
+// Whether the access is inside a registered buffer and aligned; a faulting access is recorded and skipped
+// (a load reads 0), so the harness reports it instead of crashing the process.
+inline bool check(const void* p, std::size_t bytes, const char* kind) {
   const auto a = reinterpret_cast<std::uintptr_t>(p);
-  if (a % bytes != 0) fault(std::string(kind) + " of " + std::to_string(bytes) + " bytes at a misaligned address");
+  if (a % bytes != 0) {
+    fault(std::string(kind) + " of " + std::to_string(bytes) + " bytes at a misaligned address");
+    return false;
+  }
   const auto& r = memory.ranges;
   auto it = std::upper_bound(r.begin(), r.end(), a, [](std::uintptr_t v, const Range& x) { return v < x.begin; });
-  if (it == r.begin() || a + bytes > std::prev(it)->end)
+  if (it == r.begin() || a + bytes > std::prev(it)->end) {
     fault(std::string(kind) + " of " + std::to_string(bytes) + " bytes outside every registered buffer");
+    return false;
+  }
   if (bytes == 16) memory.vector_accesses.fetch_add(1, std::memory_order_relaxed);
   else if (bytes <= 4) memory.scalar_accesses.fetch_add(1, std::memory_order_relaxed);
+  return true;
 }
 
 // One launch's block-level synchronisation.
@@ -141,9 +149,11 @@ T __shfl_down_sync(unsigned int /*mask*/, T value, int offset) {
   return result;
 }
 
-template <typename T> inline T __ldg(const T* p) { hbat_emu::check(p, sizeof(T), "load"); return *p; }
-template <typename T> inline T __ldcg(const T* p) { hbat_emu::check(p, sizeof(T), "load"); return *p; }
-template <typename T> inline void __stwb(T* p, T v) { hbat_emu::check(p, sizeof(T), "store"); *p = v; }
+template <typename T> inline T __ldg(const T* p) { return hbat_emu::check(p, sizeof(T), "load") ? *p : T{}; }
+template <typename T> inline T __ldcg(const T* p) { return hbat_emu::check(p, sizeof(T), "load") ? *p : T{}; }
+template <typename T> inline void __stwb(T* p, T v) {
+  if (hbat_emu::check(p, sizeof(T), "store")) *p = v;
+}
 
 template <typename Kernel>
 cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, Kernel, int, std::size_t) {

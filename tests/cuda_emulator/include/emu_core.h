@@ -12,6 +12,9 @@
 #include <barrier>
 #include <chrono>
 #include <cmath>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -93,6 +96,10 @@ struct Block {
 };
 inline Block* block = nullptr;
 
+#ifndef HBAT_EMU_WATCHDOG_S
+#define HBAT_EMU_WATCHDOG_S 300  // seconds a launch may run before the process is ended
+#endif
+
 inline int num_sms = 4;
 inline int blocks_per_sm = 2;
 
@@ -113,7 +120,27 @@ void launch_kernel(Kernel kernel, int grid, int threads, std::size_t /*shared*/,
       }
     });
   }
-  for (auto& th : pool) th.join();
+  {
+    // a barrier that not every thread reaches would hang the test run: end the process with a message instead
+    std::mutex m;
+    std::condition_variable done;
+    bool finished = false;
+    std::thread watchdog([&] {
+      std::unique_lock<std::mutex> lock(m);
+      if (!done.wait_for(lock, std::chrono::seconds(HBAT_EMU_WATCHDOG_S), [&] { return finished; })) {
+        std::fprintf(stderr, "hbat CUDA emulator: a launch of %d blocks is still running after %d s "
+                     "(a __syncthreads or shuffle that not every thread reaches?)\n", grid, HBAT_EMU_WATCHDOG_S);
+        std::_Exit(86);
+      }
+    });
+    for (auto& th : pool) th.join();
+    {
+      std::lock_guard<std::mutex> lock(m);
+      finished = true;
+    }
+    done.notify_one();
+    watchdog.join();
+  }
   block = nullptr;
 }
 

@@ -38,10 +38,15 @@ def main(argv=None) -> int:
         demo_main(args.args)
         return 0
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
     except (ValueError, OSError, KeyError) as exc:  # bad input or paths: a message, not a traceback
         print(f"hbat {args.command}: {exc}", file=sys.stderr)
         return 2
+    from .trainer import engine
+
+    if engine.left_process_group():  # a finished DeepSpeed worker: see exit_process
+        engine.exit_process(code)
+    return code
 
 
 if __name__ == "__main__":

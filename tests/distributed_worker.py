@@ -257,7 +257,6 @@ def worker_main(stage: int, out_dir: str, driver: str, offload: bool = False) ->
         torch.save(result, tmp)
         os.replace(tmp, os.path.join(out_dir, "result.pt"))
     torch.distributed.barrier()
-    # before exit: a live gloo group can abort the process at exit (pytorch/pytorch#190489)
     torch.distributed.destroy_process_group()
 
 
@@ -344,3 +343,6 @@ if __name__ == "__main__":
         fsdp2_main(args.out, args.driver)
     else:
         worker_main(int(args.stage), args.out, args.driver, args.offload)
+    from hbat.trainer.engine import exit_process
+
+    exit_process(0)  # no interpreter finalization: DeepSpeed's gloo groups outlive destroy_process_group

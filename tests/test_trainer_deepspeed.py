@@ -173,3 +173,29 @@ def test_shutdown_leaves_a_process_group_the_caller_made(tmp_path):
         assert dist.is_initialized()
     finally:
         dist.destroy_process_group()
+
+
+def test_cli_train_under_torchrun(tmp_path):
+    """The README's command: `torchrun --nproc_per_node 2 -m hbat.cli train run.yaml --set deepspeed=ds.json`
+    on user JSONL data and a local model; every rank exits 0 and rank 0 writes the summary."""
+    from hbat.data import write_jsonl
+    from hbat.task import build_model, build_tokenizer, make_task
+    from test_trainer_loop import TINY
+
+    task = make_task(seed=1, n_sft=32, n_pref=32, n_prompts=0, n_val=0, n_pretrain=0)
+    write_jsonl(task.sft_train, tmp_path / "sft.jsonl")
+    write_jsonl(task.pref_train, tmp_path / "pref.jsonl")
+    tokenizer = build_tokenizer()
+    build_model(tokenizer, size="tiny").save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    config = tmp_path / "run.yaml"
+    config.write_text(f"method: hbat\noutput_dir: {tmp_path / 'out'}\nmodel:\n  path: {tmp_path / 'model'}\n"
+                      f"data:\n  sft: {tmp_path / 'sft.jsonl'}\n  preference: {tmp_path / 'pref.jsonl'}\n"
+                      "  val_size: 0.25\n")
+    overrides = [o for o in TINY if not o.startswith("model.")] + [f"deepspeed={_write_ds_json(tmp_path, 2)}"]
+    proc = torchrun("-m hbat.cli", ["train", str(config), "--no-progress",
+                                    *[a for o in overrides for a in ("--set", o)]], timeout=300)
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}"
+    assert proc.stdout.count("| hbat |") == 1  # the summary table, printed by rank 0 only
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary[0]["method"] == "hbat" and "eval/reward" in summary[0]

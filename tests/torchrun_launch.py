@@ -16,10 +16,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(worker: Path, args: list[str], *, nproc: int = 2, timeout: int) -> subprocess.CompletedProcess:
-    """``python -m torch.distributed.run`` of ``worker`` on ``nproc`` local ranks; output captured as text."""
+def torchrun(worker: Path | str, args: list[str], *, nproc: int = 2, timeout: int) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run`` of ``worker`` (a script, or ``-m module``) on ``nproc`` local ranks;
+    output captured as text."""
     # PYTHONFAULTHANDLER: a rank that aborts prints the Python stacks of its threads into the captured output
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONFAULTHANDLER="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-           "127.0.0.1", "--master_port", str(free_port()), str(worker), *args]
+           "127.0.0.1", "--master_port", str(free_port()), *str(worker).split(" ", 1), *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)

@@ -90,6 +90,7 @@ def main() -> None:
     loop.run_method(tiny_workspace(), make_config(args.out, args.extra, args.deepspeed), progress=False,
                     resume=args.resume)
     engine.shutdown_distributed()
+    engine.exit_process(0)  # no interpreter finalization: DeepSpeed's gloo groups outlive the shutdown
 
 
 if __name__ == "__main__":

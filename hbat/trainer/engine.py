@@ -62,7 +62,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import warnings
+from typing import NoReturn
 
 import torch
 
@@ -98,20 +100,40 @@ def init_distributed() -> None:
     _JOINED_HERE = True
 
 
-def shutdown_distributed() -> None:
-    """Leave the process group init_distributed joined (a group the caller made is left alone).
+_LEFT_GROUP = False  # whether shutdown_distributed ended a group (the CLI then ends the process with exit_process)
 
-    Every rank waits for the others, then the group is destroyed while Python is still alive: a process that
-    exits with a live gloo group can abort at exit ("terminate called without an active exception",
-    pytorch/pytorch#190489).
-    """
-    global _JOINED_HERE
+
+def shutdown_distributed() -> None:
+    """Leave the process group init_distributed joined (a group the caller made is left alone): every rank
+    waits for the others, then the group is destroyed."""
+    global _JOINED_HERE, _LEFT_GROUP
     import torch.distributed as dist
 
     if _JOINED_HERE and dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        _LEFT_GROUP = True
     _JOINED_HERE = False
+
+
+def left_process_group() -> bool:
+    return _LEFT_GROUP
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a worker that finished and left its process group, without Python's finalization.
+
+    DeepSpeed keeps references to its gloo groups (e.g. ``deepspeed.utils.groups._WORLD_GROUP``) past
+    destroy_process_group, so their threads still run when the interpreter tears down, and a rank can abort
+    there ("terminate called without an active exception", pytorch/pytorch#190489; about 1 in 100 CPU runs
+    here) after a run that wrote everything. Output is flushed first.
+    """
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def rank() -> int:

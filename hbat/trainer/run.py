@@ -110,10 +110,15 @@ def main(argv=None) -> int:
     parser = build_parser(argparse.ArgumentParser(prog="hbat train", description=__doc__.splitlines()[0]))
     args = parser.parse_args(argv)
     try:
-        return run(args)
+        code = run(args)
     except (ValueError, OSError, KeyError) as exc:
         print(f"hbat train: {exc}", file=sys.stderr)
         return 2
+    from . import engine
+
+    if engine.left_process_group():  # a finished DeepSpeed worker: see engine.exit_process
+        engine.exit_process(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -125,7 +125,7 @@ def exit_process(code: int) -> NoReturn:
 
     DeepSpeed keeps references to its gloo groups (e.g. ``deepspeed.utils.groups._WORLD_GROUP``) past
     destroy_process_group, so their threads still run when the interpreter tears down, and a rank can abort
-    there ("terminate called without an active exception", pytorch/pytorch#190489; about 1 in 100 CPU runs
+    there ("terminate called without an active exception", pytorch/pytorch#190489; rare, but seen twice in CI
     here) after a run that wrote everything. Output is flushed first.
     """
     import logging

@@ -12,7 +12,6 @@ state kept until the next boundary. Writes ``<out>/<device>-importance.{csv,md}`
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -97,7 +96,7 @@ def run(args) -> list[dict]:
 def markdown(rows, args) -> str:
     out = [
         f"# Importance at a stage boundary ({B.device_tag(args.device)})", "",
-        f"`{' '.join(['python', 'benchmarks/bench_importance.py'] + args.argv)}`  ",
+        B.command_line(__file__, args),
         f"{B.machine_line(args.device)}; transformers LlamaForCausalLM from a config; Fisher over {args.samples} samples "
         f"of {args.seq_len} tokens (response = second half); median of {args.repeats} interleaved repeats.  ",
         "Peak MB: above the model and its anchor copy (CPU: peak RSS of a fresh child process; GPU: "
@@ -114,19 +113,14 @@ def markdown(rows, args) -> str:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = B.make_parser(__doc__)
     parser.add_argument("--sizes", default=DEFAULT_SIZES, help="model parameter counts (default %(default)s)")
     parser.add_argument("--samples", type=int, default=16, help="data set size for the Fisher estimate")
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--chunk", type=int, default=4, help="samples per vmap chunk (fisher-vmap)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    parser.add_argument("--no-memory", action="store_true")
-    parser.add_argument("--note", default="")
-    B.add_threads_flag(parser)
-    args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
+    B.add_output_flags(parser)
+    args = B.parse(parser, argv)
     try:
         args.sizes = B.parse_sizes(args.sizes)
     except ValueError as exc:

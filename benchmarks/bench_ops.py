@@ -12,7 +12,6 @@ the inputs. Writes ``<out>/<device>-ops.csv``, ``.md`` and ``.png``; the markdow
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import statistics
@@ -131,7 +130,7 @@ def markdown(rows: list[dict], args) -> str:
                 else "peak RSS above the inputs, one fresh child process per provider")
     out = [
         f"# hbat ops benchmark ({B.device_tag(args.device)})", "",
-        f"`{' '.join(['python', 'benchmarks/bench_ops.py'] + args.argv)}`  ",
+        B.command_line(__file__, args),
         f"{B.machine_line(args.device)}; median of {args.repeats} interleaved rounds after 1 warm-up round.  ",
         "GB/s = the op's minimum bytes per fp32 element (squared_change 8, snapshot_ 12, ewc_penalty_grad_ 16, "
         "ewc_penalty 24 = forward 8 + backward 16, lerp_ 12; ../shared/HBAT.md section 7) / median time, for every "
@@ -213,8 +212,7 @@ def plot(rows: list[dict], path: str, args) -> bool:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = B.make_parser(__doc__)
     parser.add_argument("--sizes", default=DEFAULT_SIZES, help="total elements, comma-separated (default %(default)s)")
     parser.add_argument("--ops", default=",".join(B.OPS), help="comma-separated subset of %(default)s")
     parser.add_argument("--layouts", default=",".join(B.LAYOUTS), help="llama and/or small")
@@ -222,13 +220,9 @@ def parse_args(argv=None):
     parser.add_argument("--small-max", default="1e7", help="largest size of the small layout (default %(default)s: "
                         "beyond it the naive loop over 1e4+ tensors takes seconds per call and shows nothing new)")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
-    parser.add_argument("--note", default="", help="a line for the markdown, e.g. what else ran on the machine")
     parser.add_argument("--tag", default="ops", help="output name: <out>/<device>-<tag>.{csv,md,png}")
-    B.add_threads_flag(parser)
-    args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
+    B.add_output_flags(parser)
+    args = B.parse(parser, argv)
     try:
         args.sizes = B.parse_sizes(args.sizes)
         args.small_max = B.parse_sizes(args.small_max)[0]

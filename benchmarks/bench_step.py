@@ -15,7 +15,6 @@ Writes ``<out>/<device>-step.{csv,md}``.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -141,7 +140,7 @@ def markdown(rows, args) -> str:
     mem = "max_memory_allocated" if torch.device(args.device).type == "cuda" else "peak RSS of a fresh process above its imports"
     out = [
         f"# DPO step with and without the EWC penalty ({B.device_tag(args.device)}): the paper's Table 7 here", "",
-        f"`{' '.join(['python', 'benchmarks/bench_step.py'] + args.argv)}`  ",
+        B.command_line(__file__, args),
         f"{B.machine_line(args.device)}; transformers LlamaForCausalLM from a config, fp32, AdamW, {args.pairs} "
         f"preference pairs x {args.seq_len} tokens per step, policy + frozen reference; median of {args.repeats} "
         f"interleaved steps after a warm-up. Memory: {mem} (models, AdamW state, activations, penalty state).  ",
@@ -172,20 +171,14 @@ def markdown(rows, args) -> str:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    on_gpu = torch.cuda.is_available()
-    parser.add_argument("--device", default="cuda" if on_gpu else "cpu")
+    parser = B.make_parser(__doc__)
     parser.add_argument("--sizes", default=None, help="model parameter counts (default 2e7 on CPU, 7e8 on GPU)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--pairs", type=int, default=None, help="preference pairs per step (default 4 CPU, 16 GPU)")
     parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 64 CPU, 512 GPU)")
     parser.add_argument("--repeats", type=int, default=9, help="timed steps per variant (default %(default)s; the machine is noisy)")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    parser.add_argument("--no-memory", action="store_true")
-    parser.add_argument("--note", default="")
-    B.add_threads_flag(parser)
-    args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
+    B.add_output_flags(parser)
+    args = B.parse(parser, argv)
     gpu = torch.device(args.device).type == "cuda"
     args.sizes = args.sizes or ("7e8" if gpu else "2e7")
     args.pairs = args.pairs or (16 if gpu else 4)

@@ -10,12 +10,14 @@ its peak RSS (``/proc/self/clear_refs``), runs the provider once and reports ``V
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import gc
 import math
 import multiprocessing
 import os
 import platform
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -402,10 +404,33 @@ def op_peak_memory(op: str, provider: str, layout: str, size: int, device) -> fl
 _START: dict = {}  # when the run started and the machine's load then (set by apply_threads)
 
 
-def add_threads_flag(parser) -> None:
+def make_parser(doc: str) -> argparse.ArgumentParser:
+    """A benchmark script's parser, with the --device every script takes first."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser
+
+
+def add_output_flags(parser) -> None:
+    """--out, --no-memory, --note and --threads: where results go and how the run behaves, in every script."""
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    parser.add_argument("--note", default="", help="a line for the markdown, e.g. what else ran on the machine")
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads for torch (default 0: torch's default). On a CPU shared with other jobs, "
                              "1 avoids the stalls of a multi-threaded op waiting for a descheduled thread")
+
+
+def parse(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
+    """parse_args, keeping the arguments as given for the command line in the markdown (command_line)."""
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return args
+
+
+def command_line(script: str, args) -> str:
+    """The markdown line that reruns a result: `python benchmarks/<script> <args as given>`."""
+    return f"`{' '.join(['python', 'benchmarks/' + os.path.basename(script)] + args.argv)}`  "
 
 
 def apply_threads(n: int) -> None:

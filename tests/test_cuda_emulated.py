@@ -42,6 +42,19 @@ def _coef(n, seed):
     return torch.rand(n, generator=torch.Generator().manual_seed(seed)) * 3
 
 
+def _penalty_inputs(sizes, p_dtypes, a_dtypes, g_dtypes, *, seed):
+    params = rand_like_list(sizes, p_dtypes, "cpu", seed=seed)
+    anchors = perturbed(params, a_dtypes, seed=seed + 1)
+    grads = rand_like_list(sizes, g_dtypes, "cpu", seed=seed + 2)
+    return params, anchors, grads, _coef(len(sizes), seed + 3)
+
+
+def _reference_penalty_grad(params, anchors, grads, coef):
+    """The reference's per-tensor sums and updated grads (on copies: ``grads`` is left as it is)."""
+    expected_grads = [g.clone() for g in grads]
+    return reference.penalty_grad_(params, anchors, expected_grads, coef), expected_grads
+
+
 @pytest.mark.parametrize("x_dtypes,y_dtypes", [((torch.float32,), (torch.float32,)), (FLOATS, FLOATS[::-1]),
                                                ((torch.bfloat16,), (torch.float32,))])
 def test_sum_sq_diff(emu, x_dtypes, y_dtypes):
@@ -70,12 +83,8 @@ def test_snapshot_refreshes_anchors_exactly(emu, anchor_dtype):
     ((torch.float16,), (torch.bfloat16,), (torch.bfloat16,)),
 ])
 def test_penalty_grad(emu, p_dtypes, a_dtypes, g_dtypes):
-    params = rand_like_list(SIZES, p_dtypes, "cpu", seed=5)
-    anchors = perturbed(params, a_dtypes, seed=6)
-    grads = rand_like_list(SIZES, g_dtypes, "cpu", seed=7)
-    coef = _coef(len(SIZES), 8)
-    expected_grads = [g.clone() for g in grads]
-    expected = reference.penalty_grad_(params, anchors, expected_grads, coef)
+    params, anchors, grads, coef = _penalty_inputs(SIZES, p_dtypes, a_dtypes, g_dtypes, seed=5)
+    expected, expected_grads = _reference_penalty_grad(params, anchors, grads, coef)
     assert_sums_close(emu.penalty_grad_(params, anchors, grads, coef), expected)
     assert_tensors_close(grads, expected_grads)
 
@@ -128,8 +137,7 @@ def test_misaligned_views_use_head_or_scalar_path_within_bounds(emu, same_offset
     g_bufs, grads = _views(torch.bfloat16, sizes, p_off, seed=16)
     guards = [g.clone() for g in g_bufs]
     coef = _coef(len(sizes), 17)
-    expected_grads = [g.clone() for g in grads]
-    expected = reference.penalty_grad_(params, anchors, expected_grads, coef)
+    expected, expected_grads = _reference_penalty_grad(params, anchors, grads, coef)
     got = emu.penalty_grad_(params, anchors, grads, coef)  # raises on an out-of-bounds or misaligned access
     assert_sums_close(got, expected)
     assert_tensors_close(grads, expected_grads)
@@ -156,16 +164,13 @@ def test_only_empty_tensors(emu):
 @pytest.mark.parametrize("num_sms", [1, 132])
 def test_bit_identical_repeats_and_any_grid(lib, num_sms):
     emu = emulator.EmulatedCuda(lib, num_sms=num_sms)
-    params = rand_like_list(SIZES, FLOATS, "cpu", seed=21)
-    anchors = perturbed(params, (torch.float32,), seed=22)
-    grads = rand_like_list(SIZES, FLOATS, "cpu", seed=23)
-    coef = _coef(len(SIZES), 24)
+    params, anchors, grads, coef = _penalty_inputs(SIZES, FLOATS, (torch.float32,), FLOATS, seed=21)
     g1, g2 = [g.clone() for g in grads], [g.clone() for g in grads]
     r1 = emu.penalty_grad_(params, anchors, g1, coef)
     r2 = emu.penalty_grad_(params, anchors, g2, coef)
     assert torch.equal(r1, r2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
-    expected_grads = [g.clone() for g in grads]
-    assert_sums_close(r1, reference.penalty_grad_(params, anchors, expected_grads, coef))
+    expected, expected_grads = _reference_penalty_grad(params, anchors, grads, coef)
+    assert_sums_close(r1, expected)
     assert_tensors_close(g1, expected_grads)
 
 
@@ -183,12 +188,8 @@ def test_nan_and_inf_propagate(emu):
 def test_every_dtype_combination_of_penalty_grad(emu):
     sizes = [1, 33, 4100]
     for dx, dy, dz in itertools.product(FLOATS, repeat=3):
-        params = rand_like_list(sizes, (dx,), "cpu", seed=25)
-        anchors = perturbed(params, (dy,), seed=26)
-        grads = rand_like_list(sizes, (dz,), "cpu", seed=27)
-        coef = _coef(len(sizes), 28)
-        expected_grads = [g.clone() for g in grads]
-        expected = reference.penalty_grad_(params, anchors, expected_grads, coef)
+        params, anchors, grads, coef = _penalty_inputs(sizes, (dx,), (dy,), (dz,), seed=25)
+        expected, expected_grads = _reference_penalty_grad(params, anchors, grads, coef)
         assert_sums_close(emu.penalty_grad_(params, anchors, grads, coef), expected)
         assert_tensors_close(grads, expected_grads)
 

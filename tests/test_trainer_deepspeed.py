@@ -178,20 +178,9 @@ def test_shutdown_leaves_a_process_group_the_caller_made(tmp_path):
 def test_cli_train_under_torchrun(tmp_path):
     """The README's command: `torchrun --nproc_per_node 2 -m hbat.cli train run.yaml --set deepspeed=ds.json`
     on user JSONL data and a local model; every rank exits 0 and rank 0 writes the summary."""
-    from hbat.data import write_jsonl
-    from hbat.task import build_model, build_tokenizer, make_task
-    from test_trainer_loop import TINY
+    from test_trainer_loop import TINY, write_user_run
 
-    task = make_task(seed=1, n_sft=32, n_pref=32, n_prompts=0, n_val=0, n_pretrain=0)
-    write_jsonl(task.sft_train, tmp_path / "sft.jsonl")
-    write_jsonl(task.pref_train, tmp_path / "pref.jsonl")
-    tokenizer = build_tokenizer()
-    build_model(tokenizer, size="tiny").save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
-    config = tmp_path / "run.yaml"
-    config.write_text(f"method: hbat\noutput_dir: {tmp_path / 'out'}\nmodel:\n  path: {tmp_path / 'model'}\n"
-                      f"data:\n  sft: {tmp_path / 'sft.jsonl'}\n  preference: {tmp_path / 'pref.jsonl'}\n"
-                      "  val_size: 0.25\n")
+    config = write_user_run(tmp_path, n_rows=32, val_size=0.25)
     overrides = [o for o in TINY if not o.startswith("model.")] + [f"deepspeed={_write_ds_json(tmp_path, 2)}"]
     proc = torchrun("-m hbat.cli", ["train", str(config), "--no-progress",
                                     *[a for o in overrides for a in ("--set", o)]], timeout=300)

@@ -132,21 +132,28 @@ def test_resume_equals_uninterrupted_run(workspace, tmp_path, monkeypatch):
     assert full["regularizer"]["ewc"]["accumulated"]["hpa"].equal(cut["regularizer"]["ewc"]["accumulated"]["hpa"])
 
 
-def test_cli_train_on_user_jsonl(tmp_path):
-    """`hbat train CONFIG` on a user's JSONL data and a local transformers model folder."""
+def write_user_run(folder, *, n_rows: int, val_size: float):
+    """A user's run in ``folder``: SFT and preference JSONL, a local tiny model with its tokenizer, and
+    run.yaml (method hbat, output in ``folder/out``). Returns the config's path."""
     from hbat.data import write_jsonl
     from hbat.task import build_model, build_tokenizer, make_task
 
-    task = make_task(seed=1, n_sft=40, n_pref=40, n_prompts=0, n_val=0, n_pretrain=0)
-    write_jsonl(task.sft_train, tmp_path / "sft.jsonl")
-    write_jsonl(task.pref_train, tmp_path / "pref.jsonl")
+    task = make_task(seed=1, n_sft=n_rows, n_pref=n_rows, n_prompts=0, n_val=0, n_pretrain=0)
+    write_jsonl(task.sft_train, folder / "sft.jsonl")
+    write_jsonl(task.pref_train, folder / "pref.jsonl")
     tokenizer = build_tokenizer()
-    build_model(tokenizer, size="tiny").save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
-    config = tmp_path / "run.yaml"
-    config.write_text(f"method: hbat\noutput_dir: {tmp_path / 'out'}\nmodel:\n  path: {tmp_path / 'model'}\n"
-                      f"data:\n  sft: {tmp_path / 'sft.jsonl'}\n  preference: {tmp_path / 'pref.jsonl'}\n"
-                      "  val_size: 0.2\n")
+    build_model(tokenizer, size="tiny").save_pretrained(folder / "model")
+    tokenizer.save_pretrained(folder / "model")
+    config = folder / "run.yaml"
+    config.write_text(f"method: hbat\noutput_dir: {folder / 'out'}\nmodel:\n  path: {folder / 'model'}\n"
+                      f"data:\n  sft: {folder / 'sft.jsonl'}\n  preference: {folder / 'pref.jsonl'}\n"
+                      f"  val_size: {val_size}\n")
+    return config
+
+
+def test_cli_train_on_user_jsonl(tmp_path):
+    """`hbat train CONFIG` on a user's JSONL data and a local transformers model folder."""
+    config = write_user_run(tmp_path, n_rows=40, val_size=0.2)
     args = [sys.executable, "-m", "hbat.cli", "train", str(config), "--no-progress"]
     args += [a for o in TINY if not o.startswith("model.") for a in ("--set", o)]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=600)

@@ -42,11 +42,9 @@ def main(argv=None) -> int:
     except (ValueError, OSError, KeyError) as exc:  # bad input or paths: a message, not a traceback
         print(f"hbat {args.command}: {exc}", file=sys.stderr)
         return 2
-    from .trainer import engine
+    from .trainer.engine import finish
 
-    if engine.left_process_group():  # a finished DeepSpeed worker: see exit_process
-        engine.exit_process(code)
-    return code
+    return finish(code)
 
 
 if __name__ == "__main__":

@@ -235,13 +235,15 @@ def test_lerp_matches_reference_and_endpoints(backend, device):
     sizes = sizes_for(backend, device)
     a = rand_like_list(sizes, FLOATS, device, seed=50)
     b = perturbed(a, FLOATS, seed=51)
-    w = torch.linspace(0, 1, len(sizes)).to(device)
+    w = torch.linspace(0, 1, len(sizes))
+    w[1] = 0.0  # tensor 0 is empty: the weight-0 endpoint is checked on tensor 1
+    w = w.to(device)
     dst = [torch.empty_like(x) for x in a]
     expected = [torch.empty_like(x).cpu() for x in a]
     ops.lerp_(expected, [x.cpu() for x in a], [y.cpu() for y in b], w.cpu(), backend="reference")
     ops.lerp_(dst, a, b, w, backend=backend)
     assert_tensors_close(dst, expected)
-    assert torch.equal(dst[0], a[0].to(dst[0].dtype))  # weight 0 -> a exactly
+    assert torch.equal(dst[1], a[1].to(dst[1].dtype))  # weight 0 -> a exactly
     assert torch.equal(dst[-1], b[-1].to(dst[-1].dtype))  # weight 1 -> b exactly
     # in place: dst is a
     a_copy = [x.clone() for x in a]

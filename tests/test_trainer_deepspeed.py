@@ -29,13 +29,14 @@ from hbat.trainer.metrics import read_metrics  # noqa: E402
 from hbat.trainer.sft import SFTConfig  # noqa: E402
 
 
-def _launch(out: Path, ds_json: Path, *flags: str, expect_rc: int = 0) -> str:
+def _launch(out: Path, ds_json: Path, *flags: str, crash: bool = False) -> str:
     proc = torchrun(HERE / "trainer_ds_worker.py", ["--out", str(out), "--deepspeed", str(ds_json), *flags],
                     timeout=300)
-    if expect_rc == 0:
+    if not crash:
         assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}"
-    else:
-        assert proc.returncode != 0, "the simulated crash did not happen"
+    else:  # failed, and because of the simulated crash (not some other error)
+        assert proc.returncode != 0 and W.SIMULATED_CRASH in proc.stdout, \
+            f"the simulated crash did not happen:\n{(proc.stdout + proc.stderr)[-6000:]}"
     return proc.stdout
 
 
@@ -68,12 +69,12 @@ def test_hbat_under_zero_matches_single_process(zero, crash, reference, tmp_path
     ds_json = _write_ds_json(tmp_path, zero)
     folder = tmp_path / "hbat"
     if crash:
-        _launch(tmp_path, ds_json, "--crash-in-hpa", "2", expect_rc=1)
+        _launch(tmp_path, ds_json, "--crash-in-hpa", "2", crash=True)
         assert torch.load(folder / "checkpoint.pt", weights_only=False)["position"] == 3
         stdout = _launch(tmp_path, ds_json, "--resume")
         assert "resuming after stage 3/4" in stdout
-    else:
-        stdout = _launch(tmp_path, ds_json)
+    else:  # ZeRO-3 also saves the final model (a plain copy of the kept weights, read from best.pt)
+        stdout = _launch(tmp_path, ds_json, *(["--set", "save_model=true"] if zero == 3 else []))
         printed = [line for line in stdout.splitlines() if line.startswith("[hbat] part")]
         assert len(printed) == 2, stdout  # rank 0 prints, the other rank does not
 
@@ -104,6 +105,12 @@ def test_hbat_under_zero_matches_single_process(zero, crash, reference, tmp_path
     for name, value in ref_ckpt["model"].items():
         torch.testing.assert_close(ds_ckpt["model"][name], value, rtol=0, atol=1e-4, msg=lambda m: f"{name}: {m}")
 
+    if zero == 3:  # keep=last: the saved model is the last stage's weights
+        from safetensors.torch import load_file
+
+        saved = load_file(folder / "model" / "model.safetensors")
+        assert saved and all(torch.equal(v, ds_ckpt["model"][k]) for k, v in saved.items())
+
     # each rank keeps its own anchor partition next to the checkpoint; superseded ones are removed
     assert ds_ckpt["regularizer"] is None
     assert sorted(p.name for p in folder.glob("checkpoint-rank*")) == \
@@ -112,11 +119,9 @@ def test_hbat_under_zero_matches_single_process(zero, crash, reference, tmp_path
                for r in (0, 1)]
     total = sum(p.numel() for p in base.values() if p.dtype.is_floating_point)
     owned = [sum(a.numel() for a in rank) for rank in anchors]
-    if zero == 0:  # no sharding: every rank anchors the whole model
-        assert owned == [total, total]
-    else:  # every element anchored exactly once over the ranks (ZeRO-3: each rank's slice of every tensor,
-        # the last rank's padding left out by the view)
-        assert sum(owned) == total and min(owned) > 0
+    # every element anchored exactly once over the ranks (ZeRO-3: each rank's slice of every tensor, the last
+    # rank's padding left out by the view)
+    assert sum(owned) == total and min(owned) > 0
     if zero == 3:  # every tensor is split over both ranks
         assert all(len(rank) == len(anchors[0]) for rank in anchors) and len(anchors[0]) > 0
 

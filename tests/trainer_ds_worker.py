@@ -21,6 +21,7 @@ OVERRIDES = ["model.size=tiny", "model.pretrain_steps=0", "method=hbat", "n_part
              "save_model=false", "sft.batch_size=8", "sft.grad_accum_steps=2", "sft.max_steps=3",
              "dpo.batch_size=6", "dpo.grad_accum_steps=2", "dpo.max_steps=3", "ewc.lam=50",
              "eval.kl_samples=0", "eval.max_new_tokens=4", "eval.batch_size=8"]
+SIMULATED_CRASH = "trainer_ds_worker: simulated crash"  # printed before the crash, so a test can tell it apart
 
 
 def ds_config(stage: int) -> dict:
@@ -83,6 +84,7 @@ def main() -> None:
         def crashing_hpa(*a, **kw):
             calls.append(1)
             if len(calls) == args.crash_in_hpa:
+                print(SIMULATED_CRASH, flush=True)
                 raise SystemExit(3)
             return real_hpa(*a, **kw)
 

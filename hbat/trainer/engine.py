@@ -100,7 +100,7 @@ def init_distributed() -> None:
     _JOINED_HERE = True
 
 
-_LEFT_GROUP = False  # whether shutdown_distributed ended a group (the CLI then ends the process with exit_process)
+_LEFT_GROUP = False  # whether shutdown_distributed ended a group (then finish ends the process with exit_process)
 
 
 def shutdown_distributed() -> None:
@@ -116,8 +116,11 @@ def shutdown_distributed() -> None:
     _JOINED_HERE = False
 
 
-def left_process_group() -> bool:
-    return _LEFT_GROUP
+def finish(code: int) -> int:
+    """The end of a CLI command: ``code``, or, in a worker that left its process group, exit_process(code)."""
+    if _LEFT_GROUP:
+        exit_process(code)
+    return code
 
 
 def exit_process(code: int) -> NoReturn:

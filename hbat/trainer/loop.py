@@ -208,9 +208,13 @@ def run_method(ws: Workspace, cfg: TrainConfig, *, resume: bool = False, progres
     if distributed:
         ds.barrier()  # best.pt is complete
     final = model
-    if zero3 and cfg.save_model:  # a plain copy of the kept weights (keep=last gathers them, on every rank)
-        kept = best is not None and cfg.keep == "best" and os.path.exists(best_path)
-        weights = ckpt.load(best_path) if kept else full_state_dict(model, engine)
+    if zero3 and cfg.save_model:
+        # a plain copy of the kept weights: best.pt holds them for keep=best and keep=last alike (the last stage
+        # is always evaluated), so nothing is gathered again; only rank 0 reads it and saves the model
+        if best is None:
+            weights = full_state_dict(model, engine)  # every rank: a collective
+        else:
+            weights = ckpt.load(best_path) if main else None
         final = ds.plain_copy(ws.build, weights, model) if main else None
     elif not zero3 and best is not None and cfg.keep == "best" and os.path.exists(best_path):
         model.load_state_dict(ckpt.load(best_path))

@@ -114,11 +114,9 @@ def main(argv=None) -> int:
     except (ValueError, OSError, KeyError) as exc:
         print(f"hbat train: {exc}", file=sys.stderr)
         return 2
-    from . import engine
+    from .engine import finish
 
-    if engine.left_process_group():  # a finished DeepSpeed worker: see engine.exit_process
-        engine.exit_process(code)
-    return code
+    return finish(code)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <utility>
 
 #include "cuda/hbat_cuda.h"
 #include "emu_core.h"
@@ -25,15 +26,11 @@ int hbat_emu_run(int op, int64_t n, const int64_t* x, const int64_t* y, const in
   const hc::Op the_op = static_cast<hc::Op>(op);
   std::vector<hc::TensorArg> args(n);
   auto& mem = hbat_emu::memory;
-  mem.ranges.clear();
-  mem.faults = 0;
-  mem.vector_accesses = 0;
-  mem.scalar_accesses = 0;
-  mem.first_fault.clear();
+  std::vector<hbat_emu::Range> registered;
   auto add_range = [&](const void* p, int64_t bytes) {
     if (bytes > 0) {
       const auto a = reinterpret_cast<std::uintptr_t>(p);
-      mem.ranges.push_back({a, a + static_cast<std::uintptr_t>(bytes)});
+      registered.push_back({a, a + static_cast<std::uintptr_t>(bytes)});
     }
   };
   for (int64_t i = 0; i < n; ++i) {
@@ -59,8 +56,7 @@ int hbat_emu_run(int op, int64_t n, const int64_t* x, const int64_t* y, const in
   std::vector<double> partials(plan.num_chunks > 0 ? plan.num_chunks : 1, -1.0);
   add_range(table.data(), static_cast<int64_t>(table.size() * sizeof(int64_t)));
   if (coef != nullptr) add_range(coef, n * static_cast<int64_t>(sizeof(float)));
-  std::sort(mem.ranges.begin(), mem.ranges.end(),
-            [](const hbat_emu::Range& a, const hbat_emu::Range& b) { return a.begin < b.begin; });
+  mem.reset(std::move(registered));
   hc::DeviceBuffers buffers;
   buffers.table = table.data();
   buffers.coef = coef;
@@ -76,12 +72,7 @@ int hbat_emu_run(int op, int64_t n, const int64_t* x, const int64_t* y, const in
     std::snprintf(msg, msg_len, "launch returned error %d", static_cast<int>(err));
     return 1;
   }
-  if (mem.faults > 0) {
-    std::snprintf(msg, msg_len, "%lld memory faults; first: %s", static_cast<long long>(mem.faults.load()),
-                  mem.first_fault.c_str());
-    return 1;
-  }
-  return 0;
+  return mem.report(msg, msg_len) ? 0 : 1;
 }
 
 }  // extern "C"
@@ -135,21 +126,14 @@ int64_t hbat_emu_huge_tail(int64_t numel, int64_t tail_chunks, float coef, doubl
     py[i] = __bfloat16_as_ushort(__float2bfloat16_rn(pattern(i, 1)));
     pz[i] = 0.5f;
   }
-  auto& mem = hbat_emu::memory;
-  mem.ranges.clear();
-  mem.faults = 0;
-  mem.first_fault.clear();
   std::vector<int64_t> table(plan.table);
   std::vector<double> partials(plan.num_chunks, -1.0);
-  const std::vector<hbat_emu::Range> ranges = {
+  hbat_emu::memory.reset({
       {reinterpret_cast<std::uintptr_t>(px + begin), reinterpret_cast<std::uintptr_t>(px + numel)},
       {reinterpret_cast<std::uintptr_t>(py + begin), reinterpret_cast<std::uintptr_t>(py + numel)},
       {reinterpret_cast<std::uintptr_t>(pz + begin), reinterpret_cast<std::uintptr_t>(pz + numel)},
       {reinterpret_cast<std::uintptr_t>(table.data()), reinterpret_cast<std::uintptr_t>(table.data() + table.size())},
-      {reinterpret_cast<std::uintptr_t>(&coef), reinterpret_cast<std::uintptr_t>(&coef + 1)}};
-  mem.ranges = ranges;
-  std::sort(mem.ranges.begin(), mem.ranges.end(),
-            [](const hbat_emu::Range& a, const hbat_emu::Range& b) { return a.begin < b.begin; });
+      {reinterpret_cast<std::uintptr_t>(&coef), reinterpret_cast<std::uintptr_t>(&coef + 1)}});
   hc::LaunchGroup group = plan.groups[0];
   group.chunk_begin = first;
   hc::DeviceBuffers buffers;
@@ -171,12 +155,7 @@ int64_t hbat_emu_huge_tail(int64_t numel, int64_t tail_chunks, float coef, doubl
   munmap(x, n_alloc * 2);
   munmap(y, n_alloc * 2);
   munmap(z, n_alloc * 4);
-  if (mem.faults > 0) {
-    std::snprintf(msg, msg_len, "%lld memory faults; first: %s", static_cast<long long>(mem.faults.load()),
-                  mem.first_fault.c_str());
-    return -1;
-  }
-  return wrong;
+  return hbat_emu::memory.report(msg, msg_len) ? wrong : -1;
 }
 
 }  // extern "C"

@@ -22,6 +22,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "cuda_runtime_api.h"
@@ -55,6 +56,24 @@ struct Memory {
   std::atomic<int64_t> scalar_accesses{0};  // element-sized loads and stores of the tensors
   std::mutex mutex;
   std::string first_fault;
+
+  // Start a call: the buffers the kernels may touch (any order), counters at zero.
+  void reset(std::vector<Range> buffers) {
+    std::sort(buffers.begin(), buffers.end(), [](const Range& a, const Range& b) { return a.begin < b.begin; });
+    ranges = std::move(buffers);
+    faults = 0;
+    vector_accesses = 0;
+    scalar_accesses = 0;
+    first_fault.clear();
+  }
+
+  // True when no access faulted; otherwise false, with the count and the first fault in msg.
+  bool report(char* msg, int msg_len) const {
+    if (faults == 0) return true;
+    std::snprintf(msg, msg_len, "%lld memory faults; first: %s", static_cast<long long>(faults.load()),
+                  first_fault.c_str());
+    return false;
+  }
 };
 inline Memory memory;
 

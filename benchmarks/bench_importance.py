@@ -4,7 +4,7 @@ empirical Fisher of the original EWC (squared per-sample gradients of log p(y|x)
     python benchmarks/bench_importance.py                 # CPU: Llama models of ~5M and ~20M parameters
 
 Providers, on a real ``transformers`` LlamaForCausalLM built from a config:
-  hbat-<backend>  ``ops.squared_change(weights, anchors)`` + ``ops.importance``: one float per tensor (eq. 6-7)
+  hbat-<backend>  ``ops.squared_change(weights, anchors)`` + ``compute_importance``: one float per tensor (eq. 6-7)
   fisher-loop     ``hbat.baselines.fisher.empirical_fisher(method="loop")``: one forward/backward per sample
   fisher-vmap     the same with torch.func per-sample gradients, ``--chunk`` samples at a time
 Reports the median time (interleaved repeats), the peak memory above the model and its anchor copy, and the
@@ -23,6 +23,7 @@ import benchlib as B  # noqa: E402
 import benchmodels as M  # noqa: E402
 from hbat import ops  # noqa: E402
 from hbat.baselines.fisher import empirical_fisher  # noqa: E402
+from hbat.importance import compute_importance  # noqa: E402
 
 DEFAULT_SIZES = "5e6,2e7"
 
@@ -46,7 +47,7 @@ def make_runner(provider: str, model, params, anchors, data, chunk: int):
         def run():
             with torch.no_grad():
                 change = ops.squared_change([p.detach() for p in params], anchors, backend=backend)
-                return ops.importance(change, 100.0, scale=1.0 / float(change.mean()))
+                return compute_importance(change, 100.0)  # what HybridEWC runs at a stage boundary
         return run
     method = provider.split("-", 1)[1]
     return lambda: empirical_fisher(model, data, method=method, chunk_size=chunk)

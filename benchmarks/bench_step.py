@@ -84,20 +84,12 @@ class Trainer:
 
 def child_step_memory(variant: str, size: float, device: str, pairs: int, seq_len: int) -> float:
     """Peak bytes of a whole training process (models, optimizer, activations, penalty state) for one variant."""
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        B.release_free_memory()
-        base = B.rss_bytes()
-    trainer = Trainer(size, device, pairs, seq_len, [variant])
-    for _ in range(2):  # the first step creates AdamW's state
-        trainer.step(variant)
-    B.synchronize(device)
-    peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda" else B.peak_rss_bytes()) - base
+    with B.PeakMemory(device) as peak:
+        trainer = Trainer(size, device, pairs, seq_len, [variant])
+        for _ in range(2):  # the first step creates AdamW's state
+            trainer.step(variant)
     del trainer
-    return float(peak)
+    return float(peak.bytes)
 
 
 def run(args) -> list[dict]:

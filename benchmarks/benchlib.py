@@ -25,6 +25,8 @@ from typing import Callable
 import torch
 
 from hbat import ops
+from hbat.importance import compute_importance
+from hbat.trainer.checkpoint import write_text_atomic
 
 OPS = ("squared_change", "snapshot_", "ewc_penalty_grad_", "ewc_penalty", "lerp_")
 LAYOUTS = ("llama", "small")
@@ -125,9 +127,9 @@ def build_inputs(op: str, shapes, device, *, with_fisher: bool = False, seed: in
     anchors = [p + filled(s, 1e-3) for p, s in zip(params, shapes)]
     grads = [torch.zeros_like(p) for p in params] if op in PENALTY_OPS else []
     if random:
-        # an importance vector like one of a real stage boundary: softmax of the (scaled) mean squared change
+        # an importance vector like one of a real stage boundary (HybridEWC's default mode)
         change = torch.stack([((p - a) ** 2).mean() for p, a in zip(params, anchors)])
-        importance = ops.importance(change, F_MAX, scale=1.0 / float(change.mean()))
+        importance = compute_importance(change, F_MAX).to(device)
     else:
         importance = torch.full((len(shapes),), F_MAX / max(len(shapes), 1), device=device)
     inputs = Inputs(params, anchors, grads, importance)
@@ -189,7 +191,7 @@ def make_provider(op: str, provider: str, x: Inputs) -> Callable[[], object]:
             return torch.stack([((pi - ai) ** 2).mean() for pi, ai in zip(p, a)])
 
         def snapshot_():
-            change = torch.stack([((pi - ai) ** 2).mean() for pi, ai in zip(p, a)])
+            change = squared_change()
             for pi, ai in zip(p, a):
                 ai.copy_(pi)
             return change
@@ -216,8 +218,11 @@ def make_provider(op: str, provider: str, x: Inputs) -> Callable[[], object]:
             sums = torch.stack(torch._foreach_norm(diffs)) ** 2
             ((0.5 * LAM) * (F * sums).sum()).backward()
 
+        def squared_change():
+            return _foreach_squares(p, a) / numels
+
         def snapshot_():
-            change = _foreach_squares(p, a) / numels
+            change = squared_change()
             torch._foreach_copy_(a, p)
             return change
 
@@ -225,7 +230,7 @@ def make_provider(op: str, provider: str, x: Inputs) -> Callable[[], object]:
             torch._foreach_copy_(x.dst, p)
             torch._foreach_lerp_(x.dst, a, weight_list)
 
-        table = {"squared_change": lambda: _foreach_squares(p, a) / numels, "snapshot_": snapshot_,
+        table = {"squared_change": squared_change, "snapshot_": snapshot_,
                  "ewc_penalty_grad_": penalty_grad_, "ewc_penalty": penalty, "lerp_": lerp_}
         return table[op]
 
@@ -479,13 +484,6 @@ def write_csv(path: str, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def write_text(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def md_table(headers: list[str], rows: list[list]) -> str:
     def cell(v):
         if isinstance(v, float):
@@ -529,7 +527,7 @@ def run_and_write(args, tag: str, run, markdown, plot=None) -> None:
     stem = os.path.join(args.out, f"{device_tag(args.device)}-{tag}")
     write_csv(stem + ".csv", rows)
     text = markdown(rows, args)
-    write_text(stem + ".md", text)
+    write_text_atomic(text, stem + ".md")
     plotted = plot is not None and plot(rows, stem + ".png", args)
     print(text)
     print(f"wrote {stem}.csv, {stem}.md" + (f", {stem}.png" if plotted else ""))

@@ -8,10 +8,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as nnf
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hbat.baselines.fisher import sequence_logprob
+from hbat.trainer.dpo import dpo_loss as dpo_objective
 
 VOCAB = 8000
 HEAD_DIM = 64
@@ -72,6 +72,4 @@ def dpo_loss(policy, reference, batch: dict, beta: float = 0.1) -> torch.Tensor:
     logp = sequence_logprob(policy(batch["input_ids"]).logits, batch["labels"])
     with torch.no_grad():
         ref_logp = sequence_logprob(reference(batch["input_ids"]).logits, batch["labels"])
-    ratio = logp - ref_logp
-    chosen, rejected = ratio.chunk(2)
-    return -nnf.logsigmoid(beta * (chosen - rejected)).mean()
+    return dpo_objective(*logp.chunk(2), *ref_logp.chunk(2), beta)[0]

@@ -94,14 +94,13 @@ def run_command(run: dict, shared: list[str], extra: list[str]) -> list[str]:
 def hma_curve(ws, cfg, aligned_folder: str, alphas, pre_folder: str | None = None) -> list[dict]:
     """Uniform averaging (1 - alpha) * pre + alpha * aligned, evaluated at each alpha (hbat.averaging); pre is
     the kept model of ``pre_folder``, or the shared SFT reference."""
-    import torch
-
     from ..averaging import average
+    from .checkpoint import load as load_checkpoint
     from .loop import evaluate
 
     def load(folder):
         model = ws.build()
-        model.load_state_dict(torch.load(os.path.join(folder, "best.pt"), weights_only=False))
+        model.load_state_dict(load_checkpoint(os.path.join(folder, "best.pt")))
         return model
 
     aligned = load(aligned_folder)

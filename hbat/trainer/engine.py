@@ -275,8 +275,6 @@ def build_engine(model: torch.nn.Module, cfg):
 class TorchStepper:
     """One process: a fresh AdamW and lr schedule per stage, ``clip_grad_norm_`` after the EWC hook."""
 
-    rank, world_size = 0, 1
-
     def __init__(self, model: torch.nn.Module, cfg: StageConfig, total_steps: int):
         self.cfg = cfg
         self.optimizer = make_optimizer(model, cfg)
@@ -339,6 +337,7 @@ class DeepSpeedStepper:
         # ZeRO-0 holds full all-reduced gradients in .grad but its clipping discards the norm: clip here, as in
         # one process; under ZeRO the optimizer clips (and records the norm) over the rank partitions
         self.own_clip = not engine.zero_optimization()
+        self.clip_params = [p for p in engine.module.parameters() if p.requires_grad] if self.own_clip else []
         engine._config.gradient_clipping = 0.0 if self.own_clip else clip  # no public setter: read by step()
         if hasattr(engine.optimizer, "clip_grad"):
             engine.optimizer.clip_grad = clip  # the ZeRO optimizer copied it at init
@@ -376,8 +375,7 @@ class DeepSpeedStepper:
             stats["ewc/penalty"] = ewc.apply_().detach().float()
         norm = None
         if self.own_clip:
-            params = [p for p in self.engine.module.parameters() if p.requires_grad]
-            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm or float("inf"))
+            norm = torch.nn.utils.clip_grad_norm_(self.clip_params, self.cfg.max_grad_norm or float("inf"))
         lr = self.scheduler.get_last_lr()[0]
         self.engine.step()
         if not self.own_clip:
@@ -433,13 +431,11 @@ def plain_copy(build, weights: dict, like: torch.nn.Module) -> torch.nn.Module:
     return model.requires_grad_(False)
 
 
-def save_rank_file(obj, folder: str, position: int) -> str:
+def save_rank_file(obj, folder: str, position: int) -> None:
     """This rank's part of the checkpoint after ``position`` stages (its HybridEWC anchor partition)."""
     from .checkpoint import save_atomic
 
-    path = rank_file(folder, rank(), position)
-    save_atomic(obj, path)
-    return path
+    save_atomic(obj, rank_file(folder, rank(), position))
 
 
 def rank_file(folder: str, rank_index: int, position: int) -> str:

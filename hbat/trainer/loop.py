@@ -126,7 +126,7 @@ def run_method(ws: Workspace, cfg: TrainConfig, *, resume: bool = False, progres
     engine = ds.build_engine(model, cfg) if distributed else None
     trainee = engine if distributed else model  # what the stages step; ``model`` stays the plain module
     # ZeRO-3: ``model``'s parameters are partitioned now; evaluation and checkpoints gather them (engine docstring)
-    zero3 = distributed and ds.is_zero3(engine)
+    zero3 = distributed and ds.is_zero3(engine)  # (ds is imported only when distributed)
     regularizer = make_regularizer(method.regularizer, trainee, cfg.ewc, ws.tokenizer, cfg.sft.max_len)
     critic, start, evals, best, elapsed = None, 0, [], None, 0.0
 

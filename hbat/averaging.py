@@ -562,6 +562,9 @@ def _save_atomic(model, tokenizer, out_dir: str, info: dict, overwrite: bool) ->
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".hbat-average-", dir=parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the output folder gets what mkdir would give
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -37,14 +37,9 @@ def main(argv=None) -> int:
 
         demo_main(args.args)
         return 0
-    try:
-        code = int(args.func(args) or 0)
-    except (ValueError, OSError, KeyError) as exc:  # bad input or paths: a message, not a traceback
-        print(f"hbat {args.command}: {exc}", file=sys.stderr)
-        return 2
     from .trainer.engine import finish
 
-    return finish(code)
+    return finish(train_run.call(f"hbat {args.command}", args.func, args))  # bad input: a message, not a traceback
 
 
 if __name__ == "__main__":

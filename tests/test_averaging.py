@@ -1,5 +1,6 @@
 """Model averaging (hbat.averaging): uniform averaging, the sweep, the block plan and learned HMA ratios."""
 import json
+import os
 
 import pytest
 import torch
@@ -244,6 +245,9 @@ def test_cli_uniform_and_sweep(tmp_path):
     for m, a, b in zip(loaded.parameters(), pre.parameters(), post.parameters()):
         torch.testing.assert_close(m, 0.75 * a + 0.25 * b)
     assert json.loads((out / "hbat_average.json").read_text())["alpha"] == 0.25
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # a folder as mkdir makes it, not mkdtemp's 0700
     with pytest.raises(FileExistsError):
         main(["--pre", str(tmp_path / "pre"), "--post", str(tmp_path / "post"), "--alpha", "0.5", "--out", str(out)])
     assert main(["--pre", str(tmp_path / "pre"), "--post", str(tmp_path / "post"), "--alpha", "0,1",

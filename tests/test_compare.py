@@ -18,24 +18,29 @@ def test_compare_table_plot_and_commands(tmp_path):
     spec = tmp_path / "spec.yaml"
     spec.write_text("set: [" + ", ".join(TINY) + "]\nruns:\n  - two_stage\n"
                     "  - {name: hbat-uniform, method: hbat, set: [ewc.importance_mode=uniform]}\n"
+                    "  - {name: two_stage-nan, method: two_stage, set: [dpo.lr=1e6]}\n"
                     "hma: {pre: hbat-uniform, aligned: two_stage, alphas: [0.0, 1.0]}\n")
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "hbat.cli", "compare", str(spec), "--out", str(out),
                            "--no-progress"], capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # a run that diverged is a row saying so; the comparison carries on and exits 3
+    assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = (out / "compare.md").read_text()
-    for name in ("two_stage", "hbat-uniform"):
+    for name in ("two_stage", "hbat-uniform", "two_stage-nan"):
         assert f"| {name} |" in table
         assert f"--name {name}" in table  # the row's command
+    assert "| two_stage-nan | diverged | diverged |" in table
     assert "win vs SFT" in table and "peak RSS MiB" in table and "averaging of `hbat-uniform` and `two_stage`" in table
     rows = list(csv.DictReader(open(out / "compare.csv")))
-    assert [r["method"] for r in rows] == ["two_stage", "hbat-uniform"]
+    assert [(r["method"], r["status"]) for r in rows] == \
+        [("two_stage", "ok"), ("hbat-uniform", "ok"), ("two_stage-nan", "diverged")]
+    assert rows[2]["eval/reward"] == ""
     assert (out / "compare.png").stat().st_size > 1000
     # --reuse keeps finished runs with the same config and redoes only the table, the curve and the plot
     again = subprocess.run([sys.executable, "-m", "hbat.cli", "compare", str(spec), "--out", str(out), "--reuse",
                             "--no-progress"], capture_output=True, text=True, timeout=900)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert again.stdout.count("reusing") == 2
+    assert again.returncode == 3, again.stdout[-3000:] + again.stderr[-3000:]
+    assert again.stdout.count("reusing") == 3
     assert list(csv.DictReader(open(out / "compare.csv"))) == rows
 
 
@@ -52,3 +57,9 @@ def test_compare_spec_errors(tmp_path):
     bad.write_text("methods: [hbat]\n")
     with pytest.raises(ValueError, match="unknown key 'methods'"):
         load_spec(str(bad))
+    from hbat.trainer.compare import compare
+
+    # the averaging curve's runs are checked before anything runs (not after every run trained)
+    with pytest.raises(ValueError, match="hma.aligned 'two_stage' is not one of the runs"):
+        compare({"runs": ["hbat"], "hma": {"aligned": "two_stage"}}, [], str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

@@ -124,15 +124,18 @@ def _is_datasets_object(source) -> bool:
 
 
 def _iter_jsonl(path: str) -> Iterator[tuple[str, str, Any]]:
+    if not path:
+        raise FileNotFoundError("data file not found: the path is empty")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file not found: {path}")
-    with open(path, encoding="utf-8") as handle:
-        head = handle.read(4096).lstrip()
-        handle.seek(0)
-        if head.startswith("["):
-            yield from _iter_json_array(path, handle)
+    with open(path, "rb") as handle:
+        if handle.read(4096).lstrip().startswith(b"["):
+            handle.seek(0)
+            yield from _iter_json_array(path, handle.read())
             return
-        for line_number, line in enumerate(handle, start=1):
+        handle.seek(0)
+        for line_number, raw in enumerate(handle, start=1):
+            line = _decode(raw, path, line_number)
             if not line.strip():
                 continue
             try:
@@ -142,12 +145,22 @@ def _iter_jsonl(path: str) -> Iterator[tuple[str, str, Any]]:
             yield path, f"line {line_number}", row
 
 
-def _iter_json_array(path: str, handle) -> Iterator[tuple[str, str, Any]]:
+def _decode(data: bytes, path: str, first_line: int) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = first_line + data.count(b"\n", 0, error.start)
+        raise DataError(path, f"line {line}", None, f"not UTF-8 text (byte 0x{data[error.start]:02x})") from None
+
+
+def _iter_json_array(path: str, data: bytes) -> Iterator[tuple[str, str, Any]]:
     """A file holding one JSON array of objects (as some releases ship); places are 0-based items."""
     try:
-        rows = json.load(handle)
+        rows = json.loads(_decode(data, path, 1))
     except json.JSONDecodeError as error:
         raise DataError(path, f"line {error.lineno}", None, f"invalid JSON ({error.msg} at column {error.colno})") from None
+    if not isinstance(rows, list):
+        raise DataError(path, "line 1", None, f"expected one JSON array of objects, got {type(rows).__name__}")
     for index, row in enumerate(rows):
         yield path, f"item {index}", row
 

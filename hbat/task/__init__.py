@@ -26,11 +26,11 @@ starts knowing them but not the instruction format). transformers and tokenizers
 """
 from .generator import (LETTERS, OPERATIONS, Task, apply_operation, exact_match, make_prompt, make_task, parse_prompt,
                         preference_score, task_alphabet, task_metrics)
-from .model import MODEL_SIZES, build_model, pretrain
+from .model import CONTEXT, MODEL_SIZES, build_model, pretrain
 from .tokenizer import SPECIAL_TOKENS, build_tokenizer
 
 __all__ = [
-    "LETTERS", "MODEL_SIZES", "OPERATIONS", "SPECIAL_TOKENS", "Task", "apply_operation", "build_model",
+    "CONTEXT", "LETTERS", "MODEL_SIZES", "OPERATIONS", "SPECIAL_TOKENS", "Task", "apply_operation", "build_model",
     "build_tokenizer", "exact_match", "make_prompt", "make_task", "parse_prompt", "preference_score", "pretrain",
     "task_alphabet", "task_metrics",
 ]

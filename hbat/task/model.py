@@ -19,8 +19,10 @@ MODEL_SIZES = {
     "small": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4),
     "base": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4),
 }
+CONTEXT = 256  # max_position_embeddings of the embedded model: the longest prompt + response it takes
 
-def build_model(tokenizer, size: str = "tiny", seed: int = 0, max_position_embeddings: int = 256):
+
+def build_model(tokenizer, size: str = "tiny", seed: int = 0, max_position_embeddings: int = CONTEXT):
     """A freshly initialised ``LlamaForCausalLM`` for ``tokenizer`` (seeded; special ids from the tokenizer)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -55,7 +57,7 @@ def pretrain(model, tokenizer, texts: Sequence[str], *, steps: int, batch_size: 
 
     Logs ``pretrain/loss``, ``pretrain/lr``, ``pretrain/step`` through ``log`` each step; returns
     ``pretrain/first_loss`` (the first step's loss), ``pretrain/loss`` (mean of the last 10 steps) and
-    ``pretrain/steps``.
+    ``pretrain/steps``. A non-finite loss raises FloatingPointError naming the step.
     """
     from tqdm.auto import tqdm
 
@@ -103,6 +105,8 @@ def pretrain(model, tokenizer, texts: Sequence[str], *, steps: int, batch_size: 
                 torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
             optimizer.step()
             losses.append(loss.item())
+            if not math.isfinite(losses[-1]):  # read every step anyway: stop before a NaN model is used or saved
+                raise FloatingPointError(f"pre-training diverged at step {step + 1}: loss {losses[-1]}")
             if log is not None:
                 log({"pretrain/loss": losses[-1], "pretrain/lr": lr_at(step), "pretrain/step": step + 1})
             bar.update(1)

@@ -4,11 +4,12 @@
     cfg = load_config("run.yaml", overrides=["method=hbat"])
     result = run_method(prepare(cfg), cfg)
 
-Needs transformers, tqdm and pyyaml (``pip install hbat[train]``); imported when used.
+``run_method`` raises ``TrainingDiverged`` (naming the method, stage and step) when a loss or weight turns
+non-finite. Needs transformers, tqdm and pyyaml (``pip install hbat[train]``); imported when used.
 """
 from __future__ import annotations
 
-__all__ = ["load_config", "prepare", "run_method", "TrainConfig", "METHODS"]
+__all__ = ["load_config", "prepare", "run_method", "TrainConfig", "METHODS", "TrainingDiverged"]
 
 
 def __getattr__(name):
@@ -20,6 +21,10 @@ def __getattr__(name):
         from .workspace import prepare
 
         return prepare
+    if name == "TrainingDiverged":
+        from .guards import TrainingDiverged
+
+        return TrainingDiverged
     if name == "run_method":
         from .loop import run_method
 

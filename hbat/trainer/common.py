@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import IGNORE_INDEX, position_ids_from_mask
+from .checks import choice, fail, integers, numbers
+from .guards import check_values
 
 SCHEDULERS = ("constant", "linear", "cosine")
 
@@ -52,20 +54,18 @@ class StageConfig:
     seed: int = 0                     # shuffling of the rows
 
     def __post_init__(self):
-        name = type(self).__name__
-        for key in ("batch_size", "epochs", "max_len", "grad_accum_steps", "logging_steps", "eval_batch_size"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{name}.{key} must be >= 1, got {getattr(self, key)}")
+        integers(self, 1, "batch_size", "epochs", "grad_accum_steps", "logging_steps", "eval_batch_size")
+        integers(self, 1, "max_steps", optional=True)
+        integers(self, 2, "max_len")  # a prompt token and a response token at least (hbat.data truncation)
+        integers(self, 0, "seed")
         if self.grad_accum_steps > self.batch_size:
-            raise ValueError(f"{name}.grad_accum_steps ({self.grad_accum_steps}) > batch_size ({self.batch_size})")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"{name}.max_steps must be >= 1 or None, got {self.max_steps}")
-        if self.lr < 0:
-            raise ValueError(f"{name}.lr must be >= 0, got {self.lr}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"{name}.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.lr_scheduler_type not in SCHEDULERS:
-            raise ValueError(f"{name}.lr_scheduler_type must be one of {SCHEDULERS}, got {self.lr_scheduler_type!r}")
+            fail(self, "grad_accum_steps", f"must be <= batch_size ({self.batch_size}), got {self.grad_accum_steps}")
+        numbers(self, "lr", "weight_decay")
+        numbers(self, "max_grad_norm", optional=True)
+        numbers(self, "warmup_ratio", maximum=1.0)
+        if self.warmup_ratio == 1.0:
+            fail(self, "warmup_ratio", "must be in [0, 1), got 1.0")
+        choice(self, "lr_scheduler_type", SCHEDULERS)
 
 
 # --- model helpers -----------------------------------------------------------------------------------------------
@@ -167,6 +167,7 @@ def train_loop(model: nn.Module, n_rows: int, cfg: StageConfig, micro_loss: Micr
     give the batch means). ``stats[loss_key]`` is the bar's live loss. Logs the stats plus ``train/lr``,
     ``train/grad_norm`` (before clipping), ``train/step``, ``train/epoch``, ``ewc/penalty`` (with ``ewc``) and
     ``extra_key`` (with ``extra_loss``). Returns the means over the run, ``train/steps`` and ``<loss_key>_last``.
+    A non-finite loss, mixed-in loss or penalty raises hbat.trainer.guards.TrainingDiverged at the next log call.
     """
     from tqdm.auto import tqdm
 
@@ -215,6 +216,10 @@ def train_loop(model: nn.Module, n_rows: int, cfg: StageConfig, micro_loss: Micr
                     count = (step - 1) % cfg.logging_steps + 1
                     last = {key: float(value) / count for key, value in window.items()}  # one host sync per log
                     window.clear()
+                    # a NaN at any step of the interval is in its sum (hbat.trainer.guards)
+                    check_values(last, (loss_key, extra_key, "ewc/penalty"),
+                                 f"step {step}" if count == 1 else f"steps {step - count + 1}-{step}",
+                                 f" (a smaller {desc}.lr may help)")
                     last.update({"train/step": step, "train/epoch": (start + len(batch)) / n_rows
                                  + (step - 1) // math.ceil(n_rows / cfg.batch_size)})
                     if log is not None:

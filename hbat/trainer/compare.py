@@ -30,6 +30,8 @@ import subprocess
 import sys
 import time
 
+from .run import DIVERGED, EXIT_DIVERGED
+
 DEFAULT_SPEC = {
     "set": ["output_dir=docs/results/compare-run"],
     "runs": ["sft_only", "two_stage", "rlhf_pt", "sft_hpa", "no_ewc", "no_alternation", "hbat",
@@ -52,10 +54,9 @@ COLUMNS = [("method", "method"), ("eval/exact_match", "exact match"), ("eval/sft
 def load_spec(path: str | None) -> dict:
     if path is None:
         return json.loads(json.dumps(DEFAULT_SPEC))
-    import yaml
+    from .config import read_yaml_file
 
-    with open(path, encoding="utf-8") as fh:
-        spec = yaml.safe_load(fh) or {}
+    spec = read_yaml_file(path) or {}
     if not isinstance(spec, dict):
         raise ValueError(f"{path}: the compare spec must be a mapping with 'runs'")
     unknown = set(spec) - {"set", "runs", "hma"}
@@ -100,7 +101,8 @@ def hma_curve(ws, cfg, aligned_folder: str, alphas, pre_folder: str | None = Non
 
     def load(folder):
         model = ws.build()
-        model.load_state_dict(load_checkpoint(os.path.join(folder, "best.pt")))
+        model.load_state_dict(load_checkpoint(os.path.join(folder, "best.pt"), remedy="delete the run's folder and "
+                                              "run hbat compare again"))
         return model
 
     aligned = load(aligned_folder)
@@ -143,19 +145,30 @@ def compare(spec: dict, extra: list[str], out_dir: str | None, *, progress=True,
     from .checkpoint import write_text_atomic
     from .config import dump_config, load_config
     from .metrics import markdown_table
-    from .workspace import prepare
+    from .validate import check_data
+    from .workspace import load_data, prepare
 
     runs = normalise_runs(spec)
+    hma = spec.get("hma")
+    aligned, pre = None, None
+    if hma:  # checked before anything runs
+        aligned, pre = hma.get("aligned", "two_stage"), hma.get("pre")
+        for key, value in (("aligned", aligned), ("pre", pre)):
+            if value is not None and value not in [r["name"] for r in runs]:
+                raise ValueError(f"hma.{key} {value!r} is not one of the runs")
     shared = list(spec.get("set") or [])
     if out_dir:
         shared.append(f"output_dir={out_dir}")
     base = load_config(None, shared + list(extra))
-    configs = {run["name"]: dump_config(load_config(None, shared + list(extra) + [f"method={run['method']}"]
-                                                    + list(run["set"])))
-               for run in runs}  # every run's config is valid before anything runs
+    run_configs = {run["name"]: load_config(None, shared + list(extra) + [f"method={run['method']}"] + list(run["set"]))
+                   for run in runs}  # every run's config is valid before anything runs
+    configs = {name: dump_config(cfg) for name, cfg in run_configs.items()}
+    data = load_data(base)
+    for cfg in run_configs.values():  # and so is its data (e.g. enough rows for its n_parts)
+        check_data(data.splits, cfg, data.sources)
     print(f"hbat compare: {len(runs)} runs -> {base.output_dir}")
     started = time.perf_counter()
-    ws = prepare(base, progress=progress)  # built once, cached for every run
+    ws = prepare(base, progress=progress, data=data)  # built once, cached for every run
     rows = []
     for i, run in enumerate(runs, 1):
         command = run_command(run, shared, extra)
@@ -170,28 +183,27 @@ def compare(spec: dict, extra: list[str], out_dir: str | None, *, progress=True,
             t0 = time.perf_counter()
             proc = subprocess.run([sys.executable, "-m", "hbat.cli", *command[1:]], capture_output=True, text=True)
             wall = time.perf_counter() - t0
-            if proc.returncode != 0:
+            if proc.returncode not in (0, EXIT_DIVERGED):  # a diverged run is a row; any other failure stops
                 raise RuntimeError(f"run {run['name']!r} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
             write_text_atomic(json.dumps({"wall_seconds": wall}), wall_path)
         with open(os.path.join(folder, "result.json"), encoding="utf-8") as fh:
             result = json.load(fh)
-        row = {**result, "method": run["name"], "wall_seconds": round(wall),
-               "peak_rss_mib": round(result["peak_rss_bytes"] / 2**20), "command": shlex.join(command)}
+        row = {**result, "method": run["name"], "wall_seconds": round(wall), "command": shlex.join(command)}
+        if result.get("status") == "diverged":
+            print(f"    diverged: {result['error']}, {wall:.0f} s")
+        else:
+            row["peak_rss_mib"] = round(result["peak_rss_bytes"] / 2**20)
+            print("    " + ", ".join(f"{k[5:]}={row[k]:.4f}" for k in row if k.startswith("eval/")) + f", {wall:.0f} s")
         rows.append(row)
-        print("    " + ", ".join(f"{k[5:]}={row[k]:.4f}" for k in row if k.startswith("eval/")) + f", {wall:.0f} s")
     curve = []
-    hma = spec.get("hma")
-    if hma:
-        aligned = hma.get("aligned", "two_stage")
-        if aligned not in [r["name"] for r in runs]:
-            raise ValueError(f"hma.aligned {aligned!r} is not one of the runs")
-        pre = hma.get("pre")
-        if pre is not None and pre not in [r["name"] for r in runs]:
-            raise ValueError(f"hma.pre {pre!r} is not one of the runs")
+    diverged = {r["method"] for r in rows if r.get("status") == "diverged"}
+    if hma and diverged & {aligned, pre}:
+        print(f"no averaging curve: {', '.join(sorted(diverged & {aligned, pre}))} diverged")
+    elif hma:
         curve = hma_curve(ws, base, os.path.join(base.output_dir, aligned), hma.get("alphas", [0, 0.5, 1]),
                           os.path.join(base.output_dir, pre) if pre else None)
     out = base.output_dir
-    table = markdown_table([{label: r.get(key) for key, label in COLUMNS} for r in rows], [c[1] for c in COLUMNS])
+    table = markdown_table([_table_row(r) for r in rows], [c[1] for c in COLUMNS])
     curve_table = markdown_table([{"alpha": p["alpha"], **{k: p.get(k) for k in
                                    ("eval/exact_match", "eval/reward", "eval/win_rate", "eval/kl_to_sft")}}
                                   for p in curve], ["alpha", "eval/exact_match", "eval/reward", "eval/win_rate",
@@ -206,12 +218,20 @@ def compare(spec: dict, extra: list[str], out_dir: str | None, *, progress=True,
             + f"Commands (run from the repository root):\n\n{commands}\n")
     write_text_atomic(text, os.path.join(out, "compare.md"))
     with open(os.path.join(out, "compare.csv"), "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=[c[0] for c in COLUMNS] + ["command"], extrasaction="ignore")
+        writer = csv.DictWriter(fh, fieldnames=[c[0] for c in COLUMNS] + ["status", "command"], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     plot(rows, curve, os.path.join(out, "compare.png"))
     print("\n" + table)
     return rows
+
+
+def _table_row(row: dict) -> dict:
+    """A row of compare.md: a diverged run shows "diverged" in its metric columns."""
+    cells = {label: row.get(key) for key, label in COLUMNS}
+    if row.get("status") == "diverged":
+        cells.update({label: DIVERGED for key, label in COLUMNS if key.startswith("eval/")})
+    return cells
 
 
 def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -235,5 +255,5 @@ def _finished_with(out_dir: str, name: str, config: str, wall_path: str) -> bool
 
 
 def run(args) -> int:
-    compare(load_spec(args.spec), args.overrides, args.out, progress=not args.no_progress, reuse=args.reuse)
-    return 0
+    rows = compare(load_spec(args.spec), args.overrides, args.out, progress=not args.no_progress, reuse=args.reuse)
+    return EXIT_DIVERGED if any(r.get("status") == "diverged" for r in rows) else 0

@@ -3,7 +3,9 @@
     cfg = load_config("run.yaml", overrides=["method=hbat", "sft.lr=3e-4", "ewc.f_max=50"])
 
 Every field has its default here, with a comment saying what it does; ``hbat train --print-config`` shows the
-resolved configuration. Unknown keys are errors that name the key and the section's valid keys.
+resolved configuration. Unknown keys and duplicate YAML keys are errors naming the key; every field is checked
+(type, range, choice) by its dataclass and the whole resolved config by ``hbat.trainer.validate`` when it is
+loaded, each error naming the dotted key (``config.eval.batch_size must be >= 1, got 0``).
 """
 from __future__ import annotations
 
@@ -12,6 +14,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
+import torch
+
+from .checks import ConfigError, booleans, choice, fail, integers, numbers, paths, patterns
 from .dpo import DPOConfig
 from .ppo import PPOConfig
 from .reward import RewardConfig
@@ -20,6 +25,11 @@ from .sft import SFTConfig
 METHODS = ("hbat", "two_stage", "sft_only", "no_ewc", "no_alternation", "rlhf_pt", "sft_hpa", "freeze", "fisher")
 HPA_KINDS = ("dpo", "ppo")
 KEEP = ("best", "last")
+DPO_REFERENCES = ("stage", "sft")
+ANCHOR_DTYPES = ("float32", "bfloat16")
+GROUP_BY = ("layer",)
+FLOAT32_MAX = torch.finfo(torch.float32).max
+SEED_LIMIT = 2**32  # stage seeds are seed * 1000 + stage: they stay in every RNG's range
 
 
 @dataclass
@@ -30,6 +40,15 @@ class ModelConfig:
     pretrain_steps: int = 600         # embedded only: short pre-training on generated text before anything else
     pretrain_lr: float = 3e-3         # embedded only
     pretrain_batch_size: int = 32     # embedded only
+
+    def __post_init__(self):
+        from ..task import MODEL_SIZES
+
+        paths(self, "path", "tokenizer")
+        choice(self, "size", MODEL_SIZES)
+        integers(self, 0, "pretrain_steps")
+        integers(self, 1, "pretrain_batch_size")
+        numbers(self, "pretrain_lr", strict=True)
 
 
 @dataclass
@@ -48,6 +67,19 @@ class DataConfig:
     task_n_val: int = 200
     task_conflict: float = 0.5        # share of preference pairs whose chosen answer fails the skill
 
+    def __post_init__(self):
+        from ..data import ADAPTERS
+
+        paths(self, "sft", "preference", "prompts")
+        for name in ("sft_adapter", "preference_adapter", "prompts_adapter"):
+            choice(self, name, sorted(ADAPTERS), optional=True)
+        numbers(self, "val_size", strict=True)
+        if self.val_size >= 1 and not float(self.val_size).is_integer():
+            fail(self, "val_size", f"must be a fraction in (0, 1) or a whole number of rows, got {self.val_size}")
+        integers(self, 1, "max_val", "task_n_sft", "task_n_val")
+        integers(self, 2, "task_n_pref")  # half of it are the PPO prompts
+        numbers(self, "task_conflict", maximum=1.0)
+
 
 @dataclass
 class EWCConfig:
@@ -64,12 +96,33 @@ class EWCConfig:
     fisher_samples: int = 64          # method "fisher": samples of the previous stage for the Fisher estimate
     fisher_scale: float = 1.0         # method "fisher": multiplies the empirical Fisher
 
+    def __post_init__(self):
+        from ..baselines.freeze import FREEZE_BY
+        from ..importance import IMPORTANCE_MODES
+
+        numbers(self, "f_max", "lam")
+        if self.lam * self.f_max > FLOAT32_MAX:  # the penalty gradient lam * F * (p - a) is float32, F <= f_max
+            fail(self, "lam", f"* f_max = {self.lam * self.f_max:.3g} overflows float32 (at most {FLOAT32_MAX:.3g}); "
+                              "lower ewc.lam or ewc.f_max")
+        numbers(self, "freeze_fraction", maximum=1.0)
+        numbers(self, "importance_scale", "fisher_scale", strict=True)
+        choice(self, "importance_mode", IMPORTANCE_MODES)
+        choice(self, "anchor_dtype", ANCHOR_DTYPES)
+        choice(self, "group_by", GROUP_BY, optional=True)
+        choice(self, "freeze_by", FREEZE_BY)
+        patterns(self, "include", "exclude")
+        integers(self, 1, "fisher_samples")
+
 
 @dataclass
 class EvalConfig:
     max_new_tokens: int = 12          # greedy decoding length for exact match / reward / preference
     batch_size: int = 32
     kl_samples: int = 64              # prompts sampled for the KL-to-SFT estimate (0: skip)
+
+    def __post_init__(self):
+        integers(self, 1, "max_new_tokens", "batch_size")
+        integers(self, 0, "kl_samples")
 
 
 @dataclass
@@ -94,14 +147,18 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
+        paths(self, "output_dir", "deepspeed")
+        if self.output_dir is None:
+            fail(self, "output_dir", "must be a folder path, got null")
+        integers(self, 0, "seed", maximum=SEED_LIMIT - 1)
+        integers(self, 1, "n_parts")
         for key, allowed in (("method", METHODS), ("hpa", HPA_KINDS), ("keep", KEEP),
-                             ("dpo_reference", ("stage", "sft"))):
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
-        if self.n_parts < 1:
-            raise ValueError(f"n_parts must be >= 1, got {self.n_parts}")
+                             ("dpo_reference", DPO_REFERENCES)):
+            choice(self, key, allowed)
+        numbers(self, "mix_coef")
+        booleans(self, "save_model")
         if self.method == "rlhf_pt" and self.hpa == "ppo":  # run_ppo has no SFT-loss mixing yet
-            raise ValueError("method rlhf_pt needs hpa: dpo (mixing the SFT loss into PPO is not implemented)")
+            fail(self, "hpa", "must be dpo with method rlhf_pt (mixing the SFT loss into PPO is not implemented)")
 
 
 def to_dict(cfg) -> dict:
@@ -156,20 +213,56 @@ def from_dict(cls, data: dict, where: str = "config"):
     kwargs = {k: _convert(v, hints[k], f"{where}.{k}") for k, v in data.items()}
     try:
         return cls(**kwargs)
-    except ValueError as exc:
-        raise ValueError(f"{where}: {exc}") from None
+    except ConfigError as exc:  # the dataclass names its field; the message names the dotted key
+        raise ConfigError(f"{where}.{exc.field}", exc.problem) from None
+
+
+def read_yaml(text: str, source: str):
+    """``yaml.safe_load`` that refuses duplicate keys (naming the key and both lines) and turns syntax errors
+    into one-line ValueErrors naming ``source``."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            first: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in first:
+                        raise ValueError(f"{source}, line {line}: duplicate key {key!r} (first at line {first[key]})")
+                    first[key] = line
+                except TypeError:  # an unhashable key: safe_load's own error follows
+                    pass
+            return super().construct_mapping(node, deep=deep)
+
+    try:
+        return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{source}: not valid YAML: {' '.join(str(exc).split())}") from None
+
+
+def read_yaml_file(path: str):
+    with open(path, "rb") as fh:
+        data = fh.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ValueError(f"{path}, line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x})") from None
+    return read_yaml(text, path)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"sft.lr=3e-4"`` -> (["sft", "lr"], 3e-4); the value is parsed as YAML (numbers, true, null, lists)."""
-    import yaml
-
     if "=" not in text:
         raise ValueError(f"override {text!r} must look like key=value (e.g. sft.lr=3e-4)")
     key, raw = text.split("=", 1)
     if not key.strip():
         raise ValueError(f"override {text!r} has an empty key")
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+    return key.strip().split("."), read_yaml(raw, f"override {text!r}") if raw.strip() else None
 
 
 def apply_overrides(data: dict, overrides) -> dict:
@@ -188,24 +281,25 @@ def load_config(path: str | None = None, overrides=None) -> TrainConfig:
     """TrainConfig from a YAML file (or the defaults when path is None) plus ``key=value`` overrides.
 
     A ``method`` preset (hbat.trainer.methods) is applied first; explicit keys of the file and the overrides
-    win over the preset.
+    win over the preset. The result is validated whole (``hbat.trainer.validate.check_config``): every error
+    names its dotted key, and comes before anything is built or trained.
     """
-    import yaml
-
     from .methods import preset
+    from .validate import check_config
 
     data: dict = {}
     if path is not None:
-        with open(path, encoding="utf-8") as fh:
-            loaded = yaml.safe_load(fh)
+        loaded = read_yaml_file(path)
         if loaded is not None and not isinstance(loaded, dict):
             raise ValueError(f"{path}: the top level must be a mapping of config keys")
         data = loaded or {}
     data = apply_overrides(data, overrides)
     method = data.get("method", TrainConfig.method)
     # sections given partially keep the run's defaults (TrainConfig()) for the keys they leave out
-    merged = _deep_merge(_deep_merge(to_dict(TrainConfig()), preset(method)), data)
-    return from_dict(TrainConfig, merged)
+    merged = _deep_merge(_deep_merge(to_dict(TrainConfig()), preset(method) if isinstance(method, str) else {}), data)
+    cfg = from_dict(TrainConfig, merged)
+    check_config(cfg)
+    return cfg
 
 
 def _deep_merge(base: dict, top: dict) -> dict:

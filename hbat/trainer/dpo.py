@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import collate_preference, encode_preference, pad_token_id
+from .checks import booleans, integers, numbers
 from .common import StageConfig, eval_mode, model_device, sequence_logprobs, train_loop
 from .sft import sft_mix_loss
 
@@ -42,12 +43,10 @@ class DPOConfig(StageConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.beta <= 0:
-            raise ValueError(f"DPOConfig.beta must be > 0, got {self.beta}")
-        if self.sft_coef < 0:
-            raise ValueError(f"DPOConfig.sft_coef must be >= 0, got {self.sft_coef}")
-        if self.sft_batch_size is not None and self.sft_batch_size < 1:
-            raise ValueError(f"DPOConfig.sft_batch_size must be >= 1 or None, got {self.sft_batch_size}")
+        numbers(self, "beta", strict=True)
+        numbers(self, "sft_coef")
+        integers(self, 1, "sft_batch_size", optional=True)
+        booleans(self, "precompute_ref_logprobs")
 
 
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,

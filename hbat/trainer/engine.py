@@ -80,13 +80,22 @@ _JOINED_HERE = False  # whether init_distributed created the process group (so s
 
 
 def init_distributed() -> None:
-    """Join the process group torchrun / the deepspeed launcher set up (gloo on CPU), once."""
+    """Join the process group torchrun / the deepspeed launcher set up (gloo on CPU), once; ValueError, saying
+    how to launch, outside a launcher."""
     global _JOINED_HERE
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         return
-    import deepspeed
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:  # else DeepSpeed would try MPI (mpi4py)
+        raise ValueError("deepspeed is set, so every rank is its own process: start them with a launcher, e.g. "
+                         "`torchrun --nproc_per_node N -m hbat.cli train CONFIG --set deepspeed=ds.json` (README: "
+                         "Multi-process training under DeepSpeed)")
+    try:
+        import deepspeed
+    except ImportError as exc:
+        raise ValueError(f"deepspeed is set but the deepspeed package does not import ({exc}); "
+                         "pip install deepspeed") from None
     from deepspeed.accelerator import get_accelerator
 
     backend = None

@@ -29,6 +29,8 @@ from .ppo import PPOConfig, Rollout, generate, response_logprobs
 from .reward import score_responses
 from .sft import sft_loss
 
+EVAL_PROMPT_LEN = 128  # prompts are cut from the left to this many tokens for generation
+
 
 def _prompt_text(prompt) -> str:
     return prompt["prompt"] if isinstance(prompt, dict) else prompt
@@ -36,7 +38,7 @@ def _prompt_text(prompt) -> str:
 
 @torch.no_grad()
 def greedy_generate(model: nn.Module, tokenizer, prompts: Sequence, *, max_new_tokens: int = 32,
-                    max_prompt_len: int = 128) -> Rollout:
+                    max_prompt_len: int = EVAL_PROMPT_LEN) -> Rollout:
     """One greedy response per prompt, as a ``Rollout`` (left-padded queries, response masked after EOS)."""
     from transformers import GenerationConfig
 
@@ -56,7 +58,8 @@ def greedy_generate(model: nn.Module, tokenizer, prompts: Sequence, *, max_new_t
 
 
 def kl_to_reference(model: nn.Module, ref_model: nn.Module, tokenizer, prompts: Sequence, *,
-                    max_new_tokens: int = 32, max_prompt_len: int = 128, batch_size: int = 32) -> torch.Tensor:
+                    max_new_tokens: int = 32, max_prompt_len: int = EVAL_PROMPT_LEN,
+                    batch_size: int = 32) -> torch.Tensor:
     """Per-prompt k1 estimate of KL(model || ref) on responses sampled from ``model`` at temperature 1 ([N], CPU)."""
     cfg = PPOConfig(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens,
                     max_prompt_len=max_prompt_len)
@@ -74,7 +77,8 @@ def evaluate_policy(model: nn.Module, tokenizer, *, sft_rows: Sequence[dict] | N
                     prompts: Sequence | None = None, reward_model: nn.Module | None = None,
                     ref_model: nn.Module | None = None, exact_match: Callable[[str, str], bool] | None = None,
                     preference_score: Callable[[str, str], float] | None = None, max_new_tokens: int = 32,
-                    batch_size: int = 32, max_len: int = 256, max_prompt_len: int = 128, seed: int = 0) -> dict:
+                    batch_size: int = 32, max_len: int = 256, max_prompt_len: int = EVAL_PROMPT_LEN,
+                    seed: int = 0) -> dict:
     """The metrics of the module docstring; each one whose inputs are None is skipped.
 
     ``sft_rows`` -> eval/sft_loss; ``prompts`` with ``exact_match`` / ``preference_score`` / ``reward_model`` ->

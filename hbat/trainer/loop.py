@@ -8,10 +8,13 @@ change of the stage that ended, importance of the other objective, anchor refres
 DPO / PPO (HPA) on this part of the data with the penalty hook. After each completed part the policy is
 evaluated on the validation sets; the best by validation reward (or the last) is kept. Every stage is
 seeded from (cfg.seed, stage index), and a checkpoint after every stage holds all the loop's state, so
-``resume=True`` continues from the last completed stage and ends with the same weights.
+``resume=True`` continues from the last completed stage and ends with the same weights. A stage whose loss
+or weights turn non-finite stops the run (TrainingDiverged) before anything of it is evaluated or saved.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import time
 from dataclasses import replace
@@ -21,12 +24,17 @@ import torch
 from ..data import split_parts
 from . import checkpoint as ckpt
 from .config import TrainConfig, to_dict
+from .guards import TrainingDiverged, check_weights
+from .lock import run_lock
 from .methods import spec, stage_plan
 from .metrics import MetricsLogger
 from .regularizers import make_regularizer
 from .workspace import Workspace, frozen_copy
 
 RESUME_IGNORED = ("output_dir", "save_model")  # settings that may differ between a run and its resumption
+RESUME_REMEDY = "delete it, or run without --resume"
+CHECKPOINT_KEYS = ("position", "model", "regularizer", "critic", "evals", "best", "elapsed", "log_step", "rng",
+                   "config")
 
 
 def evaluate(ws: Workspace, model, cfg: TrainConfig) -> dict:
@@ -99,28 +107,44 @@ def _check_resume_config(saved: dict, cfg: TrainConfig) -> None:
 
 def run_method(ws: Workspace, cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
                run_name: str | None = None) -> dict:
-    """Run ``cfg.method`` from the workspace's base model; returns the kept model's metrics and run facts."""
-    from .engine import full_state_dict  # importing it needs no deepspeed
+    """Run ``cfg.method`` from the workspace's base model; returns the kept model's metrics and run facts.
 
-    method = spec(cfg.method)
+    The run folder is locked for the run (hbat.trainer.lock) and cleared of the temporary files killed runs
+    left. A non-finite loss or weight raises TrainingDiverged naming the method, stage and step: nothing of
+    that stage is saved or evaluated, checkpoint.pt and best.pt stay those of the last good stage, and
+    result.json says ``"status": "diverged"``.
+    """
+    distributed = cfg.deepspeed is not None
+    if distributed:
+        from . import engine as ds
+
+        ds.check_supported(cfg, spec(cfg.method).regularizer)  # before any work
+        ds.init_distributed()
+    main = not distributed or ds.is_main()  # only rank 0 prints, logs and writes (hbat.trainer.engine)
     name = run_name or cfg.method
     folder = os.path.join(cfg.output_dir, name)
     os.makedirs(folder, exist_ok=True)  # every rank: each writes its own anchor partition there
+    with run_lock(folder) if main else contextlib.nullcontext():
+        if main:
+            ckpt.remove_stale_temp_files(folder)
+        return _run_stages(ws, cfg, name, folder, resume=resume, progress=progress and main, main=main)
+
+
+def _run_stages(ws: Workspace, cfg: TrainConfig, name: str, folder: str, *, resume: bool, progress: bool,
+                main: bool) -> dict:
+    from .engine import full_state_dict  # importing it needs no deepspeed
+
+    method = spec(cfg.method)
     state_path, best_path = os.path.join(folder, "checkpoint.pt"), os.path.join(folder, "best.pt")
     plan = stage_plan(cfg.method, cfg.n_parts)
     parts = _parts(ws, cfg)
     distributed = cfg.deepspeed is not None
     if distributed:
         from . import engine as ds
-
-        ds.check_supported(cfg, method.regularizer)  # before any work
-        ds.init_distributed()
-    main = not distributed or ds.is_main()  # only rank 0 prints, logs and writes (hbat.trainer.engine)
-    progress = progress and main
     model = ws.build()
     state = None
     if resume and os.path.exists(state_path):
-        state = ckpt.load(state_path)
+        state = _load_checkpoint(state_path)
         _check_resume_config(state["config"], cfg)
         model.load_state_dict(state["model"])  # before the engine copies the weights into its partitions
     engine = ds.build_engine(model, cfg) if distributed else None
@@ -130,13 +154,15 @@ def run_method(ws: Workspace, cfg: TrainConfig, *, resume: bool = False, progres
     regularizer = make_regularizer(method.regularizer, trainee, cfg.ewc, ws.tokenizer, cfg.sft.max_len)
     critic, start, evals, best, elapsed = None, 0, [], None, 0.0
 
-    log = MetricsLogger(folder, tensorboard=True) if main else _NoLogger()
+    # a fresh run starts a fresh metrics file; a resumed one drops what was logged after its checkpoint
+    resume_step = None if state is None else state["log_step"]
+    log = MetricsLogger(folder, tensorboard=True, resume_step=resume_step) if main else _NoLogger()
     if state is not None:
         if distributed:  # each rank resumes its own anchor partition
             own = ds.rank_file(folder, ds.rank(), state["position"])
             if not os.path.exists(own):
                 raise ValueError(f"cannot resume: {own} is missing (was the run made with another number of ranks?)")
-            regularizer.load_state_dict(ckpt.load(own))
+            regularizer.load_state_dict(ckpt.load(own, remedy=RESUME_REMEDY))
         else:
             regularizer.load_state_dict(state["regularizer"])
         if state["critic"] is not None:
@@ -147,63 +173,58 @@ def run_method(ws: Workspace, cfg: TrainConfig, *, resume: bool = False, progres
         ckpt.set_rng_state(state["rng"])
         if main:
             print(f"[{name}] resuming after stage {start}/{len(plan)}")
-    elif not resume and main:
-        open(log.path, "w").close()  # a fresh run starts a fresh metrics file
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    for i in range(start, len(plan)):
-        objective, part = plan[i]
-        stage_seed = cfg.seed * 1000 + i
-        torch.manual_seed(stage_seed)
-        log.context = {"method": name, "stage": i, "objective": objective, "part": part}
-        started = time.perf_counter()
-        previous = plan[i - 1] if i else None
-        previous_rows = None
-        if previous is not None:
-            previous_rows = _as_sft_rows(parts["sft" if previous[0] == "ifa" else "pref"][previous[1]])
-        boundary = regularizer.begin_stage(objective, previous_rows)
-        if boundary:
-            log(boundary)
-        hook = regularizer.hook
-        if objective == "ifa":
-            critic = _run_ifa(ws, cfg, trainee, parts, part, stage_seed, hook, log, progress, critic)
-        else:
-            critic = _run_hpa(ws, cfg, trainee, parts, part, stage_seed, hook, log, progress, critic)
-        elapsed += time.perf_counter() - started
-        # the stage's weights on the CPU, once, for best.pt and checkpoint.pt (ZeRO-3: gathered on every rank,
-        # which also evaluates them)
-        weights = full_state_dict(model, engine) if main or zero3 else None
-        if i == len(plan) - 1 or plan[i + 1][0] == "ifa" and objective != "ifa" or not method.hpa:
-            policy = ds.plain_copy(ws.build, weights, model) if zero3 else model
-            metrics = {**evaluate(ws, policy, cfg), "part": part + 1, "stage": i}  # every rank, identically
-            del policy
-            evals.append(metrics)
-            log({f"{k}": v for k, v in metrics.items() if k.startswith("eval/")})
-            if main:
-                print(f"[{name}] part {part + 1}/{cfg.n_parts}: " +
-                      ", ".join(f"{k[5:]}={v:.4f}" for k, v in metrics.items() if k.startswith("eval/")))
-            if best is None or cfg.keep == "last" or metrics["eval/reward"] > best["eval/reward"]:
-                best = metrics
+    try:
+        for i in range(start, len(plan)):
+            objective, part = plan[i]
+            stage_seed = cfg.seed * 1000 + i
+            torch.manual_seed(stage_seed)
+            log.context = {"method": name, "stage": i, "objective": objective, "part": part}
+            started = time.perf_counter()
+            try:
+                critic, weights = _run_stage(ws, cfg, plan, i, parts, trainee, regularizer, critic, stage_seed, log,
+                                             progress, model, engine, main or zero3)
+            except TrainingDiverged as exc:
+                error = exc.within(f"method {name}, stage {i} ({objective}, part {part + 1} of {cfg.n_parts})")
+                error.result = {"method": name, "status": "diverged", "error": str(error), "stage": i,
+                                "train_seconds": elapsed, "stages": len(plan), "folder": folder}
                 if main:
-                    ckpt.save_atomic(weights, best_path)
-        if distributed:  # every rank's anchor partition first, then rank 0 marks the stage complete
-            ds.save_rank_file(regularizer.state_dict(), folder, i + 1)
-            ds.barrier()
-        if main:
-            ckpt.save_atomic({
-                "position": i + 1, "model": weights,
-                "regularizer": None if distributed else regularizer.state_dict(),
-                "critic": None if critic is None else critic.state_dict(),
-                "evals": evals, "best": best, "elapsed": elapsed, "log_step": log.step, "rng": ckpt.rng_state(),
-                "config": to_dict(cfg),
-            }, state_path)
-        weights = None
-        if distributed:
-            ds.barrier()
-            if i and os.path.exists(ds.rank_file(folder, ds.rank(), i)):
-                os.remove(ds.rank_file(folder, ds.rank(), i))  # superseded by the checkpoint just written
-    log.close()
+                    _write_result(folder, error.result)
+                raise error from None
+            elapsed += time.perf_counter() - started
+            if i == len(plan) - 1 or plan[i + 1][0] == "ifa" and objective != "ifa" or not method.hpa:
+                policy = ds.plain_copy(ws.build, weights, model) if zero3 else model
+                metrics = {**evaluate(ws, policy, cfg), "part": part + 1, "stage": i}  # every rank, identically
+                del policy
+                evals.append(metrics)
+                log({f"{k}": v for k, v in metrics.items() if k.startswith("eval/")})
+                if main:
+                    print(f"[{name}] part {part + 1}/{cfg.n_parts}: " +
+                          ", ".join(f"{k[5:]}={v:.4f}" for k, v in metrics.items() if k.startswith("eval/")))
+                if best is None or cfg.keep == "last" or metrics["eval/reward"] > best["eval/reward"]:
+                    best = metrics
+                    if main:
+                        ckpt.save_atomic(weights, best_path)
+            if distributed:  # every rank's anchor partition first, then rank 0 marks the stage complete
+                ds.save_rank_file(regularizer.state_dict(), folder, i + 1)
+                ds.barrier()
+            if main:
+                ckpt.save_atomic({
+                    "position": i + 1, "model": weights,
+                    "regularizer": None if distributed else regularizer.state_dict(),
+                    "critic": None if critic is None else critic.state_dict(),
+                    "evals": evals, "best": best, "elapsed": elapsed, "log_step": log.step, "rng": ckpt.rng_state(),
+                    "config": to_dict(cfg),
+                }, state_path)
+            weights = None
+            if distributed:
+                ds.barrier()
+                if i:
+                    ckpt.remove(ds.rank_file(folder, ds.rank(), i))  # superseded by the checkpoint just written
+    finally:
+        log.close()
 
     if distributed:
         ds.barrier()  # best.pt is complete
@@ -214,23 +235,58 @@ def run_method(ws: Workspace, cfg: TrainConfig, *, resume: bool = False, progres
         if best is None:
             weights = full_state_dict(model, engine)  # every rank: a collective
         else:
-            weights = ckpt.load(best_path) if main else None
+            weights = ckpt.load(best_path, remedy=RESUME_REMEDY) if main else None
         final = ds.plain_copy(ws.build, weights, model) if main else None
     elif not zero3 and best is not None and cfg.keep == "best" and os.path.exists(best_path):
-        model.load_state_dict(ckpt.load(best_path))
+        model.load_state_dict(ckpt.load(best_path, remedy=RESUME_REMEDY))
     if cfg.save_model and main:
         final.save_pretrained(os.path.join(folder, "model"))
         ws.tokenizer.save_pretrained(os.path.join(folder, "model"))
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
     rss = peak_rss_bytes()
-    result = {"method": name, **(best or {}), "train_seconds": elapsed, "peak_memory_bytes": peak, "peak_rss_bytes": rss,
-              "stages": len(plan), "folder": folder}
+    result = {"method": name, "status": "ok", **(best or {}), "train_seconds": elapsed, "peak_memory_bytes": peak,
+              "peak_rss_bytes": rss, "stages": len(plan), "folder": folder}
     if main:
-        ckpt.write_text_atomic(__import__("json").dumps(result, indent=2, default=str),
-                               os.path.join(folder, "result.json"))
+        _write_result(folder, result)
     if distributed:
         ds.barrier()
     return result
+
+
+def _run_stage(ws, cfg, plan, i, parts, trainee, regularizer, critic, seed, log, progress, model, engine,
+               gather: bool):
+    """Stage ``i`` of the plan: the regulariser's boundary, then IFA or HPA; returns (critic, the stage's weights
+    on the CPU, or None where this rank does not need them). TrainingDiverged if a weight is not finite."""
+    from .engine import full_state_dict
+
+    objective, part = plan[i]
+    previous = plan[i - 1] if i else None
+    previous_rows = None
+    if previous is not None:
+        previous_rows = _as_sft_rows(parts["sft" if previous[0] == "ifa" else "pref"][previous[1]])
+    boundary = regularizer.begin_stage(objective, previous_rows)
+    if boundary:
+        log(boundary)
+    run = _run_ifa if objective == "ifa" else _run_hpa
+    critic = run(ws, cfg, trainee, parts, part, seed, regularizer.hook, log, progress, critic)
+    # the stage's weights on the CPU, once, for best.pt and checkpoint.pt (ZeRO-3: gathered on every rank, which
+    # also evaluates them); checked before anything is evaluated or saved (every rank sees the same full weights)
+    weights = full_state_dict(model, engine) if gather else None
+    check_weights(weights if weights is not None else model.state_dict(), "at the end of the stage")
+    return critic, weights
+
+
+def _write_result(folder: str, result: dict) -> None:
+    ckpt.write_text_atomic(json.dumps(result, indent=2, default=str), os.path.join(folder, "result.json"))
+
+
+def _load_checkpoint(path: str) -> dict:
+    state = ckpt.load(path, remedy=RESUME_REMEDY)
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise ckpt.CheckpointError(f"{path}: has no {missing[0]!r} (made by another version of hbat?); "
+                                   f"{RESUME_REMEDY}")
+    return state
 
 
 def peak_rss_bytes() -> int:

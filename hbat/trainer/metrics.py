@@ -17,20 +17,29 @@ def _plain(value):
 
 class MetricsLogger:
     """Appends one JSON object per call to ``<folder>/metrics.jsonl``; context keys (method, stage, part)
-    are added to every record. ``step`` counts logged optimizer steps over the whole run."""
+    are added to every record. ``step`` counts logged optimizer steps over the whole run.
 
-    def __init__(self, folder: str, *, tensorboard: bool = True, console: bool = False):
+    A fresh logger (``resume_step=None``) empties the file. A resumed one keeps the records up to
+    ``resume_step`` (the checkpoint's) and drops the rest, which the resumed run logs again, and a line a
+    kill cut short. TensorBoard is told to purge the events after that step (all of them for a fresh one)."""
+
+    def __init__(self, folder: str, *, tensorboard: bool = True, console: bool = False,
+                 resume_step: int | None = None):
+        from .checkpoint import write_text_atomic
+
         os.makedirs(folder, exist_ok=True)
         self.path = os.path.join(folder, "metrics.jsonl")
         self.context: dict = {}
-        self.step = 0
+        self.step = resume_step or 0
         self.console = console
+        kept = _records_up_to(self.path, resume_step) if resume_step is not None else []
+        write_text_atomic("".join(line + "\n" for line in kept), self.path)
         self.writer = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(os.path.join(folder, "tensorboard"))
+                self.writer = SummaryWriter(os.path.join(folder, "tensorboard"), purge_step=self.step + 1)
             except Exception:  # noqa: BLE001 - tensorboard is optional
                 self.writer = None
 
@@ -50,6 +59,23 @@ class MetricsLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _records_up_to(path: str, step: int) -> list[str]:
+    """The lines of ``path`` that are whole records with ``step <= step``."""
+    kept = []
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+                    kept.append(line.rstrip("\n"))
+    except FileNotFoundError:
+        pass
+    return kept
 
 
 def read_metrics(path: str) -> list[dict]:

@@ -36,6 +36,8 @@ import torch
 from torch import nn
 
 from ..data import collate, encode_prompts, pad_token_id, position_ids_from_mask
+from .checks import booleans, choice, fail, integers, numbers
+from .guards import check_values, check_weights
 from .reward import RewardModel
 
 
@@ -68,24 +70,19 @@ class PPOConfig:
     weight_decay: float = 0.0
 
     def __post_init__(self):
-        for name in ("batch_size", "mini_batch_size", "ppo_epochs", "epochs", "max_new_tokens", "max_prompt_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"PPOConfig.{name} must be >= 1, got {getattr(self, name)}")
+        integers(self, 1, "batch_size", "mini_batch_size", "ppo_epochs", "epochs", "max_new_tokens")
+        integers(self, 1, "max_steps", optional=True)
+        integers(self, 2, "max_prompt_len")  # prompts are cut like a (prompt, empty response) pair
+        integers(self, 0, "top_k", "cold_start_steps")
         if self.mini_batch_size > self.batch_size:
-            raise ValueError(f"PPOConfig.mini_batch_size ({self.mini_batch_size}) > batch_size ({self.batch_size})")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"PPOConfig.max_steps must be >= 1 or None, got {self.max_steps}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"PPOConfig.top_p must be in (0, 1], got {self.top_p}")
-        if self.temperature <= 0:
-            raise ValueError(f"PPOConfig.temperature must be > 0, got {self.temperature}")
-        if self.cold_start_steps < 0:
-            raise ValueError(f"PPOConfig.cold_start_steps must be >= 0, got {self.cold_start_steps}")
-        if self.cold_start_scope not in ("critic", "run"):
-            raise ValueError(f"PPOConfig.cold_start_scope must be 'critic' or 'run', got {self.cold_start_scope!r}")
-        for name in ("lr", "critic_lr"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"PPOConfig.{name} must be >= 0, got {getattr(self, name)}")
+            fail(self, "mini_batch_size", f"must be <= batch_size ({self.batch_size}), got {self.mini_batch_size}")
+        numbers(self, "lr", "critic_lr", "kl_coef", "max_grad_norm", "weight_decay")
+        numbers(self, "clip_range", "value_clip", "temperature", strict=True)
+        numbers(self, "top_p", strict=True, maximum=1.0)
+        numbers(self, "gamma", "gae_lambda", maximum=1.0)
+        numbers(self, "missing_eos_penalty", minimum=-math.inf, optional=True)
+        booleans(self, "whiten_advantages")
+        choice(self, "cold_start_scope", ("critic", "run"))
 
 
 # --- the math, on small tensors [B, T] with a 0/1 response mask ---------------------------------------------
@@ -327,7 +324,8 @@ def run_ppo(policy: nn.Module, ref_model: nn.Module | None, reward_model: Reward
     ``ppo/value_loss``, ``ppo/value_clipfrac``, ``ppo/cold_start`` (1 while the policy is frozen) and, when the
     policy was updated, ``ppo/policy_loss``, ``ppo/clipfrac``, ``ppo/approx_kl``, ``ppo/ratio`` and (with ewc)
     ``ewc/penalty``. Returns the means of these over the run, ``ppo/steps``, ``ppo/policy_updates`` and
-    ``ppo/reward_last`` (mean score of the last step).
+    ``ppo/reward_last`` (mean score of the last step). A non-finite loss, penalty or weight after a PPO step
+    raises hbat.trainer.guards.TrainingDiverged.
     """
     from tqdm.auto import tqdm
 
@@ -363,6 +361,12 @@ def run_ppo(policy: nn.Module, ref_model: nn.Module | None, reward_model: Reward
                 metrics = _ppo_step(policy, ref_model, reward_model, critic, tokenizer, batch_prompts, cfg,
                                     policy_optimizer, critic_optimizer, generator, ewc, update_policy=not cold)
                 step += 1
+                # PPO reads its metrics every step anyway; NaN weights would break the next rollout's sampling
+                where = f"ppo step {step}"
+                check_values(metrics, ("ppo/policy_loss", "ppo/value_loss", "ewc/penalty"), where,
+                             " (a smaller ppo.lr or ppo.critic_lr may help)")
+                check_weights(policy.named_parameters(), where)
+                check_weights(critic.named_parameters(), f"{where}, critic")
                 policy_updates += 0 if cold else 1
                 metrics["ppo/step"] = step
                 history.append(metrics)

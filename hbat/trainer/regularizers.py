@@ -14,12 +14,10 @@ import torch
 from ..ewc import HybridEWC
 from .config import EWCConfig
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # EWCConfig.anchor_dtype (checked there)
 
 
 def hybrid_ewc(model, cfg: EWCConfig, *, lam: float | None = None) -> HybridEWC:
-    if cfg.anchor_dtype not in _DTYPES:
-        raise ValueError(f"ewc.anchor_dtype must be one of {list(_DTYPES)}, got {cfg.anchor_dtype!r}")
     return HybridEWC(model, f_max=cfg.f_max, lam=cfg.lam if lam is None else lam,
                      importance_mode=cfg.importance_mode, importance_scale=cfg.importance_scale,
                      anchor_dtype=_DTYPES[cfg.anchor_dtype], include=cfg.include, exclude=cfg.exclude,

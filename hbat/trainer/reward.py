@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import collate, collate_preference, encode_preference, encode_sft, pad_token_id, position_ids_from_mask
+from .checks import integers, numbers
+from .guards import check_values
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -83,11 +85,11 @@ class RewardConfig:
     seed: int = 0                    # shuffling of the pairs
 
     def __post_init__(self):
-        for name in ("batch_size", "epochs", "max_len", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"RewardConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"RewardConfig.lr must be > 0, got {self.lr}")
+        integers(self, 1, "batch_size", "epochs", "eval_batch_size")
+        integers(self, 2, "max_len")
+        integers(self, 0, "seed")
+        numbers(self, "lr", strict=True)
+        numbers(self, "weight_decay", "max_grad_norm")
 
 
 def ranking_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
@@ -115,7 +117,8 @@ def train_reward_model(rm: RewardModel, tokenizer, pairs: Sequence[dict], cfg: R
 
     Logs ``rm/loss``, ``rm/accuracy``, ``rm/margin``, ``rm/epoch`` per step through ``log``; returns the last
     epoch's means (``rm/loss``, ``rm/accuracy``, ``rm/margin``), ``rm/steps`` and, with ``eval_pairs``, the
-    held-out ``rm/eval_accuracy``, ``rm/eval_margin``, ``rm/eval_loss``.
+    held-out ``rm/eval_accuracy``, ``rm/eval_margin``, ``rm/eval_loss``. A non-finite loss raises
+    hbat.trainer.guards.TrainingDiverged.
     """
     from tqdm.auto import tqdm
 
@@ -149,6 +152,7 @@ def train_reward_model(rm: RewardModel, tokenizer, pairs: Sequence[dict], cfg: R
                 step += 1
                 stats = {"rm/loss": loss.item(), "rm/accuracy": (chosen > rejected).float().mean().item(),
                          "rm/margin": (chosen - rejected).mean().item()}
+                check_values(stats, ("rm/loss",), f"reward model step {step}", " (a smaller reward.lr may help)")
                 for key, value in stats.items():
                     sums[key] += value
                 if log is not None:

@@ -2,10 +2,14 @@
 
 With no CONFIG the embedded default runs (no download, CPU, a few minutes): the generated task, a tiny Llama
 pre-trained on generated text, then two-stage SFT -> DPO and HBAT side by side (``make demo``).
+
+Exit codes: 0 every run finished; 2 an error before or during the runs (one line ``hbat train: ...``
+naming the key, file or line); 3 a run diverged (its row says so; the other methods ran).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -14,6 +18,8 @@ import time
 SUMMARY_COLUMNS = ["method", "eval/exact_match", "eval/sft_loss", "eval/preference", "eval/reward",
                    "eval/win_rate", "eval/kl_to_sft", "train_seconds"]
 DEFAULT_METHODS = ("two_stage", "hbat")
+DIVERGED = "diverged"  # the metric cells of a diverged run
+EXIT_ERROR, EXIT_DIVERGED = 2, 3  # exit codes: bad input / a file / a setting; a run diverged
 
 
 def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -44,11 +50,19 @@ def summary_table(results: list[dict]) -> str:
 
 
 def train(config_path, overrides, methods=None, *, resume=False, progress=True, name=None) -> list[dict]:
-    """Run ``methods`` (default: the config's method) with shared data and models; returns their results."""
-    from .checkpoint import write_text_atomic
+    """Run ``methods`` (default: the config's method) with shared data and models; returns their results.
+
+    Everything is checked before anything is trained: every method's config, the data against each of them,
+    and the run folders, which are locked for the run (a second run into one of them is refused). A method
+    whose training diverges gets a result with ``"status": "diverged"`` and its ``"error"``; the others run.
+    """
+    from .checkpoint import remove_stale_temp_files, write_text_atomic
     from .config import dump_config, load_config
+    from .guards import TrainingDiverged
+    from .lock import run_lock
     from .loop import run_method
-    from .workspace import prepare
+    from .validate import check_data
+    from .workspace import load_data, prepare
 
     base = load_config(config_path, overrides)
     methods = methods or [base.method]
@@ -56,18 +70,31 @@ def train(config_path, overrides, methods=None, *, resume=False, progress=True, 
     if name is not None and len(configs) != 1:
         raise ValueError("--name needs exactly one method")
     main_rank = int(os.environ.get("RANK", "0")) == 0  # under DeepSpeed only rank 0 prints and writes
-    os.makedirs(base.output_dir, exist_ok=True)
-    if main_rank:
+    data = load_data(base)
+    for cfg in configs:
+        check_data(data.splits, cfg, data.sources)
+    with contextlib.ExitStack() as locks:
+        if main_rank:
+            for cfg in configs:
+                locks.enter_context(run_lock(os.path.join(cfg.output_dir, name or cfg.method)))
+            remove_stale_temp_files(base.output_dir)
+            for cfg in configs:
+                write_text_atomic(dump_config(cfg), os.path.join(cfg.output_dir, f"config-{name or cfg.method}.yaml"))
+            print(f"hbat train: {', '.join(methods)} -> {base.output_dir}")
+        started = time.perf_counter()
+        ws = prepare(base, progress=progress, data=data)
+        if ws.info and main_rank:
+            print("task: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                       for k, v in ws.info.items() if k.startswith("pref_train")))
+        results = []
         for cfg in configs:
-            write_text_atomic(dump_config(cfg), os.path.join(cfg.output_dir, f"config-{name or cfg.method}.yaml"))
-        print(f"hbat train: {', '.join(methods)} -> {base.output_dir}")
-    started = time.perf_counter()
-    ws = prepare(base, progress=progress)
-    if ws.info and main_rank:
-        print("task: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                                   for k, v in ws.info.items() if k.startswith("pref_train")))
-    results = [run_method(ws, cfg, resume=resume, progress=progress, run_name=name) for cfg in configs]
-    rows = [{**r, "train_seconds": round(r["train_seconds"])} for r in results]
+            try:
+                results.append(run_method(ws, cfg, resume=resume, progress=progress, run_name=name))
+            except TrainingDiverged as exc:  # reported; the other methods still run
+                if main_rank:
+                    print(f"hbat train: {exc}", file=sys.stderr, flush=True)
+                results.append(exc.result)  # as in the run's result.json
+    rows = [summary_row(r) for r in results]
     if main_rank and name is None and ws.sft_model is not None:  # the starting point, to read the tax against
         from .loop import evaluate
 
@@ -78,6 +105,10 @@ def train(config_path, overrides, methods=None, *, resume=False, progress=True, 
     text = (f"# hbat train summary\n\nCommand: `{command}`\n\nWall time: {time.perf_counter() - started:.0f} s "
             f"(the shared base model, SFT reference and reward model are cached in {base.output_dir}/shared)\n\n"
             f"{table}\n")
+    diverged = [r["error"] for r in results if r["status"] == "diverged"]
+    if diverged:
+        text += "\nDiverged (no result; checkpoint.pt and best.pt are those of the last good stage):\n\n" + \
+            "".join(f"- {error}\n" for error in diverged)
     if main_rank:
         # a named run (one row of `hbat compare`) gets its own summary files in a shared output folder
         stem = f"summary-{name}" if name else "summary"
@@ -91,6 +122,13 @@ def train(config_path, overrides, methods=None, *, resume=False, progress=True, 
     return results
 
 
+def summary_row(result: dict) -> dict:
+    """A row of the summary table: a diverged run shows "diverged" in every metric column."""
+    if result.get("status") == "diverged":
+        return {"method": result["method"], **{c: DIVERGED for c in SUMMARY_COLUMNS if c.startswith("eval/")}}
+    return {**result, "train_seconds": round(result["train_seconds"])}
+
+
 def run(args) -> int:
     from .config import dump_config, load_config
 
@@ -102,21 +140,31 @@ def run(args) -> int:
         for m in methods:
             print(f"# method {m}\n" + dump_config(load_config(args.config, list(args.overrides) + [f"method={m}"])))
         return 0
-    train(args.config, args.overrides, methods, resume=args.resume, progress=not args.no_progress, name=args.name)
-    return 0
+    results = train(args.config, args.overrides, methods, resume=args.resume, progress=not args.no_progress,
+                    name=args.name)
+    return EXIT_DIVERGED if any(r["status"] == "diverged" for r in results) else 0
+
+
+def call(prog: str, func, args) -> int:
+    """``func(args)`` as a command: its exit code, or one line ``prog: message`` on stderr and EXIT_ERROR (bad
+    input, a file, a setting) or EXIT_DIVERGED (training diverged)."""
+    from .guards import TrainingDiverged
+
+    try:
+        return int(func(args) or 0)
+    except TrainingDiverged as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except (ValueError, OSError, KeyError, NotImplementedError) as exc:
+        print(f"{prog}: {f'missing key {exc}' if type(exc) is KeyError else exc}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 def main(argv=None) -> int:
     parser = build_parser(argparse.ArgumentParser(prog="hbat train", description=__doc__.splitlines()[0]))
-    args = parser.parse_args(argv)
-    try:
-        code = run(args)
-    except (ValueError, OSError, KeyError) as exc:
-        print(f"hbat train: {exc}", file=sys.stderr)
-        return 2
     from .engine import finish
 
-    return finish(code)
+    return finish(call("hbat train", run, parser.parse_args(argv)))
 
 
 if __name__ == "__main__":

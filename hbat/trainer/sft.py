@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..data import IGNORE_INDEX, collate, encode_sft, pad_sequences, pad_token_id
+from .checks import booleans
 from .common import StageConfig, eval_mode, token_logprobs, train_loop
 
 
@@ -37,6 +38,10 @@ class SFTConfig(StageConfig):
     batch_size: int = 64              # rows per optimizer step (paper: 64)
     epochs: int = 3                   # passes over the rows (paper: 3)
     packing: bool = False             # concatenate rows into max_len-token rows (module docstring)
+
+    def __post_init__(self):
+        super().__post_init__()
+        booleans(self, "packing")
 
 
 def pack_rows(encoded: Sequence[dict], max_len: int) -> list[dict]:

@@ -1,8 +1,10 @@
 """Everything the methods of one comparison share: tokenizer, base model, data splits, SFT reference, reward model.
 
 ``prepare(cfg)`` builds them once (the embedded task, or the user's model and JSONL files) and caches the
-trained pieces under ``<output_dir>/shared/`` (atomic files), so that several methods, and a resumed run,
-start from the very same base weights, reward model and data.
+trained pieces under ``<output_dir>/shared/`` (atomic files with checksums, hbat.trainer.checkpoint), so that
+several methods, and a resumed run, start from the very same base weights, reward model and data. The data
+is read and checked against the config before any model is built; a cached file that fails its check is an
+error (never rebuilt silently); a piece whose training diverges is not cached (TrainingDiverged).
 """
 from __future__ import annotations
 
@@ -13,8 +15,11 @@ from typing import Callable
 
 import torch
 
-from .checkpoint import load, save_atomic
+from .checkpoint import CheckpointError, load, remove_stale_temp_files, save_atomic
+from .checks import ConfigError
 from .config import TrainConfig
+from .guards import TrainingDiverged, check_weights
+from .validate import check_data
 
 
 @dataclass
@@ -42,61 +47,76 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _embedded(cfg: TrainConfig, shared: str, progress: bool, log):
-    from ..task import build_model, build_tokenizer, make_task, pretrain
+@dataclass
+class RunData:
+    """The data of a run, read before any model is built (``load_data``)."""
+
+    splits: dict[str, list[dict]]     # sft_train, sft_val, pref_train, pref_val, prompts_train, prompts_val
+    sources: dict[str, str]           # "sft" / "pref" / "prompts" -> where the set comes from (for errors)
+    exact_match: Callable | None = None
+    preference_score: Callable | None = None
+    info: dict | None = None
+    pretrain_texts: list[str] | None = None  # the embedded task's pre-training text
+
+
+def load_data(cfg: TrainConfig) -> RunData:
+    """The embedded task, or the user's JSONL files split into training and validation rows; errors name the
+    file and line, or the config key."""
+    return _embedded_data(cfg) if cfg.model.path is None else _user_data(cfg)
+
+
+def _embedded_data(cfg: TrainConfig) -> RunData:
+    from ..task import make_task
 
     d = cfg.data
-    task = make_task(seed=cfg.seed, n_sft=d.task_n_sft, n_pref=d.task_n_pref, n_prompts=d.task_n_pref // 2,
-                     n_val=d.task_n_val, conflict=d.task_conflict)
-    tokenizer = build_tokenizer()
-    size = cfg.model.size
+    try:
+        task = make_task(seed=cfg.seed, n_sft=d.task_n_sft, n_pref=d.task_n_pref, n_prompts=d.task_n_pref // 2,
+                         n_val=d.task_n_val, conflict=d.task_conflict)
+    except ValueError as exc:
+        raise ConfigError("config.data.task_n_sft", f"+ task_n_pref + task_n_val ask too much of the embedded task "
+                          f"({exc})") from None
+    splits = dict(sft_train=task.sft_train, sft_val=task.sft_val, pref_train=task.pref_train, pref_val=task.pref_val,
+                  prompts_train=task.prompts_train, prompts_val=task.prompts_val)
+    sources = {"sft": f"the embedded task (data.task_n_sft={d.task_n_sft})",
+               "pref": f"the embedded task (data.task_n_pref={d.task_n_pref})",
+               "prompts": f"the embedded task (data.task_n_pref // 2 = {d.task_n_pref // 2} prompts)"}
+    return RunData(splits, sources, task.exact_match, task.preference_score, task.stats(), task.pretrain_texts)
 
-    def fresh():
-        return build_model(tokenizer, size=size, seed=cfg.seed)
 
-    path = os.path.join(shared, "base.pt")
-    if os.path.exists(path):
-        base_state = load(path)
+def _user_data(cfg: TrainConfig) -> RunData:
+    from ..data import load_preference, load_prompts, load_sft
+
+    d = cfg.data
+    sets = {"sft": (_read(load_sft, "sft", d.sft, d.sft_adapter), f"data.sft ({d.sft})"),
+            "pref": (_read(load_preference, "preference", d.preference, d.preference_adapter),
+                     f"data.preference ({d.preference})")}
+    if d.prompts:
+        sets["prompts"] = (_read(load_prompts, "prompts", d.prompts, d.prompts_adapter), f"data.prompts ({d.prompts})")
     else:
-        model = fresh()
-        if cfg.model.pretrain_steps:
-            pretrain(model, tokenizer, task.pretrain_texts, steps=cfg.model.pretrain_steps,
-                     batch_size=cfg.model.pretrain_batch_size, lr=cfg.model.pretrain_lr, seed=cfg.seed,
-                     progress=progress, log=log)
-        base_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        save_atomic(base_state, path)
-    data = dict(sft_train=task.sft_train, sft_val=task.sft_val, pref_train=task.pref_train, pref_val=task.pref_val,
-                prompts_train=task.prompts_train, prompts_val=task.prompts_val)
-    return tokenizer, fresh, base_state, data, task.exact_match, task.preference_score, task.stats()
+        sets["prompts"] = ([{"prompt": r["prompt"]} for r in sets["pref"][0]], f"the prompts of data.preference "
+                           f"({d.preference})")
+    splits = {}
+    for kind, (rows, source) in sets.items():
+        train, val = _split(rows, d.val_size, cfg.seed, source)
+        splits[f"{kind}_train"], splits[f"{kind}_val"] = train, val[:d.max_val]
+    return RunData(splits, {kind: source for kind, (_, source) in sets.items()})
 
 
-def _user(cfg: TrainConfig, shared: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _read(loader, key: str, path: str, adapter) -> list[dict]:
+    rows = loader(path, adapter=adapter)
+    if not rows:
+        raise ConfigError(f"config.data.{key}", f"names a file with no rows: {path}")
+    return rows
 
-    from ..data import load_preference, load_prompts, load_sft, train_val_split
 
-    d = cfg.data
-    if not d.sft or not d.preference:
-        raise ValueError("with model.path set, data.sft and data.preference must name JSONL files")
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+def _split(rows: list[dict], val_size: float, seed: int, source: str) -> tuple[list[dict], list[dict]]:
+    from ..data import train_val_split
 
-    def fresh():
-        return AutoModelForCausalLM.from_pretrained(cfg.model.path, torch_dtype=torch.float32)
-
-    base_state = {k: v.detach().cpu().clone() for k, v in fresh().state_dict().items()}
-    sft = load_sft(d.sft, adapter=d.sft_adapter)
-    pref = load_preference(d.preference, adapter=d.preference_adapter)
-    prompts = load_prompts(d.prompts, adapter=d.prompts_adapter) if d.prompts else \
-        [{"prompt": r["prompt"]} for r in pref]
-    sft_train, sft_val = train_val_split(sft, d.val_size, seed=cfg.seed)
-    pref_train, pref_val = train_val_split(pref, d.val_size, seed=cfg.seed)
-    prompts_train, prompts_val = train_val_split(prompts, d.val_size, seed=cfg.seed)
-    cap = d.max_val
-    data = dict(sft_train=sft_train, sft_val=sft_val[:cap], pref_train=pref_train, pref_val=pref_val[:cap],
-                prompts_train=prompts_train, prompts_val=prompts_val[:cap])
-    return tokenizer, fresh, base_state, data, None, None, {}
+    try:
+        return train_val_split(rows, val_size, seed=seed)
+    except ValueError:
+        raise ConfigError("config.data.val_size", f"= {val_size:g} leaves no training or no validation rows of "
+                          f"{source}, which has {len(rows)}") from None
 
 
 def shared_key(cfg: TrainConfig) -> str:
@@ -110,65 +130,118 @@ def shared_key(cfg: TrainConfig) -> str:
     return hashlib.sha1(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def prepare(cfg: TrainConfig, *, progress: bool = True, log=None) -> Workspace:
-    """Build or load the shared pieces of a run (see the module docstring).
+CACHE_REMEDY = "delete it (the shared pieces are rebuilt from the config on the next run)"
+
+
+def prepare(cfg: TrainConfig, *, progress: bool = True, log=None, data: RunData | None = None) -> Workspace:
+    """Build or load the shared pieces of a run (see the module docstring) from ``data`` (default:
+    ``load_data(cfg)``), which is checked against ``cfg`` (hbat.trainer.validate.check_data) first.
 
     Under DeepSpeed (``cfg.deepspeed``) rank 0 builds and caches them first while the other ranks wait at a
     barrier, then those load the cache: every rank holds identical data, base weights and judges.
     """
     if cfg.deepspeed is None:
-        return _prepare(cfg, progress=progress, log=log)
+        return _prepare(cfg, progress=progress, log=log, data=data)
     from .engine import barrier, init_distributed, is_main, run_ds_config
 
     init_distributed()
     run_ds_config(cfg)  # a bad DeepSpeed config fails now, not after the shared pieces are trained
     if not is_main():
         barrier()  # rank 0 is building the cache (the default process-group timeout is 30 minutes)
-    ws = _prepare(cfg, progress=progress and is_main(), log=log if is_main() else None)
+    ws = _prepare(cfg, progress=progress and is_main(), log=log if is_main() else None, data=data)
     if is_main():
         barrier()
     return ws
 
 
-def _prepare(cfg: TrainConfig, *, progress: bool, log) -> Workspace:
+def _prepare(cfg: TrainConfig, *, progress: bool, log, data: RunData | None) -> Workspace:
     from .reward import RewardModel, train_reward_model
     from .sft import run_sft
 
+    data = data or load_data(cfg)
+    check_data(data.splits, cfg, data.sources)  # before any model is built
     shared = os.path.join(cfg.output_dir, "shared", shared_key(cfg))
     os.makedirs(shared, exist_ok=True)
+    remove_stale_temp_files(shared)
     device = pick_device()
-    if cfg.model.path is None:
-        tokenizer, fresh, base_state, data, exact, pref_score, info = _embedded(cfg, shared, progress, log)
-    else:
-        tokenizer, fresh, base_state, data, exact, pref_score, info = _user(cfg, shared)
+    tokenizer, fresh = _embedded_model(cfg) if cfg.model.path is None else _user_model(cfg)
+    base_state = _base_weights(cfg, shared, tokenizer, fresh, data, progress, log)
 
     def build() -> torch.nn.Module:
         model = fresh()
         model.load_state_dict(base_state)
         return model.to(device)
 
-    sft_path = os.path.join(shared, "sft.pt")
     sft_model = build()
-    if os.path.exists(sft_path):
-        sft_model.load_state_dict(load(sft_path))
-    else:
-        run_sft(sft_model, tokenizer, data["sft_train"], replace(cfg.sft, seed=cfg.seed), log=log, progress=progress)
-        save_atomic({k: v.detach().cpu() for k, v in sft_model.state_dict().items()}, sft_path)
+    _cached(os.path.join(shared, "sft.pt"), sft_model,
+            lambda: run_sft(sft_model, tokenizer, data.splits["sft_train"], replace(cfg.sft, seed=cfg.seed), log=log,
+                            progress=progress), "the shared SFT reference", "sft.lr")
     sft_model.eval().requires_grad_(False)
 
-    rm_path = os.path.join(shared, "reward_model.pt")
     reward_model = RewardModel.from_causal_lm(sft_model).to(device)
-    if os.path.exists(rm_path):
-        reward_model.load_state_dict(load(rm_path))
-    else:
-        reward_model.requires_grad_(True)
-        train_reward_model(reward_model, tokenizer, data["pref_train"], replace(cfg.reward, seed=cfg.seed),
-                           log=log, progress=progress)
-        save_atomic({k: v.detach().cpu() for k, v in reward_model.state_dict().items()}, rm_path)
+    reward_model.requires_grad_(True)
+    _cached(os.path.join(shared, "reward_model.pt"), reward_model,
+            lambda: train_reward_model(reward_model, tokenizer, data.splits["pref_train"],
+                                       replace(cfg.reward, seed=cfg.seed), log=log, progress=progress),
+            "the shared reward model", "reward.lr")
     reward_model.eval().requires_grad_(False)
     return Workspace(tokenizer=tokenizer, base_state=base_state, build=build, sft_model=sft_model,
-                     reward_model=reward_model, device=device, exact_match=exact, preference_score=pref_score,
-                     info=info, **data)
+                     reward_model=reward_model, device=device, exact_match=data.exact_match,
+                     preference_score=data.preference_score, info=data.info, **data.splits)
+
+
+def _base_weights(cfg: TrainConfig, shared: str, tokenizer, fresh, data: RunData, progress: bool, log) -> dict:
+    """The weights every method starts from (CPU): the user's model as loaded, or the embedded model pre-trained
+    once and cached like the other pieces."""
+    base = fresh()
+    if cfg.model.path is None:
+
+        def pretrain_base():
+            from ..task import pretrain
+
+            if cfg.model.pretrain_steps:
+                pretrain(base, tokenizer, data.pretrain_texts, steps=cfg.model.pretrain_steps,
+                         batch_size=cfg.model.pretrain_batch_size, lr=cfg.model.pretrain_lr, seed=cfg.seed,
+                         progress=progress, log=log)
+
+        _cached(os.path.join(shared, "base.pt"), base, pretrain_base, "the shared base model", "model.pretrain_lr")
+    return {k: v.detach().cpu().clone() for k, v in base.state_dict().items()}
+
+
+def _embedded_model(cfg: TrainConfig):
+    from ..task import build_model, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    return tokenizer, lambda: build_model(tokenizer, size=cfg.model.size, seed=cfg.seed)
+
+
+def _user_model(cfg: TrainConfig):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, lambda: AutoModelForCausalLM.from_pretrained(cfg.model.path, torch_dtype=torch.float32)
+
+
+def _cached(path: str, module: torch.nn.Module, train: Callable[[], object], what: str, lr_key: str) -> None:
+    """Load ``module``'s weights from the cache file ``path`` (checked), or ``train()`` it and cache the weights,
+    which must be finite."""
+    if os.path.exists(path):
+        state = load(path, remedy=CACHE_REMEDY)
+        try:
+            module.load_state_dict(state)
+        except (RuntimeError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{path}: does not fit the model ({str(exc).splitlines()[0]}); "
+                                  f"{CACHE_REMEDY}") from None
+        return
+    try:
+        train()
+    except FloatingPointError as exc:  # TrainingDiverged, or pre-training's own
+        raise TrainingDiverged(f"{what}: {exc} (a smaller {lr_key} may help)") from None
+    state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    check_weights(state, what)
+    save_atomic(state, path)
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:

@@ -1,0 +1,543 @@
+"""The README's "Guarantees" of the trainer: no code runs from a file, a diverged run never passes as a result,
+every setting is checked when the config is loaded, errors are one line naming the key / file / line, a kill
+leaves nothing behind, a second run into a folder is refused, and every file hbat reads back is checked.
+
+Tiny configs throughout (seconds each). CLI runs are in-process (``hbat.trainer.run.main``) and start from a
+copy of one shared cache (base model, SFT reference, reward model) built once for the module.
+"""
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("yaml")
+
+from hbat.trainer import checkpoint as ckpt  # noqa: E402
+from hbat.trainer import loop  # noqa: E402
+from hbat.trainer.checks import ConfigError  # noqa: E402
+from hbat.trainer.config import TrainConfig, load_config  # noqa: E402
+from hbat.trainer.guards import TrainingDiverged  # noqa: E402
+from hbat.trainer.lock import HOST, FolderLocked, run_lock  # noqa: E402
+from hbat.trainer.metrics import read_metrics  # noqa: E402
+from hbat.trainer.run import EXIT_DIVERGED, EXIT_ERROR, main  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from test_trainer_loop import TINY, write_user_run  # noqa: E402
+from trainer_ds_worker import tiny_workspace  # noqa: E402
+
+TASK = ["data.task_n_sft=64", "data.task_n_pref=48", "data.task_n_val=8"]
+CLI = TINY + TASK
+
+
+# --- helpers ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    """``<dir>/shared`` of the tiny CLI config, built once (copied into each test's output folder)."""
+    from hbat.trainer.workspace import prepare
+
+    out = tmp_path_factory.mktemp("cache")
+    prepare(load_config(None, CLI + [f"output_dir={out}"]), progress=False)
+    return out / "shared"
+
+
+def out_dir(tmp_path, shared_cache) -> Path:
+    out = tmp_path / "out"
+    shutil.copytree(shared_cache, out / "shared")
+    return out
+
+
+def hbat_train(capsys, out, *overrides, flags=()) -> tuple[int, str, str]:
+    argv = ["--no-progress", *flags] + [a for o in [*CLI, f"output_dir={out}", *overrides] for a in ("--set", o)]
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def one_line_error(err: str) -> str:
+    """The error output of a failed command: exactly one line ``hbat train: ...``, no traceback."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("hbat train: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+class Plant:
+    """Unpickling this runs ``open(marker, "w")``: the marker file says whether a load ran code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def plant(path: Path, marker: Path, *, with_checksum: bool) -> None:
+    torch.save({"model": Plant(marker)}, path)
+    if with_checksum:  # the attacker also writes a matching checksum: the load itself must refuse
+        (path.parent / (path.name + ".sha256")).write_text(f"{ckpt.sha256_of(str(path))}  {path.name}\n")
+
+
+def shared_folder(out: Path) -> Path:
+    (folder,) = (out / "shared").iterdir()
+    return folder
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+# --- 1. no code runs from a file ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("with_checksum", [False, True], ids=["no-checksum", "forged-checksum"])
+def test_a_pickle_planted_in_the_shared_cache_never_runs(tmp_path, shared_cache, capsys, with_checksum):
+    out = out_dir(tmp_path, shared_cache)
+    target = shared_folder(out) / "reward_model.pt"
+    marker = tmp_path / "ran"
+    plant(target, marker, with_checksum=with_checksum)
+    code, _, err = hbat_train(capsys, out, "method=sft_only")
+    assert code == EXIT_ERROR
+    line = one_line_error(err)
+    assert str(target) in line and "delete it" in line
+    assert not marker.exists()
+    torch.load(target, weights_only=False)  # the planted file is live: loading it the unsafe way runs it
+    assert marker.exists()
+
+
+def test_a_pickle_planted_as_checkpoint_never_runs_on_resume(tmp_path):
+    cfg = load_config(None, TINY + [f"output_dir={tmp_path}", "method=sft_only"])
+    folder = tmp_path / "sft_only"
+    folder.mkdir()
+    marker = tmp_path / "ran"
+    plant(folder / "checkpoint.pt", marker, with_checksum=True)
+    with pytest.raises(ckpt.CheckpointError, match=r"checkpoint\.pt: cannot be loaded .*run without --resume"):
+        loop.run_method(tiny_workspace(), cfg, resume=True, progress=False)
+    assert not marker.exists()
+
+
+def test_rng_state_round_trips_through_a_weights_only_load(tmp_path):
+    import random
+
+    random.seed(5)
+    torch.manual_seed(5)
+    ckpt.save_atomic({"rng": ckpt.rng_state()}, str(tmp_path / "s.pt"))
+    expected = (random.random(), torch.rand(3))
+    ckpt.set_rng_state(ckpt.load(str(tmp_path / "s.pt"))["rng"])
+    assert random.random() == expected[0] and torch.equal(torch.rand(3), expected[1])
+
+
+# --- 2. a diverged run never passes as a result ---------------------------------------------------------------
+
+def test_a_diverged_method_fails_named_and_the_others_still_run(tmp_path, shared_cache, capsys):
+    out = out_dir(tmp_path, shared_cache)
+    code, stdout, err = hbat_train(capsys, out, "dpo.lr=1e6", flags=["--methods", "two_stage,sft_only"])
+    assert code == EXIT_DIVERGED
+    line = one_line_error(err)
+    assert "method two_stage, stage 1 (hpa, part 1 of 1)" in line and "training diverged" in line
+    summary = {r["method"]: r for r in json.loads((out / "summary.json").read_text())}
+    assert summary["two_stage"]["status"] == "diverged" and "eval/reward" not in summary["two_stage"]
+    assert summary["sft_only"]["status"] == "ok" and "eval/reward" in summary["sft_only"]
+    assert "| two_stage | diverged |" in (out / "summary.md").read_text() and "| two_stage | diverged |" in stdout
+    result = json.loads((out / "two_stage" / "result.json").read_text())
+    assert result["status"] == "diverged" and result["stage"] == 1
+    # the SFT stage's checkpoint is kept, and is finite; nothing of the diverged DPO stage was saved or ranked
+    state = ckpt.load(str(out / "two_stage" / "checkpoint.pt"))
+    assert state["position"] == 1 and state["best"] is None
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert not (out / "two_stage" / "best.pt").exists()
+
+
+def test_a_nan_weight_at_a_stage_end_keeps_the_last_good_checkpoint_and_best(tmp_path, monkeypatch):
+    cfg = load_config(None, TINY + [f"output_dir={tmp_path}", "method=hbat", "n_parts=2", "eval.kl_samples=0"])
+    folder = tmp_path / "hbat"
+    real_ifa, saved = loop._run_ifa, {}
+
+    def ifa_then_nan(ws, cfg, model, *args):
+        critic = real_ifa(ws, cfg, model, *args)
+        if args[1] == 1:  # the second IFA stage (stage 2): the files of stages 0-1 exist now
+            saved.update({name: (folder / name).read_bytes() for name in ("checkpoint.pt", "best.pt")})
+            with torch.no_grad():
+                dict(model.named_parameters())["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
+        return critic
+
+    monkeypatch.setattr(loop, "_run_ifa", ifa_then_nan)
+    with pytest.raises(TrainingDiverged, match=r"method hbat, stage 2 \(ifa, part 2 of 2\): at the end of the "
+                                               r"stage: weight model\.layers\.1\.mlp\.up_proj\.weight is not finite"):
+        loop.run_method(tiny_workspace(), cfg, progress=False)
+    for name, content in saved.items():
+        assert (folder / name).read_bytes() == content, f"{name} was overwritten"
+    assert ckpt.load(str(folder / "checkpoint.pt"))["position"] == 2
+    assert json.loads((folder / "result.json").read_text())["status"] == "diverged"
+
+
+def test_the_loss_check_names_the_step_without_a_sync_per_step():
+    from hbat.trainer.dpo import DPOConfig, run_dpo
+
+    ws = tiny_workspace()
+    cfg = DPOConfig(lr=1e6, batch_size=8, max_steps=6, logging_steps=3, max_len=32)
+    with pytest.raises(TrainingDiverged, match=r"steps (1-3|4-6): dpo/loss is nan; training diverged \(a smaller "
+                                               r"dpo\.lr may help\)"):
+        run_dpo(ws.build(), None, ws.tokenizer, ws.pref_train, cfg, progress=False)
+
+
+def test_ppo_divergence_stops_before_the_next_rollout():
+    from hbat.trainer.ppo import Critic, PPOConfig, run_ppo
+
+    ws = tiny_workspace()
+    cfg = PPOConfig(lr=1e6, critic_lr=1e6, batch_size=4, mini_batch_size=2, max_steps=4, max_new_tokens=4,
+                    cold_start_steps=0)
+    critic = Critic.from_reward_model(ws.reward_model).requires_grad_(True)
+    with pytest.raises(TrainingDiverged, match=r"ppo step \d"):
+        run_ppo(ws.build(), None, ws.reward_model, critic, ws.tokenizer, ws.prompts_train, cfg, progress=False)
+
+
+def test_a_diverged_shared_model_is_not_cached(tmp_path, capsys):
+    code, _, err = hbat_train(capsys, tmp_path / "out", "method=sft_only", "reward.lr=1e6", "reward.epochs=2")
+    assert code == EXIT_DIVERGED
+    assert "the shared reward model: reward model step" in one_line_error(err)
+    assert not list((tmp_path / "out" / "shared").glob("*/reward_model.pt"))
+
+
+# --- 3-4. every setting is checked when the config is loaded --------------------------------------------------
+
+@pytest.mark.parametrize("override, message", [
+    ("eval.batch_size=0", "config.eval.batch_size must be >= 1, got 0"),
+    ("eval.max_new_tokens=0", "config.eval.max_new_tokens must be >= 1, got 0"),
+    ("eval.kl_samples=-1", "config.eval.kl_samples must be >= 0, got -1"),
+    ("ewc.f_max=-1", "config.ewc.f_max must be >= 0, got -1.0"),
+    ("ewc.lam=nan", "config.ewc.lam must be a finite number, got nan"),
+    ("ewc.lam=1e39", "config.ewc.lam * f_max = 1e+41 overflows float32"),
+    ("ewc.importance_mode=bogus", "config.ewc.importance_mode must be one of"),
+    ("ewc.importance_scale=0", "config.ewc.importance_scale must be > 0"),
+    ("ewc.anchor_dtype=float16", "config.ewc.anchor_dtype must be one of ('float32', 'bfloat16')"),
+    ("ewc.group_by=block", "config.ewc.group_by must be one of ('layer',) or null"),
+    ("ewc.include=[]", "config.ewc.include must be null or a non-empty list"),
+    ("ewc.include=[encoder.*]", "config.ewc.include ['encoder.*'] selects no parameter of the model"),
+    ("ewc.freeze_fraction=1.5", "config.ewc.freeze_fraction must be <= 1"),
+    ("ewc.freeze_by=rows", "config.ewc.freeze_by must be one of"),
+    ("ewc.fisher_samples=0", "config.ewc.fisher_samples must be >= 1"),
+    ("sft.max_len=1", "config.sft.max_len must be >= 2, got 1"),
+    ("sft.max_len=300", "config.sft.max_len = 300 tokens exceeds the model's context of 256"),
+    ("reward.max_len=257", "config.reward.max_len = 257 tokens exceeds the model's context of 256"),
+    ("eval.max_new_tokens=200", "config.eval.max_new_tokens + 128 (the evaluation's prompt limit) = 328 tokens"),
+    ("sft.lr=nan", "config.sft.lr must be a finite number"),
+    ("sft.grad_accum_steps=64", "config.sft.grad_accum_steps must be <= batch_size (32), got 64"),
+    ("sft.warmup_ratio=1", "config.sft.warmup_ratio must be in [0, 1)"),
+    ("sft.lr_scheduler_type=step", "config.sft.lr_scheduler_type must be one of"),
+    ("dpo.beta=0", "config.dpo.beta must be > 0"),
+    ("dpo.sft_batch_size=0", "config.dpo.sft_batch_size must be >= 1 or null"),
+    ("reward.lr=0", "config.reward.lr must be > 0"),
+    ("reward.max_grad_norm=-1", "config.reward.max_grad_norm must be >= 0"),
+    ("ppo.top_p=0", "config.ppo.top_p must be > 0"),
+    ("ppo.gamma=1.5", "config.ppo.gamma must be <= 1"),
+    ("ppo.mini_batch_size=16", "config.ppo.mini_batch_size must be <= batch_size (8)"),
+    ("ppo.max_prompt_len=1", "config.ppo.max_prompt_len must be >= 2"),
+    ("ppo.cold_start_scope=ever", "config.ppo.cold_start_scope must be one of"),
+    ("ppo.temperature=0", "config.ppo.temperature must be > 0"),
+    ("data.max_val=-1", "config.data.max_val must be >= 1, got -1"),
+    ("data.task_n_sft=0", "config.data.task_n_sft must be >= 1, got 0"),
+    ("data.task_conflict=2", "config.data.task_conflict must be <= 1"),
+    ("data.val_size=1.5", "config.data.val_size must be a fraction in (0, 1) or a whole number of rows"),
+    ("data.sft=''", "config.data.sft must be a path or null, got ''"),
+    ("data.sft_adapter=csv", "config.data.sft_adapter must be one of"),
+    ("data.sft=x.jsonl", "config.model.path is null (the embedded task), but data.sft is set and would be ignored"),
+    ("model.size=huge", "config.model.size must be one of ('tiny', 'small', 'base')"),
+    ("model.pretrain_lr=0", "config.model.pretrain_lr must be > 0"),
+    ("model.path=/nonexistent", "config.model.path is set, so data.sft and data.preference must name JSONL files"),
+    ("n_parts=0", "config.n_parts must be >= 1, got 0"),
+    ("seed=-1", "config.seed must be >= 0, got -1"),
+    ("mix_coef=-1", "config.mix_coef must be >= 0"),
+    ("keep=first", "config.keep must be one of ('best', 'last')"),
+    ("output_dir=''", "config.output_dir must be a path or null, got ''"),
+])
+def test_bad_settings_are_refused_when_the_config_is_loaded(override, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, [override])
+    assert message in str(error.value)
+
+
+def _fields(cls, prefix=""):
+    import dataclasses
+
+    for f in dataclasses.fields(cls):
+        default = getattr(cls(), f.name) if f.default_factory is dataclasses.MISSING else f.default_factory()
+        if dataclasses.is_dataclass(default):
+            yield from _fields(type(default), f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}"
+
+
+@pytest.mark.parametrize("key", list(_fields(TrainConfig)))
+def test_every_field_is_checked_and_named(key):
+    """A value of the wrong kind (a mapping) is refused for every field of every section, naming the key."""
+    with pytest.raises(ValueError, match=rf"config\.{re.escape(key)} (must|cannot)"):
+        load_config(None, [f"{key}={{a: 1}}"])
+
+
+def test_a_bad_setting_fails_before_anything_is_trained(tmp_path, capsys):
+    for override, message in (("eval.batch_size=0", "config.eval.batch_size must be >= 1, got 0"),
+                              ("n_parts=40", "config.n_parts = 40 needs at least 40 training rows in each data set, "
+                                             "but the embedded task (data.task_n_pref // 2 = 24 prompts) has 24")):
+        code, _, err = hbat_train(capsys, tmp_path / "out", override)
+        assert code == EXIT_ERROR and message in one_line_error(err)
+        assert not (tmp_path / "out" / "shared").exists()  # nothing was built
+
+
+def test_user_data_and_model_are_checked_before_any_model_is_built(tmp_path, capsys):
+    from hbat.task import build_model, build_tokenizer
+
+    config = write_user_run(tmp_path, n_rows=6, val_size=0.25)
+    base = [o for o in TINY if not o.startswith("model.")]
+
+    def run(*overrides):
+        capsys.readouterr()  # (save_pretrained's progress bars above)
+        argv = [str(config), "--no-progress"] + [a for o in [*base, *overrides] for a in ("--set", o)]
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == EXIT_ERROR
+        assert not (tmp_path / "out" / "shared").exists()
+        return one_line_error(err)
+
+    assert "config.n_parts = 5 needs at least 5 training rows" in run("n_parts=5")
+    assert f"data.sft ({tmp_path / 'sft.jsonl'}) has 4" in run("n_parts=5")
+    assert "config.model.path is set, so data.sft and data.preference must name JSONL files (data.preference is " \
+           "null)" in run("data.preference=null")
+    assert f"config.data.prompts is not a file: {tmp_path / 'nope.jsonl'}" in run(f"data.prompts={tmp_path / 'nope.jsonl'}")
+    # a model whose context is shorter than max_len: named, with the config.json it comes from
+    short = tmp_path / "short"
+    tokenizer = build_tokenizer()
+    build_model(tokenizer, size="tiny", max_position_embeddings=48).save_pretrained(short)
+    tokenizer.save_pretrained(short)
+    line = run(f"model.path={short}", "sft.max_len=64")
+    assert f"config.sft.max_len = 64 tokens exceeds the model's context of 48 (max_position_embeddings in {short}" in line
+    # data files: an empty file, a non-UTF-8 byte (file and line), and an empty path
+    (tmp_path / "empty.jsonl").write_text("")
+    assert f"config.data.prompts names a file with no rows: {tmp_path / 'empty.jsonl'}" in \
+        run(f"data.prompts={tmp_path / 'empty.jsonl'}")
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(b'{"prompt": "a"}\n{"prompt": "caf\xe9"}\n')
+    assert f"{bad}, line 2: not UTF-8 text (byte 0xe9)" in run(f"data.prompts={bad}")
+    assert "config.data.sft must be a path or null, got ''" in run("data.sft=''")
+
+
+def test_duplicate_yaml_keys_are_refused(tmp_path):
+    from hbat.trainer.compare import load_spec
+
+    path = tmp_path / "run.yaml"
+    path.write_text("method: hbat\nsft:\n  lr: 0.001\n  epochs: 2\n  lr: 0.01\n")
+    with pytest.raises(ValueError, match=rf"{path}, line 5: duplicate key 'lr' \(first at line 3\)"):
+        load_config(str(path))
+    path.write_text("runs: [hbat]\nset: [sft.lr=1]\nruns: [two_stage]\n")
+    with pytest.raises(ValueError, match="line 3: duplicate key 'runs' \\(first at line 1\\)"):
+        load_spec(str(path))
+    with pytest.raises(ValueError, match="duplicate key 'lr'"):
+        load_config(None, ["sft={lr: 1, lr: 2}"])
+    path.write_text("sft: [1\n")
+    with pytest.raises(ValueError, match=rf"{path}: not valid YAML"):
+        load_config(str(path))
+
+
+# --- 5. errors name the file, line or key, in one line ----------------------------------------------------------
+
+def test_file_errors_are_one_line(tmp_path, shared_cache, capsys, monkeypatch):
+    out = out_dir(tmp_path, shared_cache)
+    assert hbat_train(capsys, out, "method=sft_only")[0] == 0
+    path = out / "sft_only" / "checkpoint.pt"
+    content = path.read_bytes()
+    path.write_bytes(content[: len(content) // 2])  # truncated (e.g. copied while written)
+    code, _, err = hbat_train(capsys, out, "method=sft_only", flags=["--resume"])
+    assert code == EXIT_ERROR
+    assert one_line_error(err) == f"hbat train: {path}: the checksum does not match (the file is damaged or was " \
+                                  "changed after hbat wrote it); delete it, or run without --resume"
+    state = {"position": 1}  # written by something else, with a valid checksum, but no 'config'
+    ckpt.save_atomic(state, str(path))
+    code, _, err = hbat_train(capsys, out, "method=sft_only", flags=["--resume"])
+    assert code == EXIT_ERROR and f"{path}: has no 'model' (made by another version of hbat?)" in one_line_error(err)
+    # deepspeed outside a launcher: how to launch it instead of "No module named 'mpi4py'"
+    pytest.importorskip("deepspeed")
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text('{"zero_optimization": {"stage": 2}}')
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    code, _, err = hbat_train(capsys, out, f"deepspeed={ds_json}")
+    assert code == EXIT_ERROR and "torchrun --nproc_per_node N -m hbat.cli train" in one_line_error(err)
+
+
+# --- 6. kill leftovers, metrics on resume, one run per folder -------------------------------------------------
+
+KILLED_WRITER = """
+import os, signal, sys
+from hbat.trainer import checkpoint
+os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)  # killed after writing, before the rename
+checkpoint.save_atomic({"x": 1}, sys.argv[1])
+"""
+
+
+def test_temp_files_of_killed_writers_are_removed_at_start(tmp_path):
+    folder = tmp_path / "sft_only"
+    folder.mkdir()
+    proc = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(folder / "checkpoint.pt")])
+    assert proc.returncode == -signal.SIGKILL
+    left = sorted(p.name for p in folder.iterdir())  # the file and its checksum, both unfinished
+    assert len(left) == 2 and all(name.startswith(".tmp-") for name in left)
+    assert sorted(name.split("~", 1)[1] for name in left) == ["checkpoint.pt", "checkpoint.pt.sha256"]
+    live = folder / f".tmp-{os.getpid()}-0123abcd@{HOST}~best.pt"  # a writer that still runs
+    other_host = folder / f".tmp-{dead_pid()}-0123abcd@another-host~best.pt"  # cannot tell: kept
+    foreign = folder / ".tmp-notes.txt"  # not hbat's
+    for path in (live, other_host, foreign):
+        path.write_text("x")
+    cfg = load_config(None, TINY + [f"output_dir={tmp_path}", "method=sft_only", "eval.kl_samples=0"])
+    loop.run_method(tiny_workspace(), cfg, progress=False)
+    names = {p.name for p in folder.iterdir()}
+    assert not set(left) & names and {live.name, other_host.name, foreign.name} <= names
+    assert not [n for n in names - {live.name, other_host.name, foreign.name} if n.startswith(".tmp-")]
+
+
+def test_resume_keeps_metrics_up_to_the_checkpoint(tmp_path, monkeypatch):
+    cfg = load_config(None, TINY + [f"output_dir={tmp_path}", "method=hbat", "n_parts=2", "eval.kl_samples=0"])
+    path = tmp_path / "hbat" / "metrics.jsonl"
+    loop.run_method(tiny_workspace(), cfg, progress=False)
+    full = [(r["step"], r["stage"]) for r in read_metrics(path)]
+    real_hpa = loop._run_hpa
+
+    def crash_in_second_hpa(ws, cfg, model, parts, part, *args):
+        if part == 1:
+            with open(path, "a") as fh:
+                fh.write('{"time": 1.0, "step": 9')  # a line cut short by the kill
+            raise KeyboardInterrupt
+        return real_hpa(ws, cfg, model, parts, part, *args)
+
+    monkeypatch.setattr(loop, "_run_hpa", crash_in_second_hpa)
+    with pytest.raises(KeyboardInterrupt):
+        loop.run_method(tiny_workspace(), cfg, progress=False)
+    monkeypatch.setattr(loop, "_run_hpa", real_hpa)
+    loop.run_method(tiny_workspace(), cfg, resume=True, progress=False)
+    assert [(r["step"], r["stage"]) for r in read_metrics(path)] == full  # no record twice, none cut short
+
+
+LOCK_HOLDER = """
+import sys, time
+from hbat.trainer.lock import run_lock
+with run_lock(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_second_run_into_a_folder_is_refused_and_a_stale_lock_taken_over(tmp_path, capsys):
+    folder = tmp_path / "out" / "sft_only"
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(FolderLocked, match=rf"in use by another hbat run \(pid {holder.pid} on host {HOST},"):
+            with run_lock(str(folder)):
+                pass
+        code, _, err = hbat_train(capsys, tmp_path / "out", "method=sft_only")
+        assert code == EXIT_ERROR and f"(pid {holder.pid} on host {HOST}" in one_line_error(err)
+        assert not (tmp_path / "out" / "shared").exists()  # refused before anything was built
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder was killed: its lock is stale and the next run takes it over (and removes it at the end)
+    assert json.loads((folder / "hbat.lock").read_text())["pid"] == holder.pid
+    with run_lock(str(folder)):
+        assert json.loads((folder / "hbat.lock").read_text())["pid"] == os.getpid()
+    assert not (folder / "hbat.lock").exists()
+    (folder / "hbat.lock").write_text(json.dumps({"pid": dead_pid(), "host": HOST}))
+    with run_lock(str(folder)):
+        pass
+    (folder / "hbat.lock").write_text(json.dumps({"pid": 1, "host": "another-host"}))  # cannot tell: refused
+    with pytest.raises(FolderLocked, match="pid 1 on host another-host"):
+        with run_lock(str(folder)):
+            pass
+
+
+# --- 7. every file hbat reads back is checked -----------------------------------------------------------------
+
+def _flip_byte(path: Path) -> bytes:
+    content = bytearray(path.read_bytes())
+    content[len(content) // 2] ^= 0x01
+    path.write_bytes(bytes(content))
+    return bytes(content)
+
+
+def test_a_flipped_byte_is_detected_and_the_file_kept(tmp_path, shared_cache, capsys):
+    out = out_dir(tmp_path, shared_cache)
+    assert hbat_train(capsys, out, "method=sft_only")[0] == 0
+    for path, remedy in ((out / "sft_only" / "checkpoint.pt", "delete it, or run without --resume"),
+                         (out / "sft_only" / "best.pt", "delete it, or run without --resume"),
+                         (shared_folder(out) / "sft.pt", "delete it (the shared pieces are rebuilt")):
+        original = path.read_bytes()
+        damaged = _flip_byte(path)
+        code, _, err = hbat_train(capsys, out, "method=sft_only", flags=["--resume"])
+        assert code == EXIT_ERROR
+        assert one_line_error(err).startswith(f"hbat train: {path}: the checksum does not match") and remedy in err
+        assert path.read_bytes() == damaged  # never replaced silently
+        path.write_bytes(original)
+    assert hbat_train(capsys, out, "method=sft_only", flags=["--resume"])[0] == 0
+
+
+def test_a_kill_between_a_file_and_its_checksum_leaves_a_file_that_verifies(tmp_path, monkeypatch):
+    path = str(tmp_path / "state.pt")
+    ckpt.save_atomic({"v": torch.tensor(1)}, path)
+    real_replace = os.replace
+
+    def killed_at(target_suffix):
+        def replace(src, dst):
+            if str(dst).endswith(target_suffix):
+                raise KeyboardInterrupt
+            real_replace(src, dst)
+        return replace
+
+    # killed before the new file is renamed into place: the old one stays and verifies
+    monkeypatch.setattr(os, "replace", killed_at(".pt"))
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_atomic({"v": torch.tensor(2)}, path)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert int(ckpt.load(path)["v"]) == 1
+    # killed after the rename, before the checksum lists the new file alone: the new one verifies
+    calls = []
+
+    def killed_at_last_checksum(src, dst):
+        calls.append(dst)
+        if str(dst).endswith(".sha256") and len(calls) == 3:
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_at_last_checksum)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_atomic({"v": torch.tensor(3)}, path)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert int(ckpt.load(path)["v"]) == 3
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
+
+
+# --- 8. edge cases ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_get_the_mode_the_umask_gives(tmp_path, umask):
+    from hbat.trainer.metrics import MetricsLogger
+
+    old = os.umask(umask)
+    try:
+        ckpt.save_atomic({"x": torch.ones(1)}, str(tmp_path / "a.pt"))
+        ckpt.write_text_atomic("text", str(tmp_path / "summary.md"))
+        MetricsLogger(str(tmp_path / "run"), tensorboard=False)
+        (tmp_path / "plain.txt").write_text("x")  # what open() gives
+    finally:
+        os.umask(old)
+    want = (tmp_path / "plain.txt").stat().st_mode & 0o777
+    assert want == 0o666 & ~umask
+    for path in (tmp_path / "a.pt", tmp_path / "a.pt.sha256", tmp_path / "summary.md",
+                 tmp_path / "run" / "metrics.jsonl"):
+        assert path.stat().st_mode & 0o777 == want, path

@@ -312,14 +312,16 @@ def test_user_data_and_model_are_checked_before_any_model_is_built(tmp_path, cap
     assert f"data.sft ({tmp_path / 'sft.jsonl'}) has 4" in run("n_parts=5")
     assert "config.model.path is set, so data.sft and data.preference must name JSONL files (data.preference is " \
            "null)" in run("data.preference=null")
-    assert f"config.data.prompts is not a file: {tmp_path / 'nope.jsonl'}" in run(f"data.prompts={tmp_path / 'nope.jsonl'}")
+    nope = tmp_path / "nope.jsonl"
+    assert f"config.data.prompts is not a file: {nope}" in run(f"data.prompts={nope}")
     # a model whose context is shorter than max_len: named, with the config.json it comes from
     short = tmp_path / "short"
     tokenizer = build_tokenizer()
     build_model(tokenizer, size="tiny", max_position_embeddings=48).save_pretrained(short)
     tokenizer.save_pretrained(short)
     line = run(f"model.path={short}", "sft.max_len=64")
-    assert f"config.sft.max_len = 64 tokens exceeds the model's context of 48 (max_position_embeddings in {short}" in line
+    assert f"config.sft.max_len = 64 tokens exceeds the model's context of 48 (max_position_embeddings in " \
+           f"{short / 'config.json'})" in line
     # data files: an empty file, a non-UTF-8 byte (file and line), and an empty path
     (tmp_path / "empty.jsonl").write_text("")
     assert f"config.data.prompts names a file with no rows: {tmp_path / 'empty.jsonl'}" in \

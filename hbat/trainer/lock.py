@@ -5,12 +5,12 @@ One run per run folder: ``<folder>/hbat.lock`` names the process writing it.
     with run_lock(folder):      # FolderLocked if a live process holds it; a dead one's lock is taken over
         ...
 
-The lock file is created atomically (a hard link, which fails if it exists) and holds JSON ``{"pid", "host", "started"}`` (``started``:
-the process's start time on Linux, so a reused pid does not look alive). A lock is stale when its host is
-this host and that process no longer runs, or when it is not a lock file hbat wrote; a lock from another host is never taken
-over (whether its process runs cannot be known here): delete it by hand when that run is gone. Taking the
-lock again in the process that holds it is a no-op, so ``hbat train`` can lock every method's folder up
-front and ``run_method`` locks its own.
+The lock file is created atomically (a hard link, which fails if it exists) and holds JSON ``{"pid", "host",
+"started", "since"}`` (``started``: the process's start time on Linux, so a reused pid does not look alive).
+A lock is stale when its host is this host and that process no longer runs, or when it is not a lock file
+hbat wrote; a lock from another host is never taken over (whether its process runs cannot be known here):
+delete it by hand when that run is gone. Taking the lock again in the process that holds it is a no-op, so
+``hbat train`` can lock every method's folder up front and ``run_method`` locks its own.
 
 Temporary files (``temp_path``) are named ``.tmp-<pid>-<random>@<host>~<target name>``, so a later start can
 tell a file a killed process left (``stale_temp``: this host, that pid no longer runs) from one being
@@ -73,6 +73,7 @@ def stale_temp(name: str) -> bool:
 
 @contextlib.contextmanager
 def run_lock(folder: str):
+    """Hold ``<folder>/hbat.lock`` for the ``with`` block (module docstring); FolderLocked if a live run holds it."""
     folder = os.path.abspath(folder)
     if folder in _HELD:
         yield
@@ -118,6 +119,14 @@ def _create(path: str, text: str) -> bool:
         return True
     except FileExistsError:
         return False
+    except OSError:  # a file system without hard links: an exclusive create, the content written at once
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        return True
     finally:
         os.unlink(tmp)
 

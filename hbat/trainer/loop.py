@@ -179,13 +179,11 @@ def _run_stages(ws: Workspace, cfg: TrainConfig, name: str, folder: str, *, resu
     try:
         for i in range(start, len(plan)):
             objective, part = plan[i]
-            stage_seed = cfg.seed * 1000 + i
-            torch.manual_seed(stage_seed)
             log.context = {"method": name, "stage": i, "objective": objective, "part": part}
             started = time.perf_counter()
             try:
-                critic, weights = _run_stage(ws, cfg, plan, i, parts, trainee, regularizer, critic, stage_seed, log,
-                                             progress, model, engine, main or zero3)
+                critic, weights = _run_stage(ws, cfg, plan, i, parts, model, engine, regularizer, critic, log,
+                                             progress, gather=main or zero3)
             except TrainingDiverged as exc:
                 error = exc.within(f"method {name}, stage {i} ({objective}, part {part + 1} of {cfg.n_parts})")
                 error.result = {"method": name, "status": "diverged", "error": str(error), "stage": i,
@@ -253,13 +251,15 @@ def _run_stages(ws: Workspace, cfg: TrainConfig, name: str, folder: str, *, resu
     return result
 
 
-def _run_stage(ws, cfg, plan, i, parts, trainee, regularizer, critic, seed, log, progress, model, engine,
-               gather: bool):
-    """Stage ``i`` of the plan: the regulariser's boundary, then IFA or HPA; returns (critic, the stage's weights
-    on the CPU, or None where this rank does not need them). TrainingDiverged if a weight is not finite."""
+def _run_stage(ws, cfg, plan, i, parts, model, engine, regularizer, critic, log, progress, *, gather: bool):
+    """Stage ``i`` of the plan, seeded from (cfg.seed, i): the regulariser's boundary, then IFA or HPA on
+    ``engine`` (DeepSpeed) or ``model``. Returns (critic, the stage's weights on the CPU, or None where this
+    rank does not ``gather`` them). TrainingDiverged if a loss or weight is not finite."""
     from .engine import full_state_dict
 
     objective, part = plan[i]
+    seed = cfg.seed * 1000 + i
+    torch.manual_seed(seed)
     previous = plan[i - 1] if i else None
     previous_rows = None
     if previous is not None:
@@ -268,6 +268,7 @@ def _run_stage(ws, cfg, plan, i, parts, trainee, regularizer, critic, seed, log,
     if boundary:
         log(boundary)
     run = _run_ifa if objective == "ifa" else _run_hpa
+    trainee = model if engine is None else engine  # what the stage steps; ``model`` stays the plain module
     critic = run(ws, cfg, trainee, parts, part, seed, regularizer.hook, log, progress, critic)
     # the stage's weights on the CPU, once, for best.pt and checkpoint.pt (ZeRO-3: gathered on every rank, which
     # also evaluates them); checked before anything is evaluated or saved (every rank sees the same full weights)

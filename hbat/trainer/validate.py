@@ -106,8 +106,8 @@ def _check_context(cfg, context: int, source: str) -> None:
                     cfg.eval.max_new_tokens + EVAL_PROMPT_LEN))
     for key, tokens in budgets:
         if tokens > context:
-            raise ConfigError(f"config.{key}", f"= {tokens} tokens exceeds the model's context of {context} ({source}); "
-                              "lower it")
+            raise ConfigError(f"config.{key}", f"= {tokens} tokens exceeds the model's context of {context} "
+                              f"({source}); lower it")
 
 
 def _check_selection(cfg) -> None:

@@ -39,7 +39,13 @@ def _load(name: str) -> tuple[ModuleType | None, str]:
     except Exception as exc:  # noqa: BLE001 - any import failure means "not available", with its reason
         return None, f"{type(exc).__name__}: {exc}"
     why_not = getattr(module, "unavailable_reason", lambda: "")()
-    return (None, why_not) if why_not else (module, "")
+    if why_not:
+        return None, why_not
+    _MODULES[name] = module
+    return module, ""
+
+
+_MODULES: dict[str, ModuleType] = {}  # the backends that loaded
 
 
 def backend_status(name: str, device: torch.device | str) -> tuple[bool, str]:
@@ -80,6 +86,18 @@ def resolve(backend: str, device: torch.device | None) -> tuple[str, ModuleType]
             f"Available here: {', '.join(available_backends(device)) or 'none'} (see `python -m hbat.info`)"
         )
     return backend, _load(backend)[0]
+
+
+@torch.compiler.assume_constant_result
+def _resolve_name(backend: str, device: torch.device | None) -> str:
+    return resolve(backend, device)[0]
+
+
+def resolve_for_ops(backend: str, device: torch.device | None) -> tuple[str, ModuleType]:
+    """``resolve`` as torch.compile can trace it: the choice is made (and its modules imported) once, at
+    trace time; the module is then a plain lookup."""
+    name = _resolve_name(backend, device)
+    return name, _MODULES[name]
 
 
 def accepted_dtypes(backend: str) -> tuple[torch.dtype, ...]:

@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 
 from . import _validate as V
-from ._dispatch import accepted_dtypes, available_backends, backend_status, resolve_for_ops
+from ._dispatch import accepted_dtypes, available_backends, backend_status, resolve_traceable
 
 Tensors = Sequence[torch.Tensor]
 
@@ -47,7 +47,7 @@ def _prepare(backend: str, lists: dict, writable=(), may_alias=None):
     """Validate parallel lists and pick the backend. Returns (lists, device, module)."""
     lists = {name: V.as_tensor_list(name, seq) for name, seq in lists.items()}  # read each iterable once
     lead = next(iter(lists.values()))
-    name, module = resolve_for_ops(backend, lead[0].device if lead else None)
+    name, module = resolve_traceable(backend, lead[0].device if lead else None)
     converted, device = V.check_lists(
         lists,
         dtypes=accepted_dtypes(name),

@@ -88,16 +88,15 @@ def resolve(backend: str, device: torch.device | None) -> tuple[str, ModuleType]
     return backend, _load(backend)[0]
 
 
-@torch.compiler.assume_constant_result
-def _resolve_name(backend: str, device: torch.device | None) -> str:
-    return resolve(backend, device)[0]
+def resolve_traceable(backend: str, device: torch.device | None) -> tuple[str, ModuleType]:
+    """``resolve``, also while torch.compile traces the caller: the choice is then made once, at trace time
+    (it imports modules, which dynamo cannot trace) and is a constant of the graph."""
+    if torch.compiler.is_compiling():
+        from ._compile import backend_name  # imported only while tracing: torch._dynamo is loaded then
 
-
-def resolve_for_ops(backend: str, device: torch.device | None) -> tuple[str, ModuleType]:
-    """``resolve`` as torch.compile can trace it: the choice is made (and its modules imported) once, at
-    trace time; the module is then a plain lookup."""
-    name = _resolve_name(backend, device)
-    return name, _MODULES[name]
+        name = backend_name(backend, device)
+        return name, _MODULES[name]
+    return resolve(backend, device)
 
 
 def accepted_dtypes(backend: str) -> tuple[torch.dtype, ...]:

@@ -112,38 +112,37 @@ def _overlaps_itself(t: torch.Tensor) -> bool:
     return False
 
 
-def _byte_span(t: torch.Tensor) -> tuple[int, int]:
-    """[first, last + 1) byte of ``t`` in memory (torch strides are never negative)."""
-    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
-    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
-
-
 def _same_view(x: torch.Tensor, y: torch.Tensor) -> bool:
     return (x.data_ptr(), x.shape, x.stride(), x.dtype) == (y.data_ptr(), y.shape, y.stride(), y.dtype)
 
 
 def check_no_overlap(lists: Mapping[str, list[torch.Tensor]], writable: Sequence[str],
                      may_alias: Mapping[str, Sequence[str]]) -> None:
-    """Refuse a tensor of a ``writable`` list whose memory span overlaps that of any other tensor of the
-    call (see ``check_lists``). One sort of the byte spans, then one sweep that remembers the span reaching
-    furthest so far, and the written one reaching furthest: O(n log n) for n tensors."""
+    """Refuse a tensor of a ``writable`` list whose memory span (first to last byte) overlaps that of any
+    other tensor of the call (see ``check_lists``). One sort of the spans, then one sweep that remembers
+    the span reaching furthest so far, and the written one reaching furthest: O(n log n) for n tensors."""
     allowed = {(r, i) for w, readers in may_alias.items() for r in readers
                for i, (x, y) in enumerate(zip(lists[w], lists[r])) if _same_view(x, y)}
-    spans = []  # (start, end, written, name, index)
+    spans = []  # (first byte, end byte, written, name, index)
     for name, items in lists.items():
         written = name in writable
         for i, t in enumerate(items):
-            if t.numel() and t.device.type != "meta" and (name, i) not in allowed:
-                spans.append((*_byte_span(t), written, name, i))
-    spans.sort(key=lambda s: s[0])
-    furthest = furthest_written = None
+            n = t.numel()
+            if n == 0 or t.is_meta or (allowed and (name, i) in allowed):
+                continue
+            # torch strides are never negative: the last element is at sum (size - 1) * stride
+            last = n - 1 if t.is_contiguous() else sum((size - 1) * st for size, st in zip(t.shape, t.stride()))
+            start = t.data_ptr()
+            spans.append((start, start + (last + 1) * t.element_size(), written, name, i))
+    spans.sort()
+    furthest = furthest_written = (0, 0)
     for span in spans:
         other = furthest if span[2] else furthest_written
-        if other is not None and span[0] < other[1]:
+        if span[0] < other[1]:
             _raise_overlap(lists, span, other, may_alias)
-        if furthest is None or span[1] > furthest[1]:
+        if span[1] > furthest[1]:
             furthest = span
-        if span[2] and (furthest_written is None or span[1] > furthest_written[1]):
+        if span[2] and span[1] > furthest_written[1]:
             furthest_written = span
 
 

@@ -120,8 +120,9 @@ def importance(acc_change, f_max: float, *, scale: float = 1.0) -> torch.Tensor:
         raise ValueError(f"acc_change[{bad}] is {acc[bad].item()}; every entry must be finite")
     pivot = acc.max() if scale >= 0 else acc.min()
     # z = (acc - pivot) * scale <= 0 everywhere and == 0 at the pivot: exp never overflows, the sum is >= 1.
-    # Where acc - pivot overflows to -+inf (values spanning +-1e308), scaling first is exact enough and
-    # finite for |scale| < 1, and 0 (not inf * 0 = NaN) for scale 0; the two products have opposite signs.
+    # Where acc - pivot overflows (values spanning +-1e308), z is acc*scale - pivot*scale instead: finite
+    # where the true z is (|scale| < 1), -inf where that is below float64's range, 0 (not inf * 0 = NaN) at
+    # scale 0; the two products have opposite signs, so their difference is never inf - inf.
     diff = acc - pivot
     z = torch.where(torch.isinf(diff), acc * scale - pivot * scale, diff * scale)
     weights = torch.softmax(z, dim=0)

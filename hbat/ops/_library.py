@@ -8,7 +8,9 @@ Beyond the kernels, ``register`` gives every namespace what the dispatcher needs
 torch's own: a fake (meta) implementation of each op, so that torch.compile and FakeTensor can trace
 them; the backward of ``sum_sq_diff`` (``ewc_penalty`` is differentiable through it, with no saved
 temporary); and a version-counter bump of every written tensor, so that autograd refuses a backward
-through values an op overwrote, as it does after torch's in-place ops.
+through values an op overwrote, as it does after torch's in-place ops. The Python kernels are defined
+from the same schema strings rather than with ``torch.library.custom_op`` so that all three namespaces get
+these registrations the same way (the C++ ops, defined by the extension, cannot be custom_ops).
 """
 from __future__ import annotations
 

@@ -110,32 +110,19 @@ def test_loss_with_ewc_penalty_compiles_fullgraph_and_matches_eager(backend, dev
     assert got.grad_fn is not None and all(g.abs().sum() > 0 for g in got_grads)
 
 
-def _run(code: str) -> None:
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-
-
-def test_import_needs_torch_alone():
-    # without triton and the compiled extension hbat imports (not torch._dynamo) and the reference runs
-    _run(
+def test_import_needs_torch_alone_and_the_first_call_may_be_compiled():
+    # without triton and the compiled extension, `import hbat` imports neither them nor torch._dynamo; the
+    # reference backend is then chosen (and imported) while dynamo traces the first call
+    code = (
         "import sys; sys.modules['triton'] = None; sys.modules['hbat._C'] = None; sys.modules['hbat._C_cuda'] = None\n"
         "import torch, hbat\n"
         "from hbat import ops\n"
+        "assert 'torch._dynamo' not in sys.modules, 'import hbat imported torch._dynamo'\n"
+        "p = [torch.ones(3, requires_grad=True)]\n"
+        "loss = lambda p: ops.ewc_penalty(p, [torch.zeros(3)], [2.0], 1.0)\n"
+        "torch.compile(loss, backend='aot_eager', fullgraph=True)(p).backward()\n"
+        "assert p[0].grad.tolist() == [2.0, 2.0, 2.0]\n"
         "assert ops.available_backends('cpu') == ['reference'], ops.available_backends('cpu')\n"
-        "p = [torch.ones(3, requires_grad=True)]\n"
-        "ops.ewc_penalty(p, [torch.zeros(3)], [2.0], 1.0).backward()\n"
-        "assert p[0].grad.tolist() == [2.0, 2.0, 2.0]\n"
-        "assert 'torch._dynamo' not in sys.modules, 'import hbat or an eager op imported torch._dynamo'\n"
     )
-
-
-def test_first_call_may_be_compiled():
-    # the backend is chosen (and imported) while dynamo traces, with no eager call before
-    _run(
-        "import torch\n"
-        "from hbat import ops\n"
-        "p = [torch.ones(3, requires_grad=True)]\n"
-        "f = torch.compile(lambda p: ops.ewc_penalty(p, [torch.zeros(3)], [2.0], 1.0), backend='aot_eager', fullgraph=True)\n"
-        "f(p).backward()\n"
-        "assert p[0].grad.tolist() == [2.0, 2.0, 2.0]\n"
-    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr

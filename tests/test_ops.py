@@ -12,21 +12,13 @@ import torch
 
 from hbat import ops
 from hbat.ops import reference
+from ops_cases import backend_cases
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 ANCHOR_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def _backend_cases():
-    cases = []
-    for name in ("reference", "cpu", "triton", "cuda"):
-        device = "cuda" if name == "cuda" or (name == "triton" and torch.cuda.is_available()) else "cpu"
-        ok, why = ops.backend_status(name, device)
-        cases.append(pytest.param(name, device, id=name, marks=pytest.mark.skipif(not ok, reason=why)))
-    return cases
-
-
-BACKENDS = _backend_cases()
+BACKENDS = backend_cases()
 NATIVE = [c for c in BACKENDS if c.values[0] != "reference"]
 
 

@@ -8,8 +8,13 @@ returns float32 per-tensor results on the tensors' device. ``backend`` is one of
     snapshot_(params, anchors)                    -> [n]  the same against the anchors, then anchors <- params
     importance(acc_change, f_max, scale=1.0)      -> [n]  f_max * softmax(scale * acc_change)          eq. (6)/(9)
     ewc_penalty_grad_(params, anchors, grads, F, lam) -> [n]  (lam/2) F_i sum (p - a)^2, grads += lam F_i (p - a)
+    EWCPenaltyGrad(F, lam)(params, anchors, grads)    -> [n]  the same, lam * F_i checked once (the per-step path)
     ewc_penalty(params, anchors, F, lam)          -> scalar, differentiable w.r.t. params             eq. (5)/(8)
     lerp_(dst, a, b, weights)                     -> None  dst_i = (1 - w_i) a_i + w_i b_i (model averaging)
+
+Every op checks all of its inputs before it writes anything (_validate.py). Each backend is a namespace of
+torch operators (_library.py): written tensors get their version counters bumped, every op has a fake
+implementation (torch.compile, torch.library.opcheck).
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ from typing import Sequence
 import torch
 
 from . import _validate as V
-from ._dispatch import available_backends, backend_status, resolve
+from ._dispatch import accepted_dtypes, available_backends, backend_status, resolve_traceable
 
 Tensors = Sequence[torch.Tensor]
 
@@ -32,24 +37,25 @@ __all__ = [
     "available_backends",
     "backend_status",
     "EWCPenalty",
+    "EWCPenaltyGrad",
 ]
 
 _REDUCTIONS = ("mean", "sum")
 
 
-def _prepare(backend: str, lists: dict, writable=()):
-    """Validate parallel lists and pick the backend. Returns (lists, device, backend_name, module)."""
-    first_name = next(iter(lists))
-    lead = V.as_tensor_list(first_name, lists[first_name])
-    device = lead[0].device if lead else None
-    name, module = resolve(backend, device)
+def _prepare(backend: str, lists: dict, writable=(), may_alias=None):
+    """Validate parallel lists and pick the backend. Returns (lists, device, module)."""
+    lists = {name: V.as_tensor_list(name, seq) for name, seq in lists.items()}  # read each iterable once
+    lead = next(iter(lists.values()))
+    name, module = resolve_traceable(backend, lead[0].device if lead else None)
     converted, device = V.check_lists(
         lists,
-        dtypes=V.REFERENCE_DTYPES if name == "reference" else V.NATIVE_DTYPES,
+        dtypes=accepted_dtypes(name),
         need_contiguous=name != "reference",
         writable=writable,
+        may_alias=may_alias,
     )
-    return converted, device, name, module
+    return converted, device, module
 
 
 def _empty(device) -> torch.Tensor:
@@ -75,7 +81,7 @@ def _check_reduction(reduction: str) -> None:
 def squared_change(params: Tensors, refs: Tensors, *, reduction: str = "mean", backend: str = "auto") -> torch.Tensor:
     """Per tensor, the mean (or sum) of ``(p - r)**2``: C_i of eq. (7). The mean of an empty tensor is 0."""
     _check_reduction(reduction)
-    (params, refs), device, _, be = _prepare(backend, {"params": params, "refs": refs})
+    (params, refs), device, be = _prepare(backend, {"params": params, "refs": refs})
     if not params:
         return _empty(device)
     return _reduce(be.sum_sq_diff(params, refs), params, reduction)
@@ -85,23 +91,25 @@ def snapshot_(params: Tensors, anchors: Tensors, *, reduction: str = "mean", bac
     """Per-tensor change of ``params`` against the anchors' old values, and ``anchors[i] <- params[i]``
     (cast to the anchor's dtype) in the same pass over the data: the stage boundary of Algorithm 1."""
     _check_reduction(reduction)
-    (params, anchors), device, _, be = _prepare(backend, {"params": params, "anchors": anchors}, writable=("anchors",))
+    (params, anchors), device, be = _prepare(backend, {"params": params, "anchors": anchors}, writable=("anchors",))
     if not params:
         return _empty(device)
-    return _reduce(be.snapshot_(params, anchors), params, reduction)
+    with torch.no_grad():  # an in-place op: its results are values, not a graph
+        sums = be.snapshot_(params, anchors)
+    return _reduce(sums, params, reduction)
 
 
 def importance(acc_change, f_max: float, *, scale: float = 1.0) -> torch.Tensor:
     """``f_max * softmax(scale * acc_change)``: F_i of eq. (6) / (9), one float32 per tensor.
 
-    Stable for any finite input: the softmax is taken of ``(acc - max(acc)) * scale`` in float64, so huge
-    scales (the released code behaves like scale = 1e20) give the one-hot limit instead of NaN, and tiny
-    changes at scale 1 (the paper, literally) give the near-uniform limit.
+    Stable for any finite input and any finite scale (0 and negative included): the softmax is taken of
+    ``(acc - max(acc)) * scale`` in float64, so huge scales (the released code behaves like scale = 1e20)
+    give the one-hot limit instead of NaN, and tiny changes at scale 1 (the paper, literally) give the
+    near-uniform limit. ``f_max`` must be finite and within float32's range.
     """
-    f_max = V.check_scalar("f_max", f_max)
+    f_max = V.check_scalar("f_max", f_max, float32=True)
     scale = V.check_scalar("scale", scale)
-    if not isinstance(acc_change, torch.Tensor):
-        acc_change = torch.as_tensor(acc_change, dtype=torch.float64)
+    acc_change = V.as_vector("acc_change", acc_change)
     if acc_change.dim() != 1:
         raise ValueError(f"acc_change must be 1-D (one entry per tensor), got shape {tuple(acc_change.shape)}")
     acc = acc_change.detach().to(torch.float64)
@@ -111,13 +119,28 @@ def importance(acc_change, f_max: float, *, scale: float = 1.0) -> torch.Tensor:
         bad = int((~torch.isfinite(acc)).nonzero()[0, 0])
         raise ValueError(f"acc_change[{bad}] is {acc[bad].item()}; every entry must be finite")
     pivot = acc.max() if scale >= 0 else acc.min()
-    # (acc - pivot) * scale <= 0 everywhere and == 0 at the pivot: exp never overflows, the sum is >= 1.
-    # An underflow of (acc - pivot) to -inf (values spanning +-1e308) correctly gives weight 0.
-    z = (acc - pivot) * scale
+    # z = (acc - pivot) * scale <= 0 everywhere and == 0 at the pivot: exp never overflows, the sum is >= 1.
+    # Where acc - pivot overflows (values spanning +-1e308), z is acc*scale - pivot*scale instead: finite
+    # where the true z is (|scale| < 1), -inf where that is below float64's range, 0 (not inf * 0 = NaN) at
+    # scale 0; the two products have opposite signs, so their difference is never inf - inf.
+    diff = acc - pivot
+    z = torch.where(torch.isinf(diff), acc * scale - pivot * scale, diff * scale)
     weights = torch.softmax(z, dim=0)
     return (f_max * weights).to(torch.float32)
 
 
+def _coefficients(importance, lam: float, n: int) -> torch.Tensor:
+    """``lam * F_i`` in float32, where ``importance`` lives (checked there: see check_vector)."""
+    return (lam * V.check_vector("importance", importance, n, None, lam=lam).to(torch.float64)).to(torch.float32)
+
+
+def _penalty_grad(be, params, anchors, grads, coef, grad_coef, device) -> torch.Tensor:
+    """The validated call: ``grads += grad_coef * (p - a)``; returns the per-tensor ``(coef/2) * sum (p - a)^2``."""
+    if not params:
+        return _empty(device)
+    with torch.no_grad():  # an in-place op: its results are values, not a graph
+        sums = be.penalty_grad_(params, anchors, grads, grad_coef)
+    return (0.5 * coef) * sums
 
 
 def ewc_penalty_grad_(
@@ -126,73 +149,97 @@ def ewc_penalty_grad_(
     """Per tensor ``(lam/2) * F_i * sum_j (p_ij - a_ij)**2``; in the same pass ``grads[i] += lam*F_i*(p_i - a_i)``.
 
     The fast path for a training loop: call it after backward, before gradient clipping and the optimizer
-    step. Returns the per-tensor penalties (sum them for the total) without a host synchronisation.
+    step. Returns the per-tensor penalties (sum them for the total). ``importance`` is checked each call:
+    on the host if it is a CPU tensor or a sequence (then copied to the device), with one host sync if it
+    is a device tensor. In a loop, build an ``EWCPenaltyGrad`` once per stage instead (checked once).
     """
-    lam = V.check_scalar("lam", lam)
-    (params, anchors, grads), device, _, be = _prepare(
+    lam = V.check_scalar("lam", lam, float32=True)
+    (params, anchors, grads), device, be = _prepare(
         backend, {"params": params, "anchors": anchors, "grads": grads}, writable=("grads",)
     )
-    coef = lam * V.check_vector("importance", importance, len(params), device)
-    if not params:
-        return _empty(device)
-    sums = be.penalty_grad_(params, anchors, grads, coef)
-    return (0.5 * coef) * sums
+    coef = _coefficients(importance, lam, len(params)).to(device)
+    return _penalty_grad(be, params, anchors, grads, coef, coef, device)
 
 
-class _EWCPenaltyFunction(torch.autograd.Function):
-    """Total penalty sum_i (lam/2) F_i ||p_i - a_i||^2. Saves only the inputs (no parameter-sized
-    temporary): backward recomputes lam * F_i * (p_i - a_i) in one fused pass."""
+class EWCPenaltyGrad:
+    """``ewc_penalty_grad_`` with the coefficients ``lam * F_i`` checked once: the per-step path.
 
-    @staticmethod
-    def forward(ctx, backend_module, n, lam, F, *tensors):
-        params, anchors = list(tensors[:n]), list(tensors[n:])
-        sums = backend_module.sum_sq_diff(params, anchors)
-        ctx.backend_module, ctx.n, ctx.lam = backend_module, n, lam
-        ctx.save_for_backward(F, sums, *params, *anchors)
-        return (0.5 * lam) * (F * sums).sum()
+    Build it when the importance changes (a stage boundary): ``importance`` and ``lam`` are checked then
+    (every ``lam * F_i`` finite and within float32; one host sync if ``importance`` is a device tensor) and
+    the coefficients are put on ``device``. A call checks the tensor lists (metadata and addresses: shapes,
+    dtypes, devices, overlaps) and ``scale`` on the host and never synchronises with the device (a tensor
+    ``scale`` is read with ``.item()``: pass a float).
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        F, sums, *tensors = ctx.saved_tensors
-        n, lam = ctx.n, ctx.lam
-        params, anchors = tensors[:n], tensors[n:]
-        grad_params = [None] * n
-        if any(ctx.needs_input_grad[4 : 4 + n]):
-            coef = (grad_out.to(torch.float32) * lam) * F.to(torch.float32)
-            grad_params = ctx.backend_module.scaled_diff(list(params), list(anchors), coef)
-        grad_F = (0.5 * lam) * grad_out * sums if ctx.needs_input_grad[3] else None
-        return (None, None, None, grad_F, *grad_params, *([None] * n))
+        penalty = ops.EWCPenaltyGrad(F, lam, device=params[0].device)   # once per stage
+        per_tensor = penalty(params, anchors, grads)                    # every step, after backward
+    """
+
+    def __init__(self, importance, lam: float, *, device: torch.device | str = "cpu"):
+        self.lam = V.check_scalar("lam", lam, float32=True)
+        importance = V.as_vector("importance", importance)
+        if importance.dim() != 1:
+            raise ValueError(f"importance must be 1-D (one entry per tensor), got shape {tuple(importance.shape)}")
+        coef = _coefficients(importance, self.lam, importance.numel())
+        # the largest |lam * F_i| and where it is, on the host: a call checks its scale against it
+        self._max_at = int(coef.abs().argmax()) if coef.numel() else 0
+        self._max = abs(float(coef[self._max_at])) if coef.numel() else 0.0
+        self.coef = coef.to(device)
+
+    def __call__(self, params: Tensors, anchors: Tensors, grads: Tensors, *, scale: float = 1.0,
+                 backend: str = "auto") -> torch.Tensor:
+        """Per tensor ``(lam/2) F_i sum (p - a)^2``; ``grads[i] += scale * lam * F_i * (p_i - a_i)`` in the same
+        pass (``scale``: a loss scale the gradients carry, e.g. a GradScaler's before ``unscale_``)."""
+        scale = V.check_scalar("scale", scale, float32=True)
+        if abs(scale) * self._max > V.FLOAT32_MAX:
+            raise ValueError(f"scale * lam * importance[{self._max_at}] = {scale:g} * {self._max:g} overflows "
+                             f"float32 (+-{V.FLOAT32_MAX:.4g}); the gradient would be inf or NaN")
+        (params, anchors, grads), device, be = _prepare(
+            backend, {"params": params, "anchors": anchors, "grads": grads}, writable=("grads",)
+        )
+        if len(params) != self.coef.numel():
+            raise ValueError(f"params has {len(params)} tensors but importance has {self.coef.numel()} entries")
+        if params and self.coef.device != device:
+            raise ValueError(f"params[0] is on {device} but the coefficients are on {self.coef.device}; "
+                             f"build EWCPenaltyGrad with device={str(device)!r}")
+        grad_coef = self.coef if scale == 1.0 else self.coef * scale
+        return _penalty_grad(be, params, anchors, grads, self.coef, grad_coef, device)
 
 
 def ewc_penalty(params: Tensors, anchors: Tensors, importance, lam: float, *, backend: str = "auto") -> torch.Tensor:
     """The total penalty ``sum_i (lam/2) * F_i * sum_j (p_ij - a_ij)**2`` as a differentiable scalar.
 
-    Gradients flow to ``params`` (``lam * F_i * (p_i - a_i)``) and to ``importance`` if it requires grad;
-    anchors are constants. Use it as a loss term; ``ewc_penalty_grad_`` is the faster in-place path.
+    Gradients flow to ``params`` (``lam * F_i * (p_i - a_i)``, one fused pass from the saved inputs, no
+    parameter-sized temporary) and to ``importance`` if it requires grad; anchors are constants. Use it as
+    a loss term (it traces under ``torch.compile(fullgraph=True)``); ``ewc_penalty_grad_`` is the faster
+    in-place path. ``importance`` is checked each call as in ``ewc_penalty_grad_`` (a device tensor: one host
+    sync; under torch.compile that check is skipped, lam's is not).
     """
-    lam = V.check_scalar("lam", lam)
-    (params, anchors), device, _, be = _prepare(backend, {"params": params, "anchors": anchors})
+    lam = V.check_scalar("lam", lam, float32=True)
+    (params, anchors), device, be = _prepare(backend, {"params": params, "anchors": anchors})
     n = len(params)
+    F = V.check_vector("importance", importance, n, device, lam=lam)
     if isinstance(importance, torch.Tensor) and importance.requires_grad:
-        F = importance
-        V.check_vector("importance", importance, n, device)
-    else:
-        F = V.check_vector("importance", importance, n, device)
+        F = importance.to(device)  # checked above; gradients flow to it
     if n == 0:
         return torch.zeros((), dtype=torch.float32, device=device if device is not None else "cpu")
-    return _EWCPenaltyFunction.apply(be, n, lam, F, *params, *[a.detach() for a in anchors])
+    sums = be.sum_sq_diff(params, [a.detach() for a in anchors])
+    return (0.5 * lam) * (F * sums).sum()
 
 
 def lerp_(dst: Tensors, a: Tensors, b: Tensors, weights, *, backend: str = "auto") -> None:
     """Multi-tensor model averaging: ``dst[i] <- (1 - w_i) * a[i] + w_i * b[i]``, one weight per tensor.
 
-    ``dst`` may be ``a`` or ``b`` (in-place averaging). With theta_pre = a (the SFT model) and
-    theta_post = b (the aligned model), w is the paper's alpha: 0 returns the SFT model, 1 the aligned one.
+    ``dst[i]`` may be ``a[i]`` or ``b[i]`` itself (in-place averaging); any other overlap with a written
+    tensor is refused. With theta_pre = a (the SFT model) and theta_post = b (the aligned model), w is the
+    paper's alpha: 0 returns the SFT model, 1 the aligned one.
     """
-    (dst, a, b), device, _, be = _prepare(backend, {"dst": dst, "a": a, "b": b}, writable=("dst",))
+    (dst, a, b), device, be = _prepare(
+        backend, {"dst": dst, "a": a, "b": b}, writable=("dst",), may_alias={"dst": ("a", "b")}
+    )
     w = V.check_vector("weights", weights, len(dst), device)
     if dst:
-        be.lerp_(dst, a, b, w)
+        with torch.no_grad():
+            be.lerp_(dst, a, b, w)
 
 
 class EWCPenalty(torch.nn.Module):
@@ -200,7 +247,7 @@ class EWCPenalty(torch.nn.Module):
 
     def __init__(self, lam: float = 1.0, backend: str = "auto"):
         super().__init__()
-        self.lam, self.backend = V.check_scalar("lam", lam), backend
+        self.lam, self.backend = V.check_scalar("lam", lam, float32=True), backend
 
     def forward(self, params: Tensors, anchors: Tensors, importance) -> torch.Tensor:
         return ewc_penalty(params, anchors, importance, self.lam, backend=self.backend)

@@ -39,7 +39,13 @@ def _load(name: str) -> tuple[ModuleType | None, str]:
     except Exception as exc:  # noqa: BLE001 - any import failure means "not available", with its reason
         return None, f"{type(exc).__name__}: {exc}"
     why_not = getattr(module, "unavailable_reason", lambda: "")()
-    return (None, why_not) if why_not else (module, "")
+    if why_not:
+        return None, why_not
+    _MODULES[name] = module
+    return module, ""
+
+
+_MODULES: dict[str, ModuleType] = {}  # the backends that loaded
 
 
 def backend_status(name: str, device: torch.device | str) -> tuple[bool, str]:
@@ -80,6 +86,17 @@ def resolve(backend: str, device: torch.device | None) -> tuple[str, ModuleType]
             f"Available here: {', '.join(available_backends(device)) or 'none'} (see `python -m hbat.info`)"
         )
     return backend, _load(backend)[0]
+
+
+def resolve_traceable(backend: str, device: torch.device | None) -> tuple[str, ModuleType]:
+    """``resolve``, also while torch.compile traces the caller: the choice is then made once, at trace time
+    (it imports modules, which dynamo cannot trace) and is a constant of the graph."""
+    if torch.compiler.is_compiling():
+        from ._compile import backend_name  # imported only while tracing: torch._dynamo is loaded then
+
+        name = backend_name(backend, device)
+        return name, _MODULES[name]
+    return resolve(backend, device)
 
 
 def accepted_dtypes(backend: str) -> tuple[torch.dtype, ...]:

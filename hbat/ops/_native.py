@@ -1,8 +1,24 @@
 """The compiled backends (C++ CPU and CUDA) share one set of operators, torch.ops.hbat.*, defined in
-csrc/bindings/library.cpp; the dispatcher runs the kernel registered for the tensors' device."""
+csrc/bindings/library.cpp; the dispatcher runs the kernel registered for the tensors' device. Their fakes,
+the backward of sum_sq_diff and the version bumps of written tensors are registered from Python
+(_library.py) as soon as the extension is loaded."""
 from __future__ import annotations
 
 import torch
+
+from hbat._ext import load_extension
+
+from . import _library
+
+
+def unavailable_reason(*extensions: str) -> str:
+    """"" once every extension named loaded (and the ops are registered); otherwise why one did not."""
+    for name in extensions:
+        why = load_extension(name)[1]
+        if why:
+            return why
+    _library.register("hbat")
+    return ""
 
 
 def sum_sq_diff(params, refs) -> torch.Tensor:

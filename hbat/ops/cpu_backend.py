@@ -1,10 +1,9 @@
 """The C++ CPU backend (csrc/cpu): ATen parallel loops, one pass over the data per call."""
 from __future__ import annotations
 
-from hbat._ext import load_extension
-
+from . import _native
 from ._native import lerp_, penalty_grad_, scaled_diff, snapshot_, sum_sq_diff  # noqa: F401
 
 
 def unavailable_reason() -> str:
-    return load_extension("hbat._C")[1]
+    return _native.unavailable_reason("hbat._C")

@@ -1,4 +1,5 @@
-"""The Triton backend: multi-tensor kernels in the repository's kernels/ folder (installed as hbat.kernels).
+"""The Triton backend: multi-tensor kernels in the repository's kernels/ folder (installed as hbat.kernels),
+as the torch operators torch.ops.hbat_triton.* (see _library.py).
 
 Each op is one kernel launch per dtype combination present in the call (usually one) plus, for the
 per-tensor sums, one small deterministic reduction launch; see kernels/ewc.py. On CPU tensors it runs only
@@ -6,13 +7,10 @@ under Triton's interpreter (TRITON_INTERPRET=1 set before triton is first import
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-
-def _interpreter_on() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from . import _library
+from ._dispatch import triton_interpreter_on
 
 
 def unavailable_reason() -> str:
@@ -25,7 +23,7 @@ def unavailable_reason() -> str:
         from hbat.kernels import ewc  # noqa: F401
     except Exception as exc:  # noqa: BLE001
         return f"hbat.kernels.ewc failed to import ({type(exc).__name__}: {exc})"
-    if _interpreter_on():
+    if triton_interpreter_on():
         return ""
     if not torch.cuda.is_available():
         return "no CUDA GPU is visible to torch and TRITON_INTERPRET is not set (Triton's CPU interpreter)"
@@ -36,31 +34,21 @@ def unavailable_reason() -> str:
     return ""
 
 
-def sum_sq_diff(params, refs) -> torch.Tensor:
-    from hbat.kernels import ewc
+def _kernels():
+    from hbat.kernels import ewc  # imports triton: only when a kernel runs
 
-    return ewc.sum_sq_diff(params, refs)
-
-
-def snapshot_(params, anchors) -> torch.Tensor:
-    from hbat.kernels import ewc
-
-    return ewc.snapshot_(params, anchors)
+    return ewc
 
 
-def penalty_grad_(params, anchors, grads, coef) -> torch.Tensor:
-    from hbat.kernels import ewc
-
-    return ewc.penalty_grad_(params, anchors, grads, coef)
-
-
-def scaled_diff(params, anchors, coef) -> list[torch.Tensor]:
-    from hbat.kernels import ewc
-
-    return ewc.scaled_diff(params, anchors, coef)
-
-
-def lerp_(dst, a, b, weights) -> None:
-    from hbat.kernels import ewc
-
-    ewc.lerp_(dst, a, b, weights)
+_ops = _library.define("hbat_triton", {
+    "sum_sq_diff": lambda params, refs: _kernels().sum_sq_diff(params, refs),
+    "snapshot_": lambda params, anchors: _kernels().snapshot_(params, anchors),
+    "penalty_grad_": lambda params, anchors, grads, coef: _kernels().penalty_grad_(params, anchors, grads, coef),
+    "scaled_diff": lambda params, anchors, coef: _kernels().scaled_diff(params, anchors, coef),
+    "lerp_": lambda dst, a, b, weights: _kernels().lerp_(dst, a, b, weights),
+})
+sum_sq_diff = _ops.sum_sq_diff
+snapshot_ = _ops.snapshot_
+penalty_grad_ = _ops.penalty_grad_
+scaled_diff = _ops.scaled_diff
+lerp_ = _ops.lerp_

@@ -8,3 +8,5 @@ from ._native import lerp_, penalty_grad_, scaled_diff, snapshot_, sum_sq_diff  
 
 def unavailable_reason() -> str:
     return load_extension("hbat._C")[1]
+
+from ._native import adamw_ewc_step_  # noqa: E402,F401

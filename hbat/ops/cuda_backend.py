@@ -13,3 +13,5 @@ def unavailable_reason() -> str:
         return "no CUDA device is visible to torch"
     why = load_extension("hbat._C")[1] or load_extension("hbat._C_cuda")[1]
     return why
+
+from ._native import adamw_ewc_step_  # noqa: E402,F401

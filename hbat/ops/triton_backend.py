@@ -64,3 +64,11 @@ def lerp_(dst, a, b, weights) -> None:
     from hbat.kernels import ewc
 
     ewc.lerp_(dst, a, b, weights)
+
+
+def adamw_ewc_step_(params, grads, exp_avg, exp_avg_sq, anchors, coef, lr, weight_decay, bias_correction1,
+                    bias_correction2, beta1, beta2, eps) -> torch.Tensor:
+    from hbat.kernels import ewc
+
+    return ewc.adamw_ewc_step_(params, grads, exp_avg, exp_avg_sq, anchors, coef, lr, weight_decay,
+                               bias_correction1, bias_correction2, beta1, beta2, eps)

@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # re-run the install when the build inputs change
 STAMP  := $(VENV)/.hbat-installed
-BUILD_INPUTS := setup.py $(wildcard csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
+BUILD_INPUTS := setup.py $(wildcard csrc/*.h csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 NVCC   ?= $(shell command -v nvcc 2>/dev/null)
 
 .PHONY: setup demo compare ops-demo test bench compile-cuda info clean

@@ -50,9 +50,10 @@ if os.environ.get("HBAT_CPU_NATIVE", "0") not in ("", "0"):
 ext_modules = [
     CppExtension(
         "hbat._C",
-        sources=_rel("csrc/bindings/library.cpp") + _rel("csrc/bindings/cpu_binding.cpp") + _rel("csrc/cpu/*.cpp"),
+        sources=_rel("csrc/bindings/library.cpp") + _rel("csrc/cpu/*.cpp"),
         include_dirs=[os.path.join(HERE, "csrc")],
-        extra_compile_args=cxx_flags + ["-fopenmp"],
+        # -fno-math-errno: sqrtf (adamw_ewc_step_) vectorises only when it need not set errno; nothing reads errno
+        extra_compile_args=cxx_flags + ["-fopenmp", "-fno-math-errno"],
         extra_link_args=["-fopenmp"],
     )
 ]

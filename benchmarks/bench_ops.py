@@ -125,6 +125,13 @@ def target_checks(rows: list[dict]) -> list[list]:
     ]
 
 
+def _bytes_note() -> str:
+    """'squared_change 8, ..., ewc_penalty 24 = forward 8 + backward 16, ...' from benchlib.MIN_BYTES."""
+    forward, backward = B.MIN_BYTES["squared_change"], B.MIN_BYTES["ewc_penalty_grad_"]
+    return ", ".join(f"{op} {n}" + (f" = forward {forward} + backward {backward}" if op == "ewc_penalty" else "")
+                     for op, n in B.MIN_BYTES.items())
+
+
 def markdown(rows: list[dict], args) -> str:
     mem_note = ("torch.cuda.max_memory_allocated above the inputs" if torch.device(args.device).type == "cuda"
                 else "peak RSS above the inputs, one fresh child process per provider")
@@ -132,9 +139,8 @@ def markdown(rows: list[dict], args) -> str:
         f"# hbat ops benchmark ({B.device_tag(args.device)})", "",
         B.command_line(__file__, args),
         f"{B.machine_line(args.device)}; median of {args.repeats} interleaved rounds after 1 warm-up round.  ",
-        "GB/s = the op's minimum bytes per fp32 element (squared_change 8, snapshot_ 12, ewc_penalty_grad_ 16, "
-        "ewc_penalty 24 = forward 8 + backward 16, lerp_ 12; ../shared/HBAT.md section 7) / median time, for every "
-        "provider. `of copy bw` = that / the bandwidth of a streaming `copy_` of the same total size (8 B per "
+        f"GB/s = the op's minimum bytes per fp32 element ({_bytes_note()}; ../shared/HBAT.md section 7) / median "
+        "time, for every provider. `of copy bw` = that / the bandwidth of a streaming `copy_` of the same total size (8 B per "
         "element, read + write), timed in the same interleaved rounds (row `copy_`). "
         f"Memory: {mem_note}; `xcopy` = that peak / one fp32 parameter copy.",
     ]

@@ -25,14 +25,21 @@ from typing import Callable
 import torch
 
 from hbat import ops
+from hbat.ops import table as op_table
 from hbat.importance import compute_importance
 from hbat.trainer.checkpoint import write_text_atomic
 
 OPS = ("squared_change", "snapshot_", "ewc_penalty_grad_", "ewc_penalty", "lerp_")
 LAYOUTS = ("llama", "small")
-#: minimum bytes moved per fp32 element (../shared/HBAT.md section 7); ewc_penalty is forward (read p, a)
-#: plus backward (read p, a, g; write g)
-MIN_BYTES = {"squared_change": 8, "snapshot_": 12, "ewc_penalty_grad_": 16, "ewc_penalty": 24, "lerp_": 12}
+#: minimum bytes moved per fp32 element, from the op table (hbat/ops/table.py; ../shared/HBAT.md section 7);
+#: ewc_penalty is forward (read p, a) plus a backward into .grad (read p, a, g; write g)
+MIN_BYTES = {
+    "squared_change": op_table.op("sum_sq_diff").min_bytes,
+    "snapshot_": op_table.op("snapshot_").min_bytes,
+    "ewc_penalty_grad_": op_table.op("penalty_grad_").min_bytes,
+    "ewc_penalty": op_table.op("sum_sq_diff").min_bytes + op_table.op("penalty_grad_").min_bytes,
+    "lerp_": op_table.op("lerp_").min_bytes,
+}
 PENALTY_OPS = ("ewc_penalty_grad_", "ewc_penalty")
 LAM = 1.0
 F_MAX = 100.0

@@ -13,34 +13,44 @@ import argparse
 import re
 import sys
 
+from hbat.ops import table
+
 from .ewc import (
     BLOCK,
-    OP_LERP,
-    OP_PENALTY_GRAD,
-    OP_SCALED_DIFF,
-    OP_SNAPSHOT,
-    OP_SUM_SQ_DIFF,
     PARTIALS_BLOCK,
-    _ewc_chunk_kernel,
+    _multi_tensor_kernel,
     _sum_partials_kernel,
+    dtype_constexprs,
     interpreter_on,
     num_warps_for,
+    op_constexprs,
     tl,
 )
 
-OP_NAMES = {
-    OP_SUM_SQ_DIFF: "sum_sq_diff",
-    OP_SNAPSHOT: "snapshot_",
-    OP_PENALTY_GRAD: "penalty_grad_",
-    OP_SCALED_DIFF: "scaled_diff",
-    OP_LERP: "lerp_",
-}
-# (x, y, z) dtype combinations compiled for every op: all fp32, bf16 params with fp32 anchor / grads, fp16 all
+#: every op of the table, by name
+OP_NAMES = tuple(op.name for op in table.OPS)
+# The element types of the float32 / bfloat16 / float16 lists of each case (the k-th such list of an op gets
+# the k-th entry, cyclically; float32-only lists are float32, "like" lists copy theirs): all fp32, bf16 params
+# with fp32 anchors / grads, fp16 / bf16 mixed
 DTYPE_CASES = [
     (tl.float32, tl.float32, tl.float32),
     (tl.bfloat16, tl.float32, tl.float32),
     (tl.float16, tl.bfloat16, tl.float16),
 ]
+
+
+def list_dtypes(op: table.OpDef, case) -> tuple:
+    """The element type of each of ``op``'s lists in dtype case ``case``, following the lists' dtype rules."""
+    dtypes, free = [], 0
+    for t in op.lists:
+        if t.dtype == table.ANY_FLOAT:
+            dtypes.append(case[free % len(case)])
+            free += 1
+        elif t.dtype == table.FLOAT32:
+            dtypes.append(tl.float32)
+        else:
+            dtypes.append(dtypes[op.index(t.dtype)])
+    return tuple(dtypes)
 
 
 def _compile(fn, signature: dict, constexprs: dict, arch: int, num_warps: int):
@@ -58,27 +68,26 @@ def _compile(fn, signature: dict, constexprs: dict, arch: int, num_warps: int):
 
 
 def chunk_kernel_variants(quick: bool = False):
-    """(op, dtypes, aligned, block): every op and dtype case at BLOCK, aligned or not, and the tiny block
+    """(op name, dtypes, aligned, block): every op and dtype case at BLOCK, aligned or not, and the tiny block
     of the tests; ``quick``: the first two dtype cases, aligned, and one tiny-block variant."""
-    for op in OP_NAMES:
-        for dtypes in DTYPE_CASES[:2] if quick else DTYPE_CASES:
+    for name in OP_NAMES:
+        for case in DTYPE_CASES[:2] if quick else DTYPE_CASES:
             for aligned in (True,) if quick else (True, False):
-                yield op, dtypes, aligned, BLOCK
-    for op in (OP_PENALTY_GRAD,) if quick else OP_NAMES:
-        yield op, DTYPE_CASES[2], True, 16
+                yield name, list_dtypes(table.op(name), case), aligned, BLOCK
+    for name in ("penalty_grad_",) if quick else OP_NAMES:
+        yield name, list_dtypes(table.op(name), DTYPE_CASES[2]), True, 16
 
 
-def compile_chunk_kernel(op: int, dtypes, aligned: bool, arch: int, block: int = BLOCK):
-    x, y, z = dtypes
-    signature = {
-        "addresses_ptr": "*i64",
-        "chunks_ptr": "*i64",
-        "coef_ptr": "*fp32",
+def compile_chunk_kernel(name: str, dtypes, aligned: bool, arch: int, block: int = BLOCK):
+    signature = {"addresses_ptr": "*i64", "chunks_ptr": "*i64"}
+    signature.update({f"v{k}_ptr": "*fp32" for k in range(table.MAX_VECTORS)})
+    signature.update({
         "partials_ptr": "*fp32",
         "chunk_begin": "i32",  # what the JIT passes for a Python int below 2**31 (the kernel widens it)
-    }
-    constexprs = {"OP": op, "X_DTYPE": x, "Y_DTYPE": y, "Z_DTYPE": z, "BLOCK": block, "ALIGNED": aligned}
-    return _compile(_ewc_chunk_kernel, signature, constexprs, arch, num_warps_for(block))
+    })
+    signature.update({f"s{k}": "fp64" for k in range(table.MAX_SCALARS)})
+    constexprs = {**op_constexprs(table.op(name)), **dtype_constexprs(dtypes), "BLOCK": block, "ALIGNED": aligned}
+    return _compile(_multi_tensor_kernel, signature, constexprs, arch, num_warps_for(block))
 
 
 def compile_partials_kernel(arch: int):
@@ -104,11 +113,11 @@ def main(argv=None) -> int:
     for arch in args.arch or [80, 90]:
         compile_partials_kernel(arch)
         print(f"sm_{arch}: _sum_partials_kernel compiled")
-        for op, dtypes, aligned, block in chunk_kernel_variants(args.quick):
-            name = (f"sm_{arch} {OP_NAMES[op]:<14} {'/'.join(d.name for d in dtypes):<12} "
+        for op_name, dtypes, aligned, block in chunk_kernel_variants(args.quick):
+            name = (f"sm_{arch} {op_name:<16} {'/'.join(d.name for d in dtypes):<20} "
                     f"aligned={aligned!s:<5} block={block:<5}")
             try:
-                kernel = compile_chunk_kernel(op, dtypes, aligned, arch, block)
+                kernel = compile_chunk_kernel(op_name, dtypes, aligned, arch, block)
             except Exception as exc:  # noqa: BLE001 - report every failing variant
                 failures += 1
                 print(f"{name} FAILED: {type(exc).__name__}: {exc}")

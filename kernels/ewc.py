@@ -1,21 +1,18 @@
-"""Triton kernels of the fused EWC ops: one launch per dtype group covers every tensor of a call.
+"""Triton kernels of the fused multi-tensor ops: one launch per dtype group covers every tensor of a call.
 
-The ops (contract: csrc/bindings/library.cpp) all stream over pairs or triples of tensors:
+Every op of the table (hbat/ops/table.py) runs through one generic kernel, ``_multi_tensor_kernel``: the op's
+lists, their roles (which are loaded, which stored) and their dtype rules come from the table, and its math is
+a ``@triton.jit`` function of kernels/op_math.py passed as a compile-time constant. Each program reads its row
+of the chunk table (kernels/plan.py): the tensor index, and the int64 element range of the chunk; the
+tensors' data addresses are int64 values turned into typed pointers with ``.to(tl.pointer_type(dtype))``.
+The chunk is walked in BLOCK-element steps, unmasked (vectorisable) except for the one tail block.
+Reductions accumulate a BLOCK-wide float32 vector and write one partial per chunk; ``_sum_partials_kernel``
+then adds each tensor's partials in a fixed order, in float64. No atomics: the same inputs give
+bit-identical results.
 
-    op              x        y          z          per element                        per tensor
-    sum_sq_diff     params   refs       -          (x - y)^2                          sum
-    snapshot_       params   anchors    -          (x - y)^2; y <- x                  sum
-    penalty_grad_   params   anchors    grads      (x - y)^2; z <- z + c_i (x - y)    sum
-    scaled_diff     params   anchors    out        z <- c_i (x - y)                   -
-    lerp_           a        b          dst        z <- (1 - c_i) x + c_i y           -
-
-One kernel, ``_ewc_chunk_kernel``, serves them all (the op is a compile-time constant). Each program
-reads its row of the chunk table (kernels/plan.py): the tensor index, and the int64 element range of the
-chunk; the tensor's data addresses are int64 values turned into typed pointers with
-``.to(tl.pointer_type(dtype))``. The chunk is walked in BLOCK-element steps, unmasked (vectorisable)
-except for the one tail block. Reductions accumulate a BLOCK-wide float32 vector and write one partial per
-chunk; ``_sum_partials_kernel`` then adds each tensor's partials in a fixed order, in float64. No atomics:
-the same inputs give bit-identical results.
+``call(op, *args)`` runs an op with the arguments of its torch.ops.hbat schema (``table.OpDef.schema``), and
+this module has one function per op of the table with that name (``ewc.penalty_grad_(params, anchors,
+grads, coef)``); ``chunk_size=`` / ``block=`` keywords override the defaults (tests use tiny ones).
 
 Tuning on a GPU (unverified here, no GPU was available when this was written): BLOCK, ITERS_PER_CHUNK
 (chunk = BLOCK * ITERS elements), num_warps_for() and MIN_CHUNKS_PER_SM below.
@@ -35,6 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
+from hbat.ops import table
+
+from .op_math import math_of
 from .plan import MultiTensorPlan, PlanCache
 
 # ----------------------------------------------------------------------------------------- configuration
@@ -47,19 +47,13 @@ MIN_CHUNKS_PER_SM = 4
 #: partial sums added per step by the final per-tensor reduction
 PARTIALS_BLOCK = 256
 
-# The ops of _ewc_chunk_kernel, compile-time constants usable inside the kernels. Numbered so that the ops
-# that reduce are <= OP_PENALTY_GRAD and the ops that read a per-tensor coefficient are >= OP_PENALTY_GRAD.
-OP_SUM_SQ_DIFF = tl.constexpr(0)
-OP_SNAPSHOT = tl.constexpr(1)
-OP_PENALTY_GRAD = tl.constexpr(2)
-OP_SCALED_DIFF = tl.constexpr(3)
-OP_LERP = tl.constexpr(4)
-_REDUCING_OPS = (OP_SUM_SQ_DIFF, OP_SNAPSHOT, OP_PENALTY_GRAD)
-
 _TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 #: the chunk tables of recent calls (see kernels/plan.py)
 PLANS = PlanCache()
+
+# the kernel has a fixed number of slots; ops use the first ones
+assert table.MAX_LISTS <= 5 and table.MAX_VECTORS <= 5 and table.MAX_SCALARS <= 3, "widen _multi_tensor_kernel"
 
 
 def interpreter_on() -> bool:
@@ -108,37 +102,77 @@ def _store(ptr, offs, value, mask, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _ewc_block(x_ptr, y_ptr, z_ptr, offs, mask, coef, acc, OP: tl.constexpr, MASKED: tl.constexpr):
-    """One BLOCK of one op; returns the updated squared-difference accumulator (unchanged if no sum)."""
-    x = _load_f32(x_ptr, offs, mask, MASKED)
-    y = _load_f32(y_ptr, offs, mask, MASKED)
-    if OP == OP_LERP:  # (1 - w) a + w b keeps both endpoints exact (w = 0 gives a, w = 1 gives b)
-        _store(z_ptr, offs, (1.0 - coef) * x + coef * y, mask, MASKED)
+def _list_ptr(addresses_ptr, tensor, R: tl.constexpr, NUM_LISTS: tl.constexpr, DTYPE: tl.constexpr,
+              ALIGNED: tl.constexpr):
+    """The typed data pointer of list R's tensor (the table's address row); list slots past the op's lists
+    get a placeholder that is never dereferenced."""
+    if R < NUM_LISTS:
+        ptr = tl.load(addresses_ptr + tensor * NUM_LISTS + R).to(tl.pointer_type(DTYPE))
+        if ALIGNED:  # lets the compiler emit 16-byte vector loads and stores
+            ptr = tl.multiple_of(ptr, 16)
     else:
-        diff = x - y
-        if OP == OP_SCALED_DIFF:
-            _store(z_ptr, offs, coef * diff, mask, MASKED)
-        else:
-            acc += diff * diff  # masked lanes loaded 0 - 0: they add nothing, NaN/inf propagate
-            if OP == OP_SNAPSHOT:  # the anchor takes the params' value after its old value was read
-                _store(y_ptr, offs, x, mask, MASKED)
-            if OP == OP_PENALTY_GRAD:
-                grad = _load_f32(z_ptr, offs, mask, MASKED)
-                _store(z_ptr, offs, grad + coef * diff, mask, MASKED)
+        ptr = addresses_ptr
+    return ptr
+
+
+@triton.jit
+def _load_list(ptr, offs, mask, LOAD: tl.constexpr, MASKED: tl.constexpr):
+    if LOAD:
+        value = _load_f32(ptr, offs, mask, MASKED)
+    else:
+        value = 0.0
+    return value
+
+
+@triton.jit
+def _store_list(ptr, offs, value, mask, STORE: tl.constexpr, MASKED: tl.constexpr):
+    if STORE:
+        _store(ptr, offs, value, mask, MASKED)
+
+
+@triton.jit
+def _vector(vec_ptr, tensor, K: tl.constexpr, NUM_VECTORS: tl.constexpr):
+    if K < NUM_VECTORS:
+        value = tl.load(vec_ptr + tensor)
+    else:
+        value = 0.0
+    return value
+
+
+@triton.jit
+def _apply_block(p0, p1, p2, p3, p4, offs, mask, v, s, acc, MATH: tl.constexpr, LOADS: tl.constexpr,
+                 STORES: tl.constexpr, REDUCES: tl.constexpr, MASKED: tl.constexpr):
+    """One BLOCK of every list: load the loaded lists, run the op's math, store the stored lists; returns the
+    updated per-tensor accumulator. Masked lanes load 0: they add nothing to a sum, NaN/inf propagate."""
+    e = (_load_list(p0, offs, mask, LOADS & 1, MASKED), _load_list(p1, offs, mask, (LOADS >> 1) & 1, MASKED),
+         _load_list(p2, offs, mask, (LOADS >> 2) & 1, MASKED), _load_list(p3, offs, mask, (LOADS >> 3) & 1, MASKED),
+         _load_list(p4, offs, mask, (LOADS >> 4) & 1, MASKED))
+    e, sq = MATH(e, v, s)
+    _store_list(p0, offs, e[0], mask, STORES & 1, MASKED)
+    _store_list(p1, offs, e[1], mask, (STORES >> 1) & 1, MASKED)
+    _store_list(p2, offs, e[2], mask, (STORES >> 2) & 1, MASKED)
+    _store_list(p3, offs, e[3], mask, (STORES >> 3) & 1, MASKED)
+    _store_list(p4, offs, e[4], mask, (STORES >> 4) & 1, MASKED)
+    if REDUCES:
+        acc += sq
     return acc
 
 
 @triton.jit(do_not_specialize=["chunk_begin"])
-def _ewc_chunk_kernel(
-    addresses_ptr,  # int64 [n, 3]: data addresses of x[i], y[i], z[i]
+def _multi_tensor_kernel(
+    addresses_ptr,  # int64 [n, NUM_LISTS]: data addresses of tensor i of every list
     chunks_ptr,  # int64 [num_chunks, 3]: tensor index, first element, end element
-    coef_ptr,  # float32 [n]: coef (penalty_grad_, scaled_diff) or weights (lerp_); unused otherwise
+    v0_ptr, v1_ptr, v2_ptr, v3_ptr, v4_ptr,  # float32 [n]: the op's per-tensor vectors (placeholders past them)
     partials_ptr,  # float32 [num_chunks]: one partial sum per chunk (reducing ops); unused otherwise
     chunk_begin,  # this launch covers chunks [chunk_begin, chunk_begin + grid)
-    OP: tl.constexpr,
-    X_DTYPE: tl.constexpr,
-    Y_DTYPE: tl.constexpr,
-    Z_DTYPE: tl.constexpr,
+    s0: tl.float64, s1: tl.float64, s2: tl.float64,  # the op's scalars (0 past them)
+    MATH: tl.constexpr,  # the op's math (kernels/op_math.py)
+    NUM_LISTS: tl.constexpr,
+    LOADS: tl.constexpr,  # bit l: list l is loaded (its role reads it)
+    STORES: tl.constexpr,  # bit l: list l is stored
+    REDUCES: tl.constexpr,
+    NUM_VECTORS: tl.constexpr,
+    D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr, D4: tl.constexpr,  # element types
     BLOCK: tl.constexpr,
     ALIGNED: tl.constexpr,  # data addresses are 16-byte aligned and chunk starts are multiples of BLOCK
 ):
@@ -149,31 +183,28 @@ def _ewc_chunk_kernel(
     end = tl.load(row + 2)
     if ALIGNED:
         start = tl.multiple_of(start, BLOCK)
-
-    x_ptr = tl.load(addresses_ptr + tensor * 3).to(tl.pointer_type(X_DTYPE))
-    y_ptr = tl.load(addresses_ptr + tensor * 3 + 1).to(tl.pointer_type(Y_DTYPE))
-    z_ptr = tl.load(addresses_ptr + tensor * 3 + 2).to(tl.pointer_type(Z_DTYPE))
-    if ALIGNED:  # lets the compiler emit 16-byte vector loads and stores
-        x_ptr = tl.multiple_of(x_ptr, 16)
-        y_ptr = tl.multiple_of(y_ptr, 16)
-        z_ptr = tl.multiple_of(z_ptr, 16)
-
-    coef = 0.0
-    if OP >= OP_PENALTY_GRAD:  # the ops with a per-tensor coefficient
-        coef = tl.load(coef_ptr + tensor)
+    p0 = _list_ptr(addresses_ptr, tensor, 0, NUM_LISTS, D0, ALIGNED)
+    p1 = _list_ptr(addresses_ptr, tensor, 1, NUM_LISTS, D1, ALIGNED)
+    p2 = _list_ptr(addresses_ptr, tensor, 2, NUM_LISTS, D2, ALIGNED)
+    p3 = _list_ptr(addresses_ptr, tensor, 3, NUM_LISTS, D3, ALIGNED)
+    p4 = _list_ptr(addresses_ptr, tensor, 4, NUM_LISTS, D4, ALIGNED)
+    v = (_vector(v0_ptr, tensor, 0, NUM_VECTORS), _vector(v1_ptr, tensor, 1, NUM_VECTORS),
+         _vector(v2_ptr, tensor, 2, NUM_VECTORS), _vector(v3_ptr, tensor, 3, NUM_VECTORS),
+         _vector(v4_ptr, tensor, 4, NUM_VECTORS))
+    s = (s0, s1, s2)
 
     lanes = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     num_full = (end - start) // BLOCK
     for k in range(0, num_full):  # int64 offsets: tensors may exceed 2**31 elements
         offs = start + k * BLOCK + lanes
-        acc = _ewc_block(x_ptr, y_ptr, z_ptr, offs, None, coef, acc, OP, False)
+        acc = _apply_block(p0, p1, p2, p3, p4, offs, None, v, s, acc, MATH, LOADS, STORES, REDUCES, False)
     full_end = start + num_full * BLOCK
     if full_end < end:  # the tail of the tensor's last chunk
         offs = full_end + lanes
-        acc = _ewc_block(x_ptr, y_ptr, z_ptr, offs, offs < end, coef, acc, OP, True)
+        acc = _apply_block(p0, p1, p2, p3, p4, offs, offs < end, v, s, acc, MATH, LOADS, STORES, REDUCES, True)
 
-    if OP <= OP_PENALTY_GRAD:  # the reducing ops: one partial per chunk, summed by _sum_partials_kernel
+    if REDUCES:  # one partial per chunk, summed by _sum_partials_kernel
         tl.store(partials_ptr + chunk, tl.sum(acc, axis=0))
 
 
@@ -218,52 +249,73 @@ def num_warps_for(block: int) -> int:
     return max(1, min(8, block // 512))
 
 
-def launch(op: int, plan: MultiTensorPlan, coef: Optional[torch.Tensor], block: int = BLOCK) -> Optional[torch.Tensor]:
+def op_constexprs(op: table.OpDef) -> dict:
+    """The compile-time constants of ``op`` in ``_multi_tensor_kernel``, all from the op table."""
+    return dict(
+        MATH=math_of(op.name),
+        NUM_LISTS=len(op.lists),
+        LOADS=sum(1 << i for i, t in enumerate(op.lists) if t.loaded),
+        STORES=sum(1 << i for i, t in enumerate(op.lists) if t.stored),
+        REDUCES=op.reduces,
+        NUM_VECTORS=len(op.vectors),
+    )
+
+
+def dtype_constexprs(dtypes: Sequence) -> dict:
+    """D0..D4 for a launch group's element types (triton dtypes; float32 in the slots past the op's lists)."""
+    padded = list(dtypes) + [tl.float32] * (table.MAX_LISTS - len(dtypes))
+    return {f"D{i}": d for i, d in enumerate(padded)}
+
+
+def launch(op: table.OpDef, plan: MultiTensorPlan, vectors: Sequence[torch.Tensor], scalars: Sequence[float] = (),
+           block: int = BLOCK) -> Optional[torch.Tensor]:
     """Run ``op`` over the tensors of ``plan``: one launch per dtype group, then, for the reducing ops, one
-    launch of the per-tensor reduction. Returns the float32 [n] sums (reducing ops) or None. No host sync."""
+    launch of the per-tensor reduction. ``vectors``: the op's float32 [n] vectors, ``scalars`` its floats.
+    Returns the float32 [n] sums (reducing ops) or None. No host sync."""
     device = plan.table.device
-    reducing = op in _REDUCING_OPS
-    partials = torch.empty(plan.num_chunks if reducing else 0, dtype=torch.float32, device=device)
-    out = torch.empty(plan.num_tensors, dtype=torch.float32, device=device) if reducing else None
-    if coef is None:
-        coef = partials  # a placeholder: never read by the ops without a coefficient
-    if not reducing:
-        partials = coef  # a placeholder: never written by the ops without a sum
+    partials = torch.empty(plan.num_chunks if op.reduces else 0, dtype=torch.float32, device=device)
+    out = torch.empty(plan.num_tensors, dtype=torch.float32, device=device) if op.reduces else None
+    # placeholders (never read) for the vector slots past the op's vectors
+    vector_args = list(vectors) + [partials] * (table.MAX_VECTORS - len(vectors))
+    scalar_args = [float(x) for x in scalars] + [0.0] * (table.MAX_SCALARS - len(scalars))
+    constexprs = op_constexprs(op)
     # Triton launches on the current device: make it the tensors' one
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         for group in plan.groups:
-            x_dtype, y_dtype, z_dtype = (_TRITON_DTYPES.get(d) for d in group.dtypes)
-            _ewc_chunk_kernel[(group.num_chunks,)](
+            _multi_tensor_kernel[(group.num_chunks,)](
                 plan.addresses,
                 plan.chunks,
-                coef,
+                *vector_args,
                 partials,
                 group.chunk_begin,
-                OP=op,
-                X_DTYPE=x_dtype,
-                Y_DTYPE=y_dtype,
-                Z_DTYPE=z_dtype if z_dtype is not None else x_dtype,  # no z: the pointer is never used
+                *scalar_args,
+                **constexprs,
+                **dtype_constexprs([_TRITON_DTYPES[d] for d in group.dtypes]),
                 BLOCK=block,
                 ALIGNED=group.aligned,
                 num_warps=num_warps_for(block),
             )
-        if reducing:
+        if op.reduces:
             _sum_partials_kernel[(plan.num_tensors,)](partials, plan.slots, out, BLOCK=PARTIALS_BLOCK, num_warps=1)
     return out
 
 
-def _run(
-    op: int,
-    xs: Sequence[torch.Tensor],
-    ys: Sequence[torch.Tensor],
-    zs: Optional[Sequence[torch.Tensor]],
-    coef: Optional[torch.Tensor],
-    *,
-    chunk_size: Optional[int] = None,
-    block: Optional[int] = None,
-) -> Optional[torch.Tensor]:
-    """``op`` over parallel lists of tensors (validated by the caller). ``block`` / ``chunk_size`` override
-    the defaults (tests use tiny ones so that small tensors span several chunks)."""
+def call(op, *args, chunk_size: Optional[int] = None, block: Optional[int] = None):
+    """Run ``op`` (an ``OpDef`` or its name) with the arguments of its schema: its tensor lists (validated by
+    the caller), per-tensor vectors and scalars. Returns the per-tensor sums, the new tensors of its RETURN
+    list, or None. ``block`` / ``chunk_size`` override the defaults (tests use tiny ones so that small tensors
+    span several chunks)."""
+    op = table.op(op) if isinstance(op, str) else op
+    num_lists, num_vectors = len(op.arguments), len(op.vectors)
+    if len(args) != num_lists + num_vectors + len(op.scalars):
+        raise TypeError(f"{op.name} takes {op.schema}")
+    given = dict(zip((t.name for t in op.arguments), args[:num_lists]))
+    if op.returned is not None:  # new tensors, like the list the RETURN list's dtype rule names
+        like = given[op.returned.dtype]
+        given[op.returned.name] = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in like]
+    lists = [list(given[t.name]) for t in op.lists]
+    vectors = [v.to(torch.float32).contiguous() for v in args[num_lists:num_lists + num_vectors]]
+    xs = lists[0]
     if chunk_size is None:
         chunk_size = _chunk_size(sum(t.numel() for t in xs), xs[0].device) if block is None else block * ITERS_PER_CHUNK
     block = block or BLOCK
@@ -271,32 +323,23 @@ def _run(
         raise ValueError(f"block ({block}) must be a power of two")
     if chunk_size % block:
         raise ValueError(f"chunk_size ({chunk_size}) must be a multiple of block ({block})")
-    return launch(op, PLANS.get(xs, ys, zs, chunk_size), coef, block)
+    sums = launch(op, PLANS.get(lists, chunk_size), vectors, args[num_lists + num_vectors:], block)
+    if op.reduces:
+        return sums
+    return given[op.returned.name] if op.returned is not None else None
 
 
 # ----------------------------------------------------------------------------------------- the ops
-def sum_sq_diff(params, refs, **config) -> torch.Tensor:
-    """float32 [n]: sum_j (params[i]_j - refs[i]_j)^2 for each i."""
-    return _run(OP_SUM_SQ_DIFF, params, refs, None, None, **config)
+def _op_function(op: table.OpDef):
+    def run(*args, **config):
+        return call(op, *args, **config)
+
+    run.__name__ = run.__qualname__ = op.name
+    run.__doc__ = f"{op.schema}: {op.doc}"
+    return run
 
 
-def snapshot_(params, anchors, **config) -> torch.Tensor:
-    """The sums of sum_sq_diff against the anchors' old values; anchors[i] <- params[i] in the same pass."""
-    return _run(OP_SNAPSHOT, params, anchors, None, None, **config)
-
-
-def penalty_grad_(params, anchors, grads, coef, **config) -> torch.Tensor:
-    """The sums of (p - a)^2 and, in the same pass, grads[i] += coef[i] * (p - a)."""
-    return _run(OP_PENALTY_GRAD, params, anchors, grads, coef, **config)
-
-
-def scaled_diff(params, anchors, coef, **config) -> list:
-    """New tensors coef[i] * (params[i] - anchors[i]) in params[i]'s dtype."""
-    outs = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params]
-    _run(OP_SCALED_DIFF, params, anchors, outs, coef, **config)
-    return outs
-
-
-def lerp_(dst, a, b, weights, **config) -> None:
-    """dst[i] <- (1 - weights[i]) * a[i] + weights[i] * b[i]; dst may alias a or b."""
-    _run(OP_LERP, a, b, dst, weights, **config)
+# one function per op of the table, e.g. penalty_grad_(params, anchors, grads, coef, **config)
+for _op in table.OPS:
+    globals()[_op.name] = _op_function(_op)
+del _op

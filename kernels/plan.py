@@ -1,16 +1,20 @@
 """Host side of the multi-tensor launches: the chunk table (apex multi-tensor-apply style) and its cache.
 
-A call covers n tensors in up to three roles (x, y, z: e.g. params, anchors, grads). Each tensor is cut
-into chunks of ``chunk_size`` elements (its last chunk may be shorter; an empty tensor has none) and one
-Triton program handles one chunk. Everything a program needs is in one int64 table on the device:
+A call covers n tensors in each of an op's L lists (e.g. params, anchors, grads). The chunks are those of
+every backend (CONTRIBUTING.md, "Chunks"): each tensor is cut into chunks of ``chunk_size`` elements (its
+last chunk may be shorter; an empty tensor has none) and one Triton program handles one chunk. Everything a
+program needs is in one int64 table on the device:
 
-    addresses [n, 3]         data addresses of x[i], y[i], z[i] (0 where a role is absent)
+    addresses [n, L]         data addresses of tensor i of every list
     chunks    [n_chunks, 3]  tensor index, first element, end element (exclusive), int64 offsets
     slots     [n, 2]         first partial slot and number of chunks of tensor i (for the final sums)
 
-Tensors whose (x, y, z) dtypes differ cannot share a launch (the element type of a pointer is a compile-
-time constant), so chunks are ordered by dtype group and each group is one launch over a contiguous range
-of the chunk table. Within a group a tensor's chunks are contiguous, so partial sums of one tensor occupy
+Unlike the CUDA table (one row per tensor, whose blocks binary-search it), there is one row per chunk: a
+Triton program then needs no search loop, and the table is built with a few vectorised torch ops.
+
+Tensors whose dtypes differ cannot share a launch (the element type of a pointer is a compile-time
+constant), so chunks are ordered by dtype group and each group is one launch over a contiguous range of the
+chunk table. Within a group a tensor's chunks are contiguous, so partial sums of one tensor occupy
 consecutive slots and are summed in a fixed order: results are bit-identical run to run.
 
 A training loop calls the ops with the same tensors every step; the table depends only on the tensors'
@@ -22,14 +26,15 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
 #: the alignment (bytes) that lets the kernels use 16-byte vector loads (data pointers and chunk starts)
 VECTOR_ALIGNMENT = 16
 #: table entries kept per process: enough for the few distinct lists of a training loop (params/anchors,
-#: params/anchors/grads, the fresh outputs of ewc_penalty's backward) without holding stale tables forever
+#: params/anchors/grads, optimizer states, the fresh outputs of ewc_penalty's backward) without holding
+#: stale tables forever
 CACHE_SIZE = 64
 
 
@@ -37,7 +42,7 @@ CACHE_SIZE = 64
 class LaunchGroup:
     """One kernel launch: the chunks ``[chunk_begin, chunk_end)`` of tensors sharing these dtypes."""
 
-    dtypes: tuple  # (x dtype, y dtype, z dtype or None) as torch dtypes
+    dtypes: tuple  # the torch dtype of each list
     chunk_begin: int
     chunk_end: int
     aligned: bool  # every data pointer of the group is 16-byte aligned (chunk starts must also be multiples
@@ -54,38 +59,35 @@ class MultiTensorPlan:
 
     table: torch.Tensor  # int64, on the tensors' device
     num_tensors: int
+    num_lists: int
     num_chunks: int
     chunk_size: int
     groups: tuple  # of LaunchGroup
 
     @property
     def addresses(self) -> torch.Tensor:
-        return self.table[: 3 * self.num_tensors]
+        return self.table[: self.num_lists * self.num_tensors]
 
     @property
     def chunks(self) -> torch.Tensor:
-        return self.table[3 * self.num_tensors : 3 * (self.num_tensors + self.num_chunks)]
+        start = self.num_lists * self.num_tensors
+        return self.table[start : start + 3 * self.num_chunks]
 
     @property
     def slots(self) -> torch.Tensor:
-        return self.table[3 * (self.num_tensors + self.num_chunks) :]
+        return self.table[self.num_lists * self.num_tensors + 3 * self.num_chunks :]
 
 
 def _ceil_div(a: torch.Tensor, b: int) -> torch.Tensor:
     return torch.div(a + (b - 1), b, rounding_mode="floor")
 
 
-def build_plan(
-    xs: Sequence[torch.Tensor],
-    ys: Sequence[torch.Tensor],
-    zs: Optional[Sequence[torch.Tensor]],
-    chunk_size: int,
-) -> MultiTensorPlan:
-    """Build the table for tensors ``xs[i], ys[i], zs[i]`` (same numel per i; ``zs`` may be None)."""
+def build_plan(lists: Sequence[Sequence[torch.Tensor]], chunk_size: int) -> MultiTensorPlan:
+    """Build the table for the tensors ``lists[l][i]`` (the same numel for every l; lists[0] sets the sizes)."""
+    xs = lists[0]
     n = len(xs)
     device = xs[0].device
-    roles = (xs, ys, zs) if zs is not None else (xs, ys)
-    dtype_keys = [tuple(role[i].dtype for role in roles) + ((None,) if zs is None else ()) for i in range(n)]
+    dtype_keys = [tuple(role[i].dtype for role in lists) for i in range(n)]
 
     # dtype groups in order of first appearance; stable within a group
     group_of: dict = {}
@@ -93,8 +95,8 @@ def build_plan(
         group_of.setdefault(key, len(group_of))
     order = sorted(range(n), key=lambda i: group_of[dtype_keys[i]])
 
-    addresses = torch.zeros(n, 3, dtype=torch.int64)
-    for r, role in enumerate(roles):
+    addresses = torch.zeros(n, len(lists), dtype=torch.int64)
+    for r, role in enumerate(lists):
         addresses[:, r] = torch.tensor([t.data_ptr() for t in role], dtype=torch.int64)
     numels = torch.tensor([t.numel() for t in xs], dtype=torch.int64)
 
@@ -119,7 +121,7 @@ def build_plan(
         members = [i for i in order if dtype_keys[i] == key]
         group_chunks = sum(counts_list[position : position + len(members)])
         aligned = all(
-            role[i].data_ptr() % VECTOR_ALIGNMENT == 0 for i in members for role in roles
+            role[i].data_ptr() % VECTOR_ALIGNMENT == 0 for i in members for role in lists
         )
         if group_chunks:
             groups.append(LaunchGroup(key, chunk_pos, chunk_pos + group_chunks, aligned))
@@ -131,7 +133,7 @@ def build_plan(
         table = table.pin_memory().to(device, non_blocking=True)
     else:
         table = table.to(device)
-    return MultiTensorPlan(table, n, num_chunks, chunk_size, tuple(groups))
+    return MultiTensorPlan(table, n, len(lists), num_chunks, chunk_size, tuple(groups))
 
 
 class PlanCache:
@@ -146,25 +148,25 @@ class PlanCache:
         self.misses = 0
 
     @staticmethod
-    def key(xs, ys, zs, chunk_size: int) -> tuple:
-        roles = (xs, ys) if zs is None else (xs, ys, zs)
+    def key(lists, chunk_size: int) -> tuple:
         return (
-            xs[0].device,
+            lists[0][0].device,
             chunk_size,
-            tuple(t.numel() for t in xs),
-            tuple(t.data_ptr() for role in roles for t in role),
-            tuple(t.dtype for role in roles for t in role),
+            len(lists),
+            tuple(t.numel() for t in lists[0]),
+            tuple(t.data_ptr() for role in lists for t in role),
+            tuple(t.dtype for role in lists for t in role),
         )
 
-    def get(self, xs, ys, zs, chunk_size: int) -> MultiTensorPlan:
-        key = self.key(xs, ys, zs, chunk_size)
+    def get(self, lists, chunk_size: int) -> MultiTensorPlan:
+        key = self.key(lists, chunk_size)
         plan = self._entries.get(key)
         if plan is not None:
             self._entries.move_to_end(key)
             self.hits += 1
             return plan
         self.misses += 1
-        plan = build_plan(xs, ys, zs, chunk_size)
+        plan = build_plan(lists, chunk_size)
         self._entries[key] = plan
         if len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)  # a kernel still reading it is safe: frees are stream-ordered

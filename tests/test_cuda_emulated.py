@@ -17,6 +17,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from adamw_steps import check_steps, make_case, run_steps  # noqa: E402
 from cuda_emulator import emulator  # noqa: E402
 from test_ops import assert_sums_close, assert_tensors_close, perturbed, rand_like_list  # noqa: E402
 
@@ -209,3 +210,53 @@ def test_offsets_past_2_to_31_elements(lib):
     assert tail_begin < 2**31 < numel and numel % chunk != 0  # the tail crosses 2**31 and ends in a partial chunk
     assert result["wrong_grads"] == 0
     torch.testing.assert_close(torch.tensor(result["partials"]), torch.tensor(result["exact"]), rtol=1e-6, atol=0)
+
+
+# ----------------------------------------------------------------------------------------- adamw_ewc_step_
+@pytest.mark.parametrize("param_dtypes,anchor_dtypes", [
+    ((torch.float32,), (torch.float32,)),
+    ((torch.bfloat16,), (torch.float32,)),
+    (FLOATS, (torch.bfloat16, torch.float16)),
+], ids=["fp32", "bf16", "mixed"])
+def test_adamw_ewc_step(emu, param_dtypes, anchor_dtypes):
+    check_steps(emu.adamw_ewc_step_, make_case(SIZES, param_dtypes, anchor_dtypes, steps=2, seed=30))
+    assert emu.stats["vector_accesses"] > 0
+
+
+@pytest.mark.parametrize("same_offsets", [True, False], ids=["shared-head", "incompatible"])
+def test_adamw_ewc_step_on_misaligned_views(emu, same_offsets):
+    case = make_case([5, 17, 4099, 70001], (torch.bfloat16,), steps=1, seed=31)
+    offsets = [1, 3, 5, 7]
+    buffers = []
+
+    def view_of(t, off, dtype):  # t's values, `off` elements into a buffer with guard elements
+        buf = torch.full((t.numel() + off + 9,), 7.0, dtype=dtype)
+        buf[off:off + t.numel()] = t
+        buffers.append((buf, off, t.numel(), buf.clone()))
+        return buf[off:off + t.numel()]
+
+    case.params = [view_of(p, o, torch.bfloat16) for p, o in zip(case.params, offsets)]
+    case.grads = [[view_of(g, o, torch.bfloat16) for g, o in zip(case.grads[0], offsets)]]
+    # fp32 lists at the same offsets share the bf16 lists' head (h = -offset mod 8); 2 fp32 elements in is 8 bytes
+    # into 16, which no odd head aligns
+    state_offsets = offsets if same_offsets else [2, 2, 2, 2]
+    case.exp_avg = [view_of(m, o, torch.float32) for m, o in zip(case.exp_avg, state_offsets)]
+    case.exp_avg_sq = [view_of(v, o, torch.float32) for v, o in zip(case.exp_avg_sq, state_offsets)]
+    case.anchors = [view_of(a, o, torch.float32) for a, o in zip(case.anchors, offsets)]
+    check_steps(emu.adamw_ewc_step_, case)  # raises on an out-of-bounds or misaligned access
+    for i, (buf, off, n, before) in enumerate(buffers):
+        assert torch.equal(buf[:off], before[:off]) and torch.equal(buf[off + n:], before[off + n:]), f"guard {i}"
+    if same_offsets:
+        assert emu.stats["vector_accesses"] > 0
+    else:
+        assert emu.stats["vector_accesses"] == 0 and emu.stats["scalar_accesses"] > 0
+
+
+@pytest.mark.parametrize("num_sms", [1, 132])
+def test_adamw_ewc_step_bit_identical_for_any_grid(lib, num_sms):
+    emu = emulator.EmulatedCuda(lib, num_sms=num_sms)
+    checked, repeated = make_case(SIZES, FLOATS, steps=2, seed=32), make_case(SIZES, FLOATS, steps=2, seed=32)
+    check_steps(emu.adamw_ewc_step_, checked)
+    run_steps(emu.adamw_ewc_step_, repeated)
+    for name in ("params", "exp_avg", "exp_avg_sq"):
+        assert all(torch.equal(x, y) for x, y in zip(getattr(checked, name), getattr(repeated, name))), name

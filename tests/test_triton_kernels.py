@@ -20,9 +20,10 @@ if not torch.cuda.is_available():  # must precede the first import of triton (co
 
 pytest.importorskip("triton")
 
+from adamw_steps import check_steps, make_case, run_steps  # noqa: E402
 from hbat.kernels import ewc  # noqa: E402
 from hbat.kernels.plan import LaunchGroup, MultiTensorPlan, PlanCache, build_plan  # noqa: E402
-from hbat.ops import reference  # noqa: E402
+from hbat.ops import reference, table  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not ewc.interpreter_on():
@@ -69,8 +70,8 @@ class CountLaunches:
 
 @pytest.fixture
 def launches(monkeypatch):
-    chunk, partials = CountLaunches(ewc._ewc_chunk_kernel), CountLaunches(ewc._sum_partials_kernel)
-    monkeypatch.setattr(ewc, "_ewc_chunk_kernel", chunk)
+    chunk, partials = CountLaunches(ewc._multi_tensor_kernel), CountLaunches(ewc._sum_partials_kernel)
+    monkeypatch.setattr(ewc, "_multi_tensor_kernel", chunk)
     monkeypatch.setattr(ewc, "_sum_partials_kernel", partials)
     return chunk, partials
 
@@ -94,21 +95,21 @@ def test_plan_chunks_slots_and_dtype_groups():
     dtypes = [torch.float32, torch.float16, torch.bfloat16, torch.float32, torch.bfloat16]
     xs = [torch.zeros(n, dtype=d) for n, d in zip(sizes, dtypes)]
     ys = [torch.zeros(n) for n in sizes]
-    plan = build_plan(xs, ys, None, chunk_size=16)
+    plan = build_plan([xs, ys], chunk_size=16)
     chunks = plan.chunks.view(-1, 3).tolist()
     # fp32 tensors (0, 3) first, then fp16 (1: empty, no chunk), then bf16 (2, 4); a tensor's chunks are contiguous
     assert chunks == [[0, 0, 5], [3, 0, 16], [2, 0, 16], [2, 16, 32], [2, 32, 40], [4, 0, 16], [4, 16, 17]]
     assert plan.slots.view(-1, 2).tolist() == [[0, 1], [2, 0], [2, 3], [1, 1], [5, 2]]
     assert [(g.chunk_begin, g.chunk_end) for g in plan.groups] == [(0, 2), (2, 7)]  # no launch for fp16
-    assert plan.groups[0].dtypes == (torch.float32, torch.float32, None)
-    addresses = plan.addresses.view(-1, 3)
+    assert plan.groups[0].dtypes == (torch.float32, torch.float32)
+    addresses = plan.addresses.view(-1, 2)
     assert addresses[:, 0].tolist() == [t.data_ptr() for t in xs]
     assert addresses[:, 1].tolist() == [t.data_ptr() for t in ys]
 
 
 def test_plan_offsets_are_int64_beyond_2_31():
     n = 2**31 + 1000
-    plan = build_plan([FakeTensor(n)], [FakeTensor(n)], None, chunk_size=2**20)
+    plan = build_plan([[FakeTensor(n)], [FakeTensor(n)]], chunk_size=2**20)
     chunks = plan.chunks.view(-1, 3)
     assert chunks.dtype == torch.int64 and len(chunks) == 2049
     assert chunks[-1].tolist() == [0, 2048 * 2**20, n]
@@ -117,18 +118,18 @@ def test_plan_offsets_are_int64_beyond_2_31():
 
 def test_plan_marks_unaligned_groups():
     base = torch.zeros(100)
-    unaligned = build_plan([base[:50]], [base[50:]], None, chunk_size=16)  # 200 bytes in: not 16-byte aligned
+    unaligned = build_plan([[base[:50]], [base[50:]]], chunk_size=16)  # 200 bytes in: not 16-byte aligned
     assert not unaligned.groups[0].aligned
-    assert build_plan([base[:48]], [base[52:]], None, chunk_size=16).groups[0].aligned
+    assert build_plan([[base[:48]], [base[52:]]], chunk_size=16).groups[0].aligned
 
 
 def test_plan_cache_hits_on_same_tensors_and_misses_on_new_ones():
     cache = PlanCache(max_entries=2)
     xs, ys = [torch.zeros(10), torch.zeros(3)], [torch.zeros(10), torch.zeros(3)]
-    first = cache.get(xs, ys, None, 16)
-    assert cache.get(xs, ys, None, 16) is first and (cache.hits, cache.misses) == (1, 1)
-    assert cache.get(xs, ys, None, 32) is not first  # chunk size is part of the key
-    assert cache.get([xs[0], xs[1].half()], ys, None, 16) is not first  # dtype and address are too
+    first = cache.get([xs, ys], 16)
+    assert cache.get([xs, ys], 16) is first and (cache.hits, cache.misses) == (1, 1)
+    assert cache.get([xs, ys], 32) is not first  # chunk size is part of the key
+    assert cache.get([[xs[0], xs[1].half()], ys], 16) is not first  # dtype and address are too
     assert len(cache) == 2  # bounded: the oldest entry was evicted
 
 
@@ -207,25 +208,25 @@ def test_default_block_size_matches_reference():
 def test_unaligned_views_use_the_unhinted_kernel_and_stay_correct():
     storage = torch.randn(2 * 700 + 2, device=DEVICE)
     params, anchors = [storage[1:700]], [storage[701:1400]]  # 4-byte offsets: not 16-byte aligned
-    plan = build_plan(params, anchors, None, chunk_size=256)
+    plan = build_plan([params, anchors], chunk_size=256)
     assert not plan.groups[0].aligned
     assert_sums_close(ewc.sum_sq_diff(params, anchors, **SMALL), reference.sum_sq_diff(cpu(params), cpu(anchors)))
 
 
-def shifted_plan(xs, ys, zs, shift, chunk_size):
+def shifted_plan(lists, shift, chunk_size):
     """A plan in which tensor i starts ``shift`` elements before its real data and its chunks cover elements
     [shift, shift + numel): the kernel finds the data only if it indexes past 2**31 with int64 offsets."""
-    roles = (xs, ys, zs)
-    addresses = [[t.data_ptr() - shift * t.element_size() for t in (x, y, z)] for x, y, z in zip(*roles)]
+    xs = lists[0]
+    addresses = [[t.data_ptr() - shift * t.element_size() for t in row] for row in zip(*lists)]
     assert min(min(a) for a in addresses) > 0
     chunks, slots = [], []
     for i, x in enumerate(xs):
         starts = range(shift, shift + x.numel(), chunk_size)
         slots.append([len(chunks), len(starts)])
         chunks += [[i, s, min(s + chunk_size, shift + x.numel())] for s in starts]
-    table = torch.tensor(sum(addresses + chunks + slots, []), dtype=torch.int64, device=DEVICE)
-    group = LaunchGroup(tuple(role[0].dtype for role in roles), 0, len(chunks), aligned=True)
-    return MultiTensorPlan(table, len(xs), len(chunks), chunk_size, (group,))
+    words = torch.tensor(sum(addresses + chunks + slots, []), dtype=torch.int64, device=DEVICE)
+    group = LaunchGroup(tuple(role[0].dtype for role in lists), 0, len(chunks), aligned=True)
+    return MultiTensorPlan(words, len(xs), len(lists), len(chunks), chunk_size, (group,))
 
 
 def test_offsets_beyond_2_31_elements_are_int64():
@@ -237,9 +238,31 @@ def test_offsets_beyond_2_31_elements_are_int64():
     expected_grads = [g.clone().cpu() for g in grads]
     expected = reference.penalty_grad_(cpu(params), cpu(anchors), expected_grads, coef.cpu())
     block = 16 if DEVICE == "cpu" else ewc.BLOCK
-    plan = shifted_plan(params, anchors, grads, shift, chunk_size=block * 16)
-    assert_sums_close(ewc.launch(ewc.OP_PENALTY_GRAD, plan, coef, block), expected)
+    plan = shifted_plan([params, anchors, grads], shift, chunk_size=block * 16)
+    assert_sums_close(ewc.launch(table.op("penalty_grad_"), plan, [coef], (), block), expected)
     assert_lists_close(grads, expected_grads)
+
+
+# ----------------------------------------------------------------------------------------- adamw_ewc_step_
+@pytest.mark.parametrize("param_dtypes,anchor_dtypes", [((torch.float32,), (torch.float32,)),
+                                                        (FLOATS, (torch.bfloat16, torch.float32))], ids=["fp32", "mixed"])
+def test_adamw_ewc_step_matches_reference(param_dtypes, anchor_dtypes):
+    case = make_case(SIZES, param_dtypes, anchor_dtypes, steps=2, seed=40, device=DEVICE)
+    check_steps(lambda *args: ewc.adamw_ewc_step_(*args, **SMALL), case)
+
+
+def test_adamw_ewc_step_default_block_and_bit_identical_repeats():
+    """The production configuration (BLOCK elements per step), and the same state twice gives the same bits."""
+    sizes = [ewc.BLOCK - 1, ewc.BLOCK, 2 * ewc.BLOCK + 5, 1, 0]
+    check_steps(ewc.adamw_ewc_step_, make_case(sizes, (torch.bfloat16, torch.float32), steps=2, seed=41,
+                                                device=DEVICE))
+    runs = []
+    for _ in range(2):
+        ewc.PLANS.clear()
+        case = make_case(sizes, (torch.float32,), steps=2, seed=42, device=DEVICE)
+        runs.append((run_steps(ewc.adamw_ewc_step_, case), case.params, case.exp_avg, case.exp_avg_sq))
+    for a, b in zip(*runs):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 # ----------------------------------------------------------------------------------------- launches, edge cases

@@ -1,6 +1,7 @@
-// CUDA implementations of the hbat ops (schemas: library.cpp, in hbat._C). Thin: minimal checks (the Python
-// layer validates fully), the host plan, torch allocations on the tensors' device, and launches on torch's
-// current CUDA stream. The kernels are plain CUDA (csrc/cuda, no torch headers).
+// CUDA implementations of the hbat ops (schemas: library.cpp, in hbat._C): one boxed kernel per op of the
+// table, all the same code. Thin: the generic argument checks (op_call.h), the host plan (cached, like the
+// Triton backend's), torch allocations on the tensors' device, and launches on torch's current CUDA stream.
+// The kernels are plain CUDA (csrc/cuda, no torch headers).
 #include <torch/extension.h>
 #include <torch/library.h>
 #include <ATen/ATen.h>
@@ -10,124 +11,101 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <cstring>
+#include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
+#include "bindings/op_call.h"
 #include "cuda/hbat_cuda.h"
+#include "cuda/plan_cache.h"
 
 namespace {
 namespace hc = hbat::cuda;
 
-hc::DType dtype_of(const at::Tensor& t, const char* role, size_t i) {
+// plans of the last calls; a training loop has a few distinct lists (params/anchors/grads, optimizer states)
+constexpr size_t kPlanCacheSize = 64;
+
+hc::DType dtype_of(const at::Tensor& t) {
   switch (t.scalar_type()) {
-    case at::kFloat: return hc::DType::kFloat32;
     case at::kBFloat16: return hc::DType::kBFloat16;
     case at::kHalf: return hc::DType::kFloat16;
-    default: TORCH_CHECK(false, "hbat (cuda): ", role, "[", i, "] has dtype ", t.scalar_type(),
-                         "; float32, bfloat16 or float16 expected");
+    default: return hc::DType::kFloat32;  // op_call.h admitted float32, bfloat16 and float16 only
   }
-  return hc::DType::kFloat32;
 }
 
-void check_tensor(const at::Tensor& t, const at::Tensor& lead, const char* role, size_t i) {
-  TORCH_CHECK(t.is_cuda() && t.device() == lead.device(), "hbat (cuda): ", role, "[", i, "] is on ", t.device(),
-              ", expected ", lead.device());
-  TORCH_CHECK(t.is_contiguous(), "hbat (cuda): ", role, "[", i, "] must be contiguous");
-  TORCH_CHECK(t.numel() == lead.numel(), "hbat (cuda): ", role, "[", i, "] has ", t.numel(), " elements, expected ",
-              lead.numel());
-}
+struct DevicePlan {
+  hc::Plan plan;
+  at::Tensor table;  // plan.table in device memory
+};
 
-void check_vector(const at::Tensor& v, const char* name, size_t n, const at::Tensor& lead) {
-  TORCH_CHECK(v.device() == lead.device() && v.scalar_type() == at::kFloat && v.dim() == 1 &&
-                  v.numel() == static_cast<int64_t>(n) && v.is_contiguous(),
-              "hbat (cuda): ", name, " must be a contiguous float32 vector of ", n, " entries on ", lead.device());
-}
-
-// Runs one op: x, y, z are the role lists (z empty when the op has none); returns the per-tensor sums for the
-// reducing ops (an undefined tensor otherwise).
-at::Tensor run(hc::Op op, at::TensorList xs, at::TensorList ys, at::TensorList zs, const at::Tensor* coef) {
-  const size_t n = xs.size();
-  TORCH_CHECK(n >= 1, "hbat (cuda): empty tensor lists");
-  TORCH_CHECK(ys.size() == n && (zs.empty() || zs.size() == n), "hbat (cuda): tensor lists of different lengths");
-  const at::Tensor& lead = xs[0];
-  const c10::cuda::CUDAGuard guard(lead.device());
-  std::vector<hc::TensorArg> args(n);
-  for (size_t i = 0; i < n; ++i) {
-    check_tensor(xs[i], lead, "x", i);
-    check_tensor(ys[i], xs[i], "y", i);
-    args[i].numel = xs[i].numel();
-    args[i].x = reinterpret_cast<std::uintptr_t>(xs[i].data_ptr());
-    args[i].y = reinterpret_cast<std::uintptr_t>(ys[i].data_ptr());
-    args[i].dx = dtype_of(xs[i], "x", i);
-    args[i].dy = dtype_of(ys[i], "y", i);
-    if (!zs.empty()) {
-      check_tensor(zs[i], xs[i], "z", i);
-      args[i].z = reinterpret_cast<std::uintptr_t>(zs[i].data_ptr());
-      args[i].dz = dtype_of(zs[i], "z", i);
+// The plan of the call and its table in device memory: built and copied on the first call with these tensors
+// on this stream, then reused. A cached table is only read, by launches on the stream that copied it (it was
+// allocated there, so its memory is reused only after those launches, even once evicted).
+std::shared_ptr<const DevicePlan> cached_plan(const hbat::OpCall& call, hbat::Op op, cudaStream_t stream) {
+  static std::mutex mutex;
+  // never destroyed: no CUDA frees during interpreter shutdown
+  static auto* cache = new hc::PlanCache<std::shared_ptr<const DevicePlan>>(kPlanCacheSize);
+  const int lists = call.info->num_lists;
+  std::vector<hc::TensorArg> args(call.n);
+  for (int64_t i = 0; i < call.n; ++i) {
+    args[i].numel = call.lists[0][i].numel();
+    for (int l = 0; l < lists; ++l) {
+      args[i].ptr[l] = reinterpret_cast<std::uintptr_t>(call.lists[l][i].data_ptr());
+      args[i].dtype[l] = dtype_of(call.lists[l][i]);
     }
   }
-  if (coef != nullptr) check_vector(*coef, "coef", n, lead);
-
   int num_sms = 0;
   C10_CUDA_CHECK(hc::current_device_sm_count(&num_sms));
-  const hc::Plan plan = hc::make_plan(op, args, num_sms);
-  TORCH_CHECK(plan.error.empty(), "hbat (cuda): ", plan.error);
-
+  hc::PlanKey key = hc::plan_key(op, args, {call.device.index(), reinterpret_cast<int64_t>(stream), num_sms});
+  std::lock_guard<std::mutex> lock(mutex);
+  if (const auto* hit = cache->find(key)) return *hit;
+  auto entry = std::make_shared<DevicePlan>();
+  hc::Plan& plan = entry->plan;
+  plan = hc::make_plan(op, args, num_sms);
+  TORCH_CHECK(plan.error.empty(), "hbat ", call.info->name, " (cuda): ", plan.error);
   // the table goes through pinned memory, stream-ordered: torch keeps the pinned block alive until the copy ends
   const auto words = static_cast<int64_t>(plan.table.size());
   at::Tensor host_table = at::empty({words}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
   std::memcpy(host_table.data_ptr(), plan.table.data(), plan.table.size() * sizeof(int64_t));
-  at::Tensor table = at::empty({words}, lead.options().dtype(at::kLong));
-  table.copy_(host_table, /*non_blocking=*/true);
+  entry->table = at::empty({words}, at::TensorOptions().dtype(at::kLong).device(call.device));
+  entry->table.copy_(host_table, /*non_blocking=*/true);
+  return cache->insert(std::move(key), std::move(entry));
+}
 
-  const bool reduces = hc::op_reduces(op);
-  at::Tensor out, partials;
-  if (reduces) {
-    out = at::empty({static_cast<int64_t>(n)}, lead.options().dtype(at::kFloat));
-    partials = at::empty({plan.num_chunks > 0 ? plan.num_chunks : 1}, lead.options().dtype(at::kDouble));
+template <hbat::Op kOp>
+void boxed_kernel(const c10::OperatorHandle& handle, torch::jit::Stack* stack) {
+  hbat::OpCall call = hbat::pop_call(kOp, handle, stack, at::kCUDA, "cuda");
+  at::Tensor sums;
+  if (call.n > 0) {
+    const c10::cuda::CUDAGuard guard(call.device);
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+    const std::shared_ptr<const DevicePlan> entry = cached_plan(call, kOp, stream);
+    const hc::Plan& plan = entry->plan;
+    const auto on_device = at::TensorOptions().device(call.device);
+    at::Tensor partials;
+    hc::DeviceBuffers buffers;
+    buffers.table = entry->table.data_ptr<int64_t>();
+    for (int k = 0; k < call.info->num_vectors; ++k) buffers.vectors[k] = call.vectors[k].data_ptr<float>();
+    for (int k = 0; k < call.info->num_scalars; ++k) buffers.scalars[k] = call.scalars[k];
+    if (call.info->reduces) {
+      sums = at::empty({call.n}, on_device.dtype(at::kFloat));
+      partials = at::empty({plan.num_chunks > 0 ? plan.num_chunks : 1}, on_device.dtype(at::kDouble));
+      buffers.partials = partials.data_ptr<double>();
+      buffers.out = sums.data_ptr<float>();
+    }
+    C10_CUDA_CHECK(hc::launch(plan, buffers, stream));
+  } else if (call.info->reduces) {
+    sums = at::empty({0}, at::TensorOptions().dtype(at::kFloat).device(call.device));
   }
-  hc::DeviceBuffers buffers;
-  buffers.table = table.data_ptr<int64_t>();
-  buffers.coef = coef != nullptr ? coef->data_ptr<float>() : nullptr;
-  buffers.partials = reduces ? partials.data_ptr<double>() : nullptr;
-  buffers.out = reduces ? out.data_ptr<float>() : nullptr;
-  C10_CUDA_CHECK(hc::launch(plan, buffers, c10::cuda::getCurrentCUDAStream().stream()));
-  return out;
-}
-
-at::Tensor sum_sq_diff(at::TensorList params, at::TensorList refs) {
-  return run(hc::Op::kSumSqDiff, params, refs, {}, nullptr);
-}
-
-at::Tensor snapshot_(at::TensorList params, at::TensorList anchors) {
-  return run(hc::Op::kSnapshot, params, anchors, {}, nullptr);
-}
-
-at::Tensor penalty_grad_(at::TensorList params, at::TensorList anchors, at::TensorList grads, const at::Tensor& coef) {
-  return run(hc::Op::kPenaltyGrad, params, anchors, grads, &coef);
-}
-
-std::vector<at::Tensor> scaled_diff(at::TensorList params, at::TensorList anchors, const at::Tensor& coef) {
-  std::vector<at::Tensor> outs;
-  outs.reserve(params.size());
-  for (const at::Tensor& p : params) outs.push_back(at::empty_like(p, at::MemoryFormat::Contiguous));
-  run(hc::Op::kScaledDiff, params, anchors, outs, &coef);
-  return outs;
-}
-
-void lerp_(at::TensorList dst, at::TensorList a, at::TensorList b, const at::Tensor& weights) {
-  // roles: x = a, y = b, z = dst
-  TORCH_CHECK(dst.size() == a.size(), "hbat (cuda): lerp_ lists of different lengths");
-  run(hc::Op::kLerp, a, b, dst, &weights);
+  hbat::push_result(call, sums, stack);
 }
 }  // namespace
 
 TORCH_LIBRARY_IMPL(hbat, CUDA, m) {
-  m.impl("sum_sq_diff", &sum_sq_diff);
-  m.impl("snapshot_", &snapshot_);
-  m.impl("penalty_grad_", &penalty_grad_);
-  m.impl("scaled_diff", &scaled_diff);
-  m.impl("lerp_", &lerp_);
+#define HBAT_X(name, ...) m.impl(#name, torch::CppFunction::makeFromBoxedFunction<&boxed_kernel<hbat::Op::name>>());
+  HBAT_OPS(HBAT_X)
+#undef HBAT_X
 }
 
 static std::string build_info() {

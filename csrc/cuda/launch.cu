@@ -1,14 +1,14 @@
 // launch(): one kernel per dtype group, then the deterministic per-tensor reduction of the partial sums.
-#include "cuda/multi_tensor_kernel.cuh"
+#include "cuda/multi_tensor_apply.cuh"
 
 namespace hbat {
 namespace cuda {
 namespace detail {
 
 __global__ void __launch_bounds__(kThreads) sum_partials_kernel(const int64_t* __restrict__ table, int64_t n,
-                                                                const double* __restrict__ partials,
+                                                                int64_t lists, const double* __restrict__ partials,
                                                                 float* __restrict__ out) {
-  const TableLayout L{n};
+  const TableLayout L{n, lists};
   const int64_t* first_chunk = table + L.first_chunk();
   const int lane = threadIdx.x % 32;
   const int64_t warps = int64_t(gridDim.x) * (kThreads / 32);
@@ -39,21 +39,20 @@ cudaError_t launch(const Plan& plan, const DeviceBuffers& buffers, cudaStream_t 
   const int64_t n = plan.num_tensors;
   for (const LaunchGroup& g : plan.groups) {
     switch (plan.op) {
-      case Op::kSumSqDiff: err = launch_sum_sq_diff(g, n, plan.chunk_size, buffers, num_sms, stream); break;
-      case Op::kSnapshot: err = launch_snapshot(g, n, plan.chunk_size, buffers, num_sms, stream); break;
-      case Op::kPenaltyGrad: err = launch_penalty_grad(g, n, plan.chunk_size, buffers, num_sms, stream); break;
-      case Op::kScaledDiff: err = launch_scaled_diff(g, n, plan.chunk_size, buffers, num_sms, stream); break;
-      case Op::kLerp: err = launch_lerp(g, n, plan.chunk_size, buffers, num_sms, stream); break;
+#define HBAT_X(name, ...) \
+  case Op::name: err = launch_##name(g, n, plan.chunk_size, buffers, num_sms, stream); break;
+      HBAT_OPS(HBAT_X)
+#undef HBAT_X
       default: err = cudaErrorInvalidValue;
     }
     if (err != cudaSuccess) return err;
   }
-  if (op_reduces(plan.op) && n > 0) {
+  if (op_info(plan.op).reduces && n > 0) {
     const int64_t warps_per_block = detail::kThreads / 32;
     const int64_t blocks = (n + warps_per_block - 1) / warps_per_block;
     const int grid = static_cast<int>(blocks < 65535 ? blocks : 65535);
-    detail::sum_partials_kernel<<<grid, detail::kThreads, 0, stream>>>(buffers.table, n, buffers.partials,
-                                                                         buffers.out);
+    detail::sum_partials_kernel<<<grid, detail::kThreads, 0, stream>>>(buffers.table, n, plan.num_lists,
+                                                                         buffers.partials, buffers.out);
     err = cudaGetLastError();
   }
   return err;

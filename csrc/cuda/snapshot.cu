@@ -1,13 +1,6 @@
-// Instantiations of the multi-tensor kernel for one op (every dtype combination); see multi_tensor_kernel.cuh.
-#include "cuda/multi_tensor_kernel.cuh"
+// The CUDA kernels of snapshot_: its math (csrc/ops/snapshot.h) over the generic multi-tensor apply, one
+// instantiation per dtype combination its lists allow. One file per op, so that the ops compile in parallel.
+#include "cuda/multi_tensor_apply.cuh"
+#include "ops/snapshot.h"
 
-namespace hbat {
-namespace cuda {
-
-cudaError_t launch_snapshot(const LaunchGroup& g, int64_t num_tensors, int64_t chunk_size, const DeviceBuffers& b,
-                         int num_sms, cudaStream_t stream) {
-  return detail::dispatch<Op::kSnapshot, 0>(g, num_tensors, chunk_size, b, num_sms, stream);
-}
-
-}  // namespace cuda
-}  // namespace hbat
+HBAT_CUDA_OP(snapshot_)

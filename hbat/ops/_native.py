@@ -39,3 +39,9 @@ def scaled_diff(params, anchors, coef) -> list[torch.Tensor]:
 
 def lerp_(dst, a, b, weights) -> None:
     torch.ops.hbat.lerp_(dst, a, b, weights)
+
+
+def adamw_ewc_step_(params, grads, exp_avg, exp_avg_sq, anchors, coef, lr, weight_decay, bias_correction1,
+                    bias_correction2, beta1, beta2, eps) -> torch.Tensor:
+    return torch.ops.hbat.adamw_ewc_step_(params, grads, exp_avg, exp_avg_sq, anchors, coef, lr, weight_decay,
+                                          bias_correction1, bias_correction2, beta1, beta2, eps)

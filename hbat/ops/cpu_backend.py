@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from . import _native
-from ._native import lerp_, penalty_grad_, scaled_diff, snapshot_, sum_sq_diff  # noqa: F401
+from ._native import adamw_ewc_step_, lerp_, penalty_grad_, scaled_diff, snapshot_, sum_sq_diff  # noqa: F401
 
 
 def unavailable_reason() -> str:

@@ -67,3 +67,28 @@ snapshot_ = _ops.snapshot_
 penalty_grad_ = _ops.penalty_grad_
 scaled_diff = _ops.scaled_diff
 lerp_ = _ops.lerp_
+
+
+# not yet a torch operator of _library.SCHEMAS (issue 16, phase 2 wires it into hbat.ops)
+def adamw_ewc_step_(params, grads, exp_avg, exp_avg_sq, anchors, coef, lr, weight_decay, bias_correction1,
+                    bias_correction2, beta1, beta2, eps) -> torch.Tensor:
+    """One ``torch.optim.AdamW`` step (decoupled weight decay, bias correction, no amsgrad) whose gradient is
+    ``grads[i] + coef[i] * (params[i] - anchors[i])``, in float64; ``grads`` is not modified. Returns the
+    per-tensor sums of ``(params - anchors)**2`` before the step. The order of operations is torch's
+    ``_single_tensor_adam``; the states are rounded to their dtype (float32) after the step, the params to
+    theirs. The per-tensor vectors are ``bias_correction1[i] = 1 - beta1**step_i`` and likewise for beta2."""
+    sums = _sums64(params, anchors)
+    with torch.no_grad():
+        for i, (p, g, m, v, a) in enumerate(zip(params, grads, exp_avg, exp_avg_sq, anchors)):
+            c, lr_i, wd, bc1, bc2 = (x[i].to(torch.float64) for x in (coef, lr, weight_decay, bias_correction1,
+                                                                       bias_correction2))
+            p64, m64, v64 = p.to(torch.float64), m.to(torch.float64), v.to(torch.float64)
+            g64 = g.to(torch.float64) + c * (p64 - a.to(torch.float64))
+            p64 = p64 * (1 - lr_i * wd)
+            m64 = m64 + (1 - beta1) * (g64 - m64)
+            v64 = v64 * beta2 + (1 - beta2) * g64 * g64
+            p64 = p64 - (lr_i / bc1) * m64 / (v64.sqrt() / bc2.sqrt() + eps)
+            p.copy_(p64)
+            m.copy_(m64)
+            v.copy_(v64)
+    return sums.to(_library.sums_dtype(params, anchors))

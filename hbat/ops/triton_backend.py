@@ -52,3 +52,9 @@ snapshot_ = _ops.snapshot_
 penalty_grad_ = _ops.penalty_grad_
 scaled_diff = _ops.scaled_diff
 lerp_ = _ops.lerp_
+
+
+def adamw_ewc_step_(params, grads, exp_avg, exp_avg_sq, anchors, coef, lr, weight_decay, bias_correction1,
+                    bias_correction2, beta1, beta2, eps) -> torch.Tensor:
+    return _kernels().adamw_ewc_step_(params, grads, exp_avg, exp_avg_sq, anchors, coef, lr, weight_decay,
+                                      bias_correction1, bias_correction2, beta1, beta2, eps)

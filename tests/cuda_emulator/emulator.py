@@ -2,9 +2,10 @@
 
 No GPU is needed: the kernel sources are copied with one mechanical change (``k<<<grid, block, 0, s>>>(args)``
 becomes ``hbat_emu::launch_kernel(k, grid, block, 0, s, args)``) and built with g++ together with the host
-planner and ``launch()``. ``EmulatedCuda`` has the five functions of a backend module (hbat/ops/*_backend.py)
-and runs them on CPU tensors, so the tests can hold the CUDA code path (plan, table, chunking, 16-byte vector
-body, head and tail, dtype conversions, per-block and per-tensor reductions) to the reference.
+planner and ``launch()``. ``EmulatedCuda`` has a function for every op of the op table (hbat/ops/table.py),
+with the backend modules' signature (hbat/ops/*_backend.py), and runs it on CPU tensors, so the tests can hold
+the CUDA code path (plan, table, chunking, 16-byte vector body, head and tail, dtype conversions, per-block and
+per-tensor reductions) to the reference.
 
 What it cannot show: speed, the GPU memory model (all threads here see memory in program order), and
 anything of the torch binding (csrc/bindings/cuda_binding.cpp).
@@ -20,12 +21,14 @@ from pathlib import Path
 
 import torch
 
+from hbat.ops import table
+
 HERE = Path(__file__).resolve().parent
-CUDA_SRC = HERE.parents[1] / "csrc" / "cuda"
+CSRC = HERE.parents[1] / "csrc"
+CUDA_SRC = CSRC / "cuda"
 LAUNCH = re.compile(r"([A-Za-z_][\w:]*)<<<(.*?)>>>\(", re.S)
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-OP_CODES = {"sum_sq_diff": 0, "snapshot_": 1, "penalty_grad_": 2, "scaled_diff": 3, "lerp_": 4}
 STATS = ("chunk_size", "num_chunks", "groups", "vector_accesses", "scalar_accesses")
 
 
@@ -47,7 +50,7 @@ def build(out_dir: Path) -> ctypes.CDLL:
         raise RuntimeError("no kernel launch (<<<...>>>) found in csrc/cuda: the emulator's rewrite is stale")
     units = sorted(src.glob("*.cu")) + [HERE / "harness.cpp"]
     flags = ["-std=c++20", "-O1", "-fPIC", "-pthread", "-fno-strict-aliasing", "-x", "c++",
-             f"-I{HERE / 'include'}", f"-I{out_dir / 'src'}"]
+             f"-I{HERE / 'include'}", f"-I{out_dir / 'src'}", f"-I{CSRC}"]
 
     def compile_unit(unit: Path) -> Path:
         obj = out_dir / f"{unit.name}.o"
@@ -66,10 +69,10 @@ def build(out_dir: Path) -> ctypes.CDLL:
         raise RuntimeError(f"linking the emulated kernels failed:\n{done.stderr[-4000:]}")
     lib = ctypes.CDLL(str(library))
     i64p, i32p, f32p = (ctypes.POINTER(t) for t in (ctypes.c_int64, ctypes.c_int32, ctypes.c_float))
-    lib.hbat_emu_run.argtypes = [ctypes.c_int, ctypes.c_int64, i64p, i64p, i64p, i64p, i32p, f32p, f32p,
+    f64p = ctypes.POINTER(ctypes.c_double)
+    lib.hbat_emu_run.argtypes = [ctypes.c_int, ctypes.c_int64, i64p, i64p, i32p, ctypes.POINTER(f32p), f64p, f32p,
                                  ctypes.c_int, i64p, ctypes.c_char_p, ctypes.c_int]
     lib.hbat_emu_run.restype = ctypes.c_int
-    f64p = ctypes.POINTER(ctypes.c_double)
     lib.hbat_emu_huge_tail.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_float, f64p, f64p, i64p,
                                        ctypes.c_char_p, ctypes.c_int]
     lib.hbat_emu_huge_tail.restype = ctypes.c_int64
@@ -90,59 +93,54 @@ def huge_tensor_tail(lib: ctypes.CDLL, numel: int, tail_chunks: int, coef: float
 
 
 class EmulatedCuda:
-    """The CUDA backend's five functions on CPU tensors (contiguous float32 / bfloat16 / float16)."""
+    """The CUDA backend's functions on CPU tensors (contiguous float32 / bfloat16 / float16): one per op of the
+    table, called like the backend modules' (``emu.penalty_grad_(params, anchors, grads, coef)``)."""
 
     def __init__(self, lib: ctypes.CDLL, num_sms: int = 4):
         self.lib, self.num_sms = lib, num_sms
         self.stats: dict[str, int] = {}
 
-    def _run(self, op: str, xs, ys, zs=None, coef=None) -> torch.Tensor:
-        n = len(xs)
-        roles = [("x", xs), ("y", ys)] + ([("z", zs)] if zs is not None else [])
-        for role, tensors in roles:
+    def __getattr__(self, name: str):
+        if name not in table.BY_NAME:
+            raise AttributeError(name)
+        return lambda *args: self.run(table.op(name), *args)
+
+    def run(self, op: table.OpDef, *args):
+        """``op`` with its arguments in schema order (lists, vectors, scalars); returns what the op returns."""
+        num_lists, num_vectors = len(op.arguments), len(op.vectors)
+        if len(args) != num_lists + num_vectors + len(op.scalars):
+            raise TypeError(f"{op.name} takes {op.schema}")
+        given = dict(zip((t.name for t in op.arguments), args[:num_lists]))
+        vectors = [v.to(torch.float32).contiguous() for v in args[num_lists:num_lists + num_vectors]]
+        scalars = [float(s) for s in args[num_lists + num_vectors:]]
+        lead = given[op.lists[0].name]
+        n = len(lead)
+        if op.returned is not None:  # new tensors, like the list its dtype rule names
+            like = given[op.returned.dtype]
+            given[op.returned.name] = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in like]
+        lists = [given[t.name] for t in op.lists]
+        for spec, tensors in zip(op.lists, lists):
             for i, t in enumerate(tensors):
                 if t.device.type != "cpu" or not t.is_contiguous() or t.dtype not in DTYPE_CODES:
-                    raise ValueError(f"{role}[{i}]: a contiguous CPU float32/bfloat16/float16 tensor is expected")
-                if t.numel() != xs[i].numel():
-                    raise ValueError(f"{role}[{i}] has {t.numel()} elements, expected {xs[i].numel()}")
+                    raise ValueError(f"{spec.name}[{i}]: a contiguous CPU float32/bfloat16/float16 tensor is expected")
+                if t.numel() != lead[i].numel():
+                    raise ValueError(f"{spec.name}[{i}] has {t.numel()} elements, expected {lead[i].numel()}")
 
         def words(values, ctype=ctypes.c_int64):
             return (ctype * max(len(values), 1))(*values)
 
-        z_list = zs if zs is not None else [None] * n
-        dtypes = []
-        for x, y, z in zip(xs, ys, z_list):
-            dtypes += [DTYPE_CODES[x.dtype], DTYPE_CODES[y.dtype], DTYPE_CODES[z.dtype] if z is not None else 0]
+        f32p = ctypes.POINTER(ctypes.c_float)
+        vector_ptrs = (f32p * max(num_vectors, 1))(*(ctypes.cast(v.data_ptr(), f32p) for v in vectors))
         out = torch.zeros(n, dtype=torch.float32)
-        coef_c = None
-        if coef is not None:
-            coef = coef.to(torch.float32).contiguous()
-            coef_c = ctypes.cast(coef.data_ptr(), ctypes.POINTER(ctypes.c_float))
         stats = (ctypes.c_int64 * len(STATS))()
         msg = ctypes.create_string_buffer(1024)
         rc = self.lib.hbat_emu_run(
-            OP_CODES[op], n, words([t.data_ptr() for t in xs]), words([t.data_ptr() for t in ys]),
-            words([z.data_ptr() if z is not None else 0 for z in z_list]), words([t.numel() for t in xs]),
-            words(dtypes, ctypes.c_int32), coef_c, ctypes.cast(out.data_ptr(), ctypes.POINTER(ctypes.c_float)),
-            self.num_sms, stats, msg, len(msg))
+            op.code, n, words([t.data_ptr() for ts in lists for t in ts]), words([t.numel() for t in lead]),
+            words([DTYPE_CODES[t.dtype] for ts in lists for t in ts], ctypes.c_int32), vector_ptrs,
+            words(scalars, ctypes.c_double), ctypes.cast(out.data_ptr(), f32p), self.num_sms, stats, msg, len(msg))
         self.stats = dict(zip(STATS, stats))
         if rc != 0:
-            raise RuntimeError(f"emulated {op}: {msg.value.decode()}")
-        return out
-
-    def sum_sq_diff(self, params, refs) -> torch.Tensor:
-        return self._run("sum_sq_diff", params, refs)
-
-    def snapshot_(self, params, anchors) -> torch.Tensor:
-        return self._run("snapshot_", params, anchors)
-
-    def penalty_grad_(self, params, anchors, grads, coef) -> torch.Tensor:
-        return self._run("penalty_grad_", params, anchors, grads, coef)
-
-    def scaled_diff(self, params, anchors, coef) -> list[torch.Tensor]:
-        outs = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params]
-        self._run("scaled_diff", params, anchors, outs, coef)
-        return outs
-
-    def lerp_(self, dst, a, b, weights) -> None:
-        self._run("lerp_", a, b, dst, weights)  # roles as in the binding: x = a, y = b, z = dst
+            raise RuntimeError(f"emulated {op.name}: {msg.value.decode()}")
+        if op.reduces:
+            return out
+        return given[op.returned.name] if op.returned is not None else None

@@ -8,6 +8,7 @@
 
 #include "cuda/hbat_cuda.h"
 #include "emu_core.h"
+#include "ops/penalty_grad.h"
 
 namespace hbat_emu {
 int num_sms_value() { return num_sms; }
@@ -17,15 +18,16 @@ namespace hc = hbat::cuda;
 
 extern "C" {
 
-// Tensors are given role by role (x, y, z addresses; z = 0 where the op has none), with numel and the
-// three dtype codes per tensor (hc::DType). stats receives: chunk_size, num_chunks, launch groups,
-// 16-byte accesses, scalar accesses. Returns 0, or 1 with a message in msg.
-int hbat_emu_run(int op, int64_t n, const int64_t* x, const int64_t* y, const int64_t* z, const int64_t* numel,
-                 const int32_t* dtypes, const float* coef, float* out, int num_sms, int64_t* stats, char* msg,
-                 int msg_len) {
-  const hc::Op the_op = static_cast<hc::Op>(op);
+// One call of op `op` (hbat::Op) over n tensors per list: ptrs and dtypes (hc::DType codes) list by list
+// ([num_lists][n], the op's lists in table order), numel per tensor, the op's per-tensor vectors (float32 [n]
+// each) and scalars. stats receives: chunk_size, num_chunks, launch groups, 16-byte accesses, scalar
+// accesses. Returns 0, or 1 with a message in msg.
+int hbat_emu_run(int op, int64_t n, const int64_t* ptrs, const int64_t* numel, const int32_t* dtypes,
+                 const float* const* vectors, const double* scalars, float* out, int num_sms, int64_t* stats,
+                 char* msg, int msg_len) {
+  const hbat::Op the_op = static_cast<hbat::Op>(op);
+  const hbat::OpInfo& info = hbat::op_info(the_op);
   std::vector<hc::TensorArg> args(n);
-  auto& mem = hbat_emu::memory;
   std::vector<hbat_emu::Range> registered;
   auto add_range = [&](const void* p, int64_t bytes) {
     if (bytes > 0) {
@@ -35,16 +37,12 @@ int hbat_emu_run(int op, int64_t n, const int64_t* x, const int64_t* y, const in
   };
   for (int64_t i = 0; i < n; ++i) {
     hc::TensorArg& t = args[i];
-    t.x = static_cast<std::uintptr_t>(x[i]);
-    t.y = static_cast<std::uintptr_t>(y[i]);
-    t.z = static_cast<std::uintptr_t>(z[i]);
     t.numel = numel[i];
-    t.dx = static_cast<hc::DType>(dtypes[3 * i]);
-    t.dy = static_cast<hc::DType>(dtypes[3 * i + 1]);
-    t.dz = static_cast<hc::DType>(dtypes[3 * i + 2]);
-    add_range(reinterpret_cast<const void*>(t.x), t.numel * hc::dtype_size(t.dx));
-    add_range(reinterpret_cast<const void*>(t.y), t.numel * hc::dtype_size(t.dy));
-    if (hc::op_has_z(the_op)) add_range(reinterpret_cast<const void*>(t.z), t.numel * hc::dtype_size(t.dz));
+    for (int l = 0; l < info.num_lists; ++l) {
+      t.ptr[l] = static_cast<std::uintptr_t>(ptrs[l * n + i]);
+      t.dtype[l] = static_cast<hc::DType>(dtypes[l * n + i]);
+      add_range(reinterpret_cast<const void*>(t.ptr[l]), t.numel * hc::dtype_size(t.dtype[l]));
+    }
   }
   hbat_emu::num_sms = num_sms;
   const hc::Plan plan = hc::make_plan(the_op, args, num_sms);
@@ -55,24 +53,27 @@ int hbat_emu_run(int op, int64_t n, const int64_t* x, const int64_t* y, const in
   std::vector<int64_t> table(plan.table);  // "device" copy
   std::vector<double> partials(plan.num_chunks > 0 ? plan.num_chunks : 1, -1.0);
   add_range(table.data(), static_cast<int64_t>(table.size() * sizeof(int64_t)));
-  if (coef != nullptr) add_range(coef, n * static_cast<int64_t>(sizeof(float)));
-  mem.reset(std::move(registered));
   hc::DeviceBuffers buffers;
+  for (int k = 0; k < info.num_vectors; ++k) {
+    add_range(vectors[k], n * static_cast<int64_t>(sizeof(float)));
+    buffers.vectors[k] = vectors[k];
+  }
+  for (int k = 0; k < info.num_scalars; ++k) buffers.scalars[k] = scalars[k];
+  hbat_emu::memory.reset(std::move(registered));
   buffers.table = table.data();
-  buffers.coef = coef;
-  buffers.partials = hc::op_reduces(the_op) ? partials.data() : nullptr;
-  buffers.out = hc::op_reduces(the_op) ? out : nullptr;
+  buffers.partials = info.reduces ? partials.data() : nullptr;
+  buffers.out = info.reduces ? out : nullptr;
   const cudaError_t err = hc::launch(plan, buffers, nullptr);
   stats[0] = plan.chunk_size;
   stats[1] = plan.num_chunks;
   stats[2] = static_cast<int64_t>(plan.groups.size());
-  stats[3] = mem.vector_accesses;
-  stats[4] = mem.scalar_accesses;
+  stats[3] = hbat_emu::memory.vector_accesses;
+  stats[4] = hbat_emu::memory.scalar_accesses;
   if (err != cudaSuccess) {
     std::snprintf(msg, msg_len, "launch returned error %d", static_cast<int>(err));
     return 1;
   }
-  return mem.report(msg, msg_len) ? 0 : 1;
+  return hbat_emu::memory.report(msg, msg_len) ? 0 : 1;
 }
 
 }  // extern "C"
@@ -106,14 +107,14 @@ int64_t hbat_emu_huge_tail(int64_t numel, int64_t tail_chunks, float coef, doubl
     return -2;
   }
   hc::TensorArg arg;
-  arg.x = reinterpret_cast<std::uintptr_t>(x + kOffset);
-  arg.y = reinterpret_cast<std::uintptr_t>(y + kOffset);
-  arg.z = reinterpret_cast<std::uintptr_t>(z + kOffset);
+  arg.ptr[0] = reinterpret_cast<std::uintptr_t>(x + kOffset);
+  arg.ptr[1] = reinterpret_cast<std::uintptr_t>(y + kOffset);
+  arg.ptr[2] = reinterpret_cast<std::uintptr_t>(z + kOffset);
   arg.numel = numel;
-  arg.dx = arg.dy = hc::DType::kBFloat16;
-  arg.dz = hc::DType::kFloat32;
+  arg.dtype[0] = arg.dtype[1] = hc::DType::kBFloat16;
+  arg.dtype[2] = hc::DType::kFloat32;
   hbat_emu::num_sms = 4;
-  const hc::Plan plan = hc::make_plan(hc::Op::kPenaltyGrad, {arg}, 4);
+  const hc::Plan plan = hc::make_plan(hbat::Op::penalty_grad_, {arg}, 4);
   *chunk_size_out = plan.chunk_size;
   if (!plan.error.empty() || plan.groups.size() != 1 || plan.num_chunks < tail_chunks) {
     std::snprintf(msg, msg_len, "unexpected plan: %s", plan.error.c_str());
@@ -138,16 +139,19 @@ int64_t hbat_emu_huge_tail(int64_t numel, int64_t tail_chunks, float coef, doubl
   group.chunk_begin = first;
   hc::DeviceBuffers buffers;
   buffers.table = table.data();
-  buffers.coef = &coef;
+  buffers.vectors[0] = &coef;
   buffers.partials = partials.data();
-  hc::launch_penalty_grad(group, 1, plan.chunk_size, buffers, 4, nullptr);
+  hc::launch_penalty_grad_(group, 1, plan.chunk_size, buffers, 4, nullptr);
+  const hbat::OpMath<hbat::Op::penalty_grad_> math(&coef, nullptr);  // the expected grads: the same math
   int64_t wrong = 0;
   for (int64_t c = 0; c < tail_chunks; ++c) {
     double exact = 0.0;
     for (int64_t i = (first + c) * plan.chunk_size; i < std::min(numel, (first + c + 1) * plan.chunk_size); ++i) {
       const double d = double(pattern(i, 0)) - double(pattern(i, 1));
       exact += d * d;
-      if (pz[i] != std::fmaf(coef, static_cast<float>(d), 0.5f)) ++wrong;
+      float e[3] = {pattern(i, 0), pattern(i, 1), 0.5f}, unused = 0.0f;
+      math(e, unused);
+      if (pz[i] != e[2]) ++wrong;
     }
     partials_out[c] = partials[first + c];
     expected_out[c] = exact;

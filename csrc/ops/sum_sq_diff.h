@@ -1,0 +1,17 @@
+// sum_sq_diff (hbat/ops/table.py): per tensor sum_j (params - refs)^2.
+#pragma once
+
+#include "op_traits.h"
+
+namespace hbat {
+
+template <> struct OpMath<Op::sum_sq_diff> {
+  HBAT_HOST_DEVICE OpMath(const float*, const double*) {}
+  // e: params, refs
+  HBAT_HOST_DEVICE void operator()(float (&e)[2], float& sum) const {
+    const float d = e[0] - e[1];
+    sum += d * d;
+  }
+};
+
+}  // namespace hbat

@@ -143,8 +143,10 @@ def test_conversational_formats_are_rendered_with_the_chat_template():
     tokenizer = chat_tokenizer()
     user, answer = [turn("user", "hi")], [turn("assistant", "yo")]
     prompt = "<|user|>hi<|end|>\n<|assistant|>"  # the template's BOS is left out: the tokenizer adds it
-    assert load_sft([{"messages": user + answer}, {"prompt": user, "completion": answer}], tokenizer=tokenizer) == \
-        [{"prompt": prompt, "response": "yo<|end|>\n"}] * 2
+    rows = [{"messages": user + answer}, {"prompt": user, "completion": answer},
+            {"prompt": "hi", "messages": user + answer}]  # (UltraChat's text prompt beside the conversation)
+    assert load_sft(rows, tokenizer=tokenizer) == [{"prompt": prompt, "response": "yo<|end|>\n"}] * 3
+    assert load_prompts(rows, tokenizer=tokenizer) == [{"prompt": prompt}] * 3
     # multi-turn: every turn before the last assistant turn is the prompt (earlier answers are context)
     [row] = load_sft([{"messages": [turn("system", "S"), *user, turn("assistant", "a1"), turn("user", "u2"),
                                     turn("assistant", "a2")]}], tokenizer=tokenizer)
@@ -157,8 +159,8 @@ def test_conversational_formats_are_rendered_with_the_chat_template():
         {"chosen": user + answer, "rejected": user + no},  # implicit prompt: the shared turns
         {"prompt": "hi", "chosen": user + answer, "rejected": user + no},  # a text prompt beside conversations
     ], tokenizer=tokenizer) == [expected] * 3
-    assert load_prompts([{"prompt": user}, {"messages": user + answer}, {"chosen": user + answer, "rejected": user + no}],
-                        tokenizer=tokenizer) == [{"prompt": prompt}] * 3
+    prompt_rows = [{"prompt": user}, {"messages": user + answer}, {"chosen": user + answer, "rejected": user + no}]
+    assert load_prompts(prompt_rows, tokenizer=tokenizer) == [{"prompt": prompt}] * 3
 
 
 def test_a_prefilled_assistant_turn_is_continued():

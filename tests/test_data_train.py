@@ -141,6 +141,11 @@ def test_train_on_conversational_parquet_and_a_save_to_disk_folder(tmp_path, cap
     assert code == 0, out.err[-3000:]
     assert [name for name in os.listdir(tokens) if name.endswith(".pt")] == [cache]
     assert os.stat(tokens / cache).st_mtime_ns == written
+    with open(tokens / cache, "ab") as fh:  # a changed cache file is an error naming it, never used or replaced
+        fh.write(b"x")
+    code, out = hbat_train(capsys, overrides + ["method=sft_only"])
+    assert code == EXIT_ERROR
+    assert f"{tokens / cache}: the checksum does not match" in out.err and "delete it (the data is tokenised" in out.err
 
 
 def test_data_errors_of_a_run_come_before_any_model_is_built(tmp_path, capsys):

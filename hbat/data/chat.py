@@ -44,8 +44,8 @@ class ChatTemplate:
     def _apply(self, key: str, turns: Turns, *, prompt: bool) -> str:
         tokenizer = self.tokenizer
         if tokenizer is None:
-            raise FieldProblem(key, f"field {key!r} is a conversation (a list of turns): rendering it needs a tokenizer "
-                                    "with a chat template (pass tokenizer=...)")
+            raise FieldProblem(key, f"field {key!r} is a conversation (a list of turns): rendering it needs a "
+                                    "tokenizer with a chat template (pass tokenizer=...)")
         if not getattr(tokenizer, "chat_template", None):
             raise FieldProblem(key, f"field {key!r} is a conversation (a list of turns), but the tokenizer has no chat "
                                     "template to render it: give the tokenizer one (chat_template.jinja or "

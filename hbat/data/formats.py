@@ -15,15 +15,16 @@ rendered with the tokenizer's chat template by hbat.data.chat, which needs ``tok
 
 - SFT: ``{prompt, response}`` (hbat's), ``{prompt, completion}`` (prompt-completion; both text or both
   conversations), ``{messages}`` (a conversation: its last turn, the assistant's, is the response, every turn
-  before it the prompt; earlier assistant turns are context, not trained), ``{text}`` (language modeling: the
-  whole text is the response, the prompt is empty);
+  before it the prompt; earlier assistant turns are context, not trained; a text ``prompt`` beside it, as
+  UltraChat has, is ignored), ``{text}`` (language modeling: the whole text is the response, the prompt is
+  empty);
 - preference: ``{prompt, chosen, rejected}`` (all text, or all conversations; a text prompt beside conversations
   is ignored, as TRL does, since those conversations hold the prompt), or ``{chosen, rejected}`` with an implicit
   prompt: the turns both conversations start with, or for text the raw Anthropic HH format (the prompt runs to
   the last ``"\\n\\nAssistant:"`` both share) or else the characters both start with (TRL's rule: a space
   before the first differing character goes to the completions);
-- prompts: ``{prompt}`` (text or a conversation), the prompt of any preference row, of an SFT row, or of
-  ``{messages}`` (every turn before a final assistant turn).
+- prompts: ``{prompt}`` (text or a conversation), the prompt of any preference or SFT row; that of
+  ``{messages}`` is every turn before a final assistant turn.
 
 Sources: hbat.data.sources (JSONL / JSON / parquet files, ``save_to_disk`` folders, folders and data set names
 ``datasets.load_dataset`` reads, lists, ``datasets`` objects); ``split`` picks the split where there are several.
@@ -103,7 +104,7 @@ def _load(source, adapter, normalize: Normalizer, keep_extra: bool, tokenizer, s
 def _adapted(adapt: Adapter, raw: dict) -> dict:
     try:
         row = adapt(raw)
-    except FieldProblem:
+    except FieldProblem:  # (a KeyError too) the adapter's own precise problem
         raise
     except KeyError as missing:
         key = missing.args[0] if missing.args else "?"
@@ -124,14 +125,15 @@ ACCEPTED = {  # for the error of a row that matches no format
 
 def sft_fields(row: dict, chat: ChatTemplate) -> dict:
     """``{prompt, response}`` text of one SFT row in any accepted format."""
-    if not _given(row, "prompt", "response", "completion"):
-        if _given(row, "messages"):
+    if not _given(row, "response", "completion"):
+        if _given(row, "messages"):  # a text prompt beside it (UltraChat) repeats its first turn: ignored
             prompt, answer = _split_last_answer(_conversation(row, "messages"))
             text, completions = chat.render("messages", prompt, {"messages": answer})
             return {"prompt": text, "response": _non_empty(completions["messages"], "messages")}
-        if _given(row, "text"):
+        if _given(row, "text") and not _given(row, "prompt"):
             return {"prompt": "", "response": _non_empty(_text(row, "text"), "text")}
-        raise _unrecognised(row, "SFT")
+        if not _given(row, "prompt"):
+            raise _unrecognised(row, "SFT")
     key = "completion" if _given(row, "completion") and not _given(row, "response") else "response"
     prompt, completion = _value(row, "prompt"), _value(row, key)
     if isinstance(prompt, str) and isinstance(completion, str):
@@ -164,14 +166,14 @@ def prompt_fields(row: dict, chat: ChatTemplate) -> dict:
     """``{prompt}`` text of one prompt row, or the prompt of a preference or SFT row."""
     if _given(row, "chosen") and _given(row, "rejected"):
         return {"prompt": _non_empty(preference_fields(row, chat)["prompt"], "prompt")}
-    if _given(row, "prompt"):
-        prompt = _value(row, "prompt")
-        return {"prompt": _non_empty(prompt if isinstance(prompt, str) else chat.prompt("prompt", prompt), "prompt")}
-    if _given(row, "messages"):
+    if _given(row, "messages") and not _given(row, "response", "completion"):
         turns = _conversation(row, "messages")
         if turns[-1]["role"] == "assistant":
             turns = _split_last_answer(turns)[0]
         return {"prompt": _non_empty(chat.prompt("messages", turns), "messages")}
+    if _given(row, "prompt"):
+        prompt = _value(row, "prompt")
+        return {"prompt": _non_empty(prompt if isinstance(prompt, str) else chat.prompt("prompt", prompt), "prompt")}
     raise _unrecognised(row, "prompt")
 
 

@@ -15,8 +15,9 @@
 - a ``datasets.Dataset`` / ``IterableDataset`` (used whole) or ``DatasetDict`` (the ``split`` is picked).
 
 A file, and a folder of one Dataset, hold one split (``"train"``, or the Dataset's own); another ``split`` is
-refused like a split a DatasetDict lacks (SplitError, naming the splits there are). ``datasets`` and pyarrow are imported only for the sources that need
-them. No source runs code: ``datasets`` (4 and later) refuses loading scripts.
+refused like a split a DatasetDict lacks (SplitError, naming the splits there are). ``datasets`` and pyarrow
+are imported only for the sources that need them. No source runs code: hbat never passes
+``trust_remote_code``, and ``datasets`` 4 and later has no loading scripts.
 """
 from __future__ import annotations
 
@@ -103,18 +104,22 @@ def _datasets():
 def _load_folder(path: str):
     datasets = _datasets()
     if any(os.path.isfile(os.path.join(path, name)) for name in ("dataset_dict.json", "state.json")):
-        return datasets.load_from_disk(path)  # written by save_to_disk
-    return datasets.load_dataset(path)
+        return _loaded(datasets.load_from_disk, path, f"{path}: datasets.load_from_disk cannot load it")  # save_to_disk
+    return _loaded(datasets.load_dataset, path, f"{path}: datasets.load_dataset cannot load the folder")
 
 
 def _load_named(name: str):
-    datasets = _datasets()
+    return _loaded(_datasets().load_dataset, name, f"data set {name!r} is no file or folder, and "
+                                                   "datasets.load_dataset cannot load it")
+
+
+def _loaded(load, source: str, problem: str):
+    """``load(source)``; any failure (offline, not found, unreadable) becomes one error: ``problem (reason)``."""
     try:
-        return datasets.load_dataset(name)
-    except Exception as exc:  # noqa: BLE001 - offline / not found / bad repository: one error naming the source
+        return load(source)
+    except Exception as exc:  # noqa: BLE001 - datasets raises many kinds; one message with the source and reason
         reason = " ".join(str(exc).split())[:300]
-        raise FileNotFoundError(f"data set {name!r} is no file or folder, and datasets.load_dataset cannot load it "
-                                f"({type(exc).__name__}: {reason})") from None
+        raise FileNotFoundError(f"{problem} ({type(exc).__name__}: {reason})") from None
 
 
 def _iter_parquet(path: str) -> Iterator[Place]:

@@ -1,10 +1,11 @@
 """Everything the methods of one comparison share: tokenizer, base model, data splits, SFT reference, reward model.
 
-``prepare(cfg)`` builds them once (the embedded task, or the user's model and JSONL files) and caches the
-trained pieces under ``<output_dir>/shared/`` (atomic files with checksums, hbat.trainer.checkpoint), so that
-several methods, and a resumed run, start from the very same base weights, reward model and data. The data
-is read and checked against the config before any model is built; a cached file that fails its check is an
-error (never rebuilt silently); a piece whose training diverges is not cached (TrainingDiverged).
+``prepare(cfg)`` builds them once (the embedded task, or the user's model and data) and caches the trained
+pieces, and the token ids of the user's data (``shared/tokens/``), under ``<output_dir>/shared/`` (atomic files
+with checksums, hbat.trainer.checkpoint), so that several methods, and a resumed run, start from the very same
+base weights, reward model and data. The data is read and checked against the config before any model is
+built; a cached file that fails its check is an error (never rebuilt silently); a piece whose training diverges
+is not cached (TrainingDiverged).
 """
 from __future__ import annotations
 

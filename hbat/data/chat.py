@@ -16,6 +16,8 @@ the tokenizer's special tokens, the completion without, EOS appended unless it i
 """
 from __future__ import annotations
 
+import functools
+
 from .errors import FieldProblem
 
 Turns = list[dict]
@@ -26,7 +28,6 @@ class ChatTemplate:
 
     def __init__(self, tokenizer=None):
         self.tokenizer = tokenizer
-        self._added_bos: str | None | bool = False  # False: not worked out yet
 
     def prompt(self, key: str, turns: Turns) -> str:
         """The prompt text of ``turns`` (field ``key``), ending where the assistant's answer starts."""
@@ -64,16 +65,15 @@ class ChatTemplate:
         return text
 
     def _strip_bos(self, text: str) -> str:
-        bos = self._bos_the_tokenizer_adds()
+        bos = self._bos_the_tokenizer_adds
         return text[len(bos):] if bos and text.startswith(bos) else text
 
+    @functools.cached_property
     def _bos_the_tokenizer_adds(self) -> str | None:
-        if self._added_bos is False:
-            tokenizer = self.tokenizer
-            bos, bos_id = getattr(tokenizer, "bos_token", None), getattr(tokenizer, "bos_token_id", None)
-            adds = bos and bos_id is not None and tokenizer("", add_special_tokens=True)["input_ids"][:1] == [bos_id]
-            self._added_bos = bos if adds else None
-        return self._added_bos
+        tokenizer = self.tokenizer
+        bos, bos_id = getattr(tokenizer, "bos_token", None), getattr(tokenizer, "bos_token_id", None)
+        adds = bos and bos_id is not None and tokenizer("", add_special_tokens=True)["input_ids"][:1] == [bos_id]
+        return bos if adds else None
 
     def _end(self, completion: str) -> str:
         eos = getattr(self.tokenizer, "eos_token", None)

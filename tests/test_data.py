@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from hbat.data import (ADAPTERS, IGNORE_INDEX, DataError, collate, collate_preference, encode_preference,
+from hbat.data import (ADAPTERS, IGNORE_INDEX, DataError, SplitError, collate, collate_preference, encode_preference,
                        encode_prompts, encode_sft, load_preference, load_prompts, load_sft, position_ids_from_mask,
                        split_parts, train_val_split, truncate_pair)
 
@@ -36,8 +36,12 @@ def test_load_from_datasets_dataset():
     with pytest.raises(DataError, match=r"row 1: missing field 'response'"):
         load_sft(ds)
     assert load_sft(ds.select([0])) == [{"prompt": "p", "response": "r"}]
-    with pytest.raises(TypeError, match="split"):
-        load_sft(datasets.DatasetDict({"train": ds}))
+    splits = datasets.DatasetDict({"train": ds.select([0]), "test": ds})
+    assert load_sft(splits) == [{"prompt": "p", "response": "r"}]  # split="train"
+    with pytest.raises(DataError, match=r"\(split 'test'\), row 1: missing field 'response'"):
+        load_sft(splits, split="test")
+    with pytest.raises(SplitError, match=r"has no split 'val'; its splits: 'test', 'train'$"):
+        load_sft(splits, split="val")
 
 
 @pytest.mark.parametrize("line, field, message", [
@@ -45,7 +49,8 @@ def test_load_from_datasets_dataset():
     ({"response": "r"}, "prompt", "missing field 'prompt'"),
     ({"prompt": "p", "response": None}, "response", "missing field 'response'"),
     ({"prompt": 3, "response": "r"}, "prompt", "field 'prompt' must be a string, got int"),
-    ({"prompt": "p", "response": ["r"]}, "response", "field 'response' must be a string, got list"),
+    ({"prompt": "p", "response": ["r"]}, "response",
+     "field 'response' must be a string or a list of turns {\"role\": str, \"content\": str}; response[0] is str"),
     ({"prompt": "p", "response": "  "}, "response", "field 'response' is empty"),
 ])
 def test_bad_sft_rows_name_file_line_and_field(tmp_path, line, field, message):

@@ -24,17 +24,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-
-class FieldProblem(KeyError):
-    """A source field is missing or has a bad value (raised by adapters, reported by the loader)."""
-
-    def __init__(self, field: str, problem: str):
-        super().__init__(field)
-        self.field = field
-        self.problem = problem
-
-    def __str__(self) -> str:
-        return self.problem
+from .errors import FieldProblem
 
 
 def _get(row: dict, dotted: str, kind: type | tuple = str, *, optional: bool = False) -> Any:

@@ -2,7 +2,13 @@
 
 Prompt and completion are tokenised separately and concatenated, so the prompt/response boundary is exact
 (no merge across it): ``input_ids = prompt_ids + response_ids (+ eos)``. The prompt gets the tokenizer's
-special tokens (e.g. BOS), the response none; EOS is appended to the response so models learn to stop.
+special tokens (e.g. BOS), the response none; EOS is appended to the response, unless it already ends with
+it (a chat template's), so models learn to stop.
+
+Rows may carry their token ids, ``row["token_ids"] = {field: ids}`` (``attach_token_ids``, from
+``tokenize_rows``: tokenised once, e.g. cached by the trainer); the encode functions then use those ids instead
+of tokenising the text again. They are the ids the text gives (the prompt with special tokens, a completion
+without, no EOS), so a row encodes the same either way.
 
 Truncation to ``max_len`` keeps the start of the response: when prompt + response is too long, the
 response keeps ``min(len(response), max(max_len - len(prompt), max_len // 2))`` tokens from its start, and
@@ -18,11 +24,16 @@ padding does not shift positions.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Iterable, Sequence
 
 import torch
 
 IGNORE_INDEX = -100
+TOKEN_IDS = "token_ids"                          # a row's token ids per text field (attach_token_ids)
+TEXT_FIELDS = ("prompt", "response", "chosen", "rejected")  # the prompt gets special tokens, the others none
+TOKEN_CACHE_VERSION = 1
 
 
 def pad_token_id(tokenizer) -> int:
@@ -36,6 +47,15 @@ def pad_token_id(tokenizer) -> int:
 
 def _ids(tokenizer, text: str, special: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def _field_ids(tokenizer, row: dict, field: str) -> list[int]:
+    """The token ids of ``row[field]``: those the row carries (``row["token_ids"]``), else the tokenizer's."""
+    carried = row.get(TOKEN_IDS)
+    if carried is not None and field in carried:
+        ids = carried[field]
+        return ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+    return _ids(tokenizer, row[field], special=field == "prompt")
 
 
 def truncate_pair(prompt_ids: list[int], response_ids: list[int], max_len: int,
@@ -56,11 +76,11 @@ def truncate_pair(prompt_ids: list[int], response_ids: list[int], max_len: int,
     return prompt_ids, response_ids[:response_keep]
 
 
-def _encode_pair(tokenizer, prompt: str, response: str, max_len: int, add_eos: bool) -> dict:
-    prompt_ids = _ids(tokenizer, prompt, special=True)
-    response_ids = _ids(tokenizer, response, special=False)
+def _encode_pair(tokenizer, row: dict, completion: str, max_len: int, add_eos: bool) -> dict:
+    prompt_ids = _field_ids(tokenizer, row, "prompt")
+    response_ids = _field_ids(tokenizer, row, completion)
     eos = getattr(tokenizer, "eos_token_id", None)
-    if add_eos and eos is not None:
+    if add_eos and eos is not None and response_ids[-1:] != [int(eos)]:
         response_ids.append(int(eos))
     prompt_ids, response_ids = truncate_pair(prompt_ids, response_ids, max_len, getattr(tokenizer, "bos_token_id", None))
     return {
@@ -71,15 +91,15 @@ def _encode_pair(tokenizer, prompt: str, response: str, max_len: int, add_eos: b
 
 def encode_sft(tokenizer, rows: Iterable[dict], max_len: int, *, add_eos: bool = True) -> list[dict]:
     """Rows ``{prompt, response}`` -> ``[{"input_ids": list[int], "labels": list[int]}]`` (labels -100 on the prompt)."""
-    return [_encode_pair(tokenizer, row["prompt"], row["response"], max_len, add_eos) for row in rows]
+    return [_encode_pair(tokenizer, row, "response", max_len, add_eos) for row in rows]
 
 
 def encode_preference(tokenizer, rows: Iterable[dict], max_len: int, *, add_eos: bool = True) -> list[dict]:
     """Rows ``{prompt, chosen, rejected}`` -> ``[{chosen_input_ids, chosen_labels, rejected_input_ids, rejected_labels}]``."""
     encoded = []
     for row in rows:
-        chosen = _encode_pair(tokenizer, row["prompt"], row["chosen"], max_len, add_eos)
-        rejected = _encode_pair(tokenizer, row["prompt"], row["rejected"], max_len, add_eos)
+        chosen = _encode_pair(tokenizer, row, "chosen", max_len, add_eos)
+        rejected = _encode_pair(tokenizer, row, "rejected", max_len, add_eos)
         encoded.append({
             "chosen_input_ids": chosen["input_ids"], "chosen_labels": chosen["labels"],
             "rejected_input_ids": rejected["input_ids"], "rejected_labels": rejected["labels"],
@@ -92,10 +112,66 @@ def encode_prompts(tokenizer, prompts: Iterable[dict | str], max_len: int) -> li
     bos = getattr(tokenizer, "bos_token_id", None)
     encoded = []
     for prompt in prompts:
-        text = prompt["prompt"] if isinstance(prompt, dict) else prompt
-        ids, _ = truncate_pair(_ids(tokenizer, text, special=True), [], max_len, bos)
+        row = prompt if isinstance(prompt, dict) else {"prompt": prompt}
+        ids, _ = truncate_pair(_field_ids(tokenizer, row, "prompt"), [], max_len, bos)
         encoded.append(ids)
     return encoded
+
+
+def tokenize_rows(tokenizer, rows: Sequence[dict], *, progress: bool = False, desc: str = "tokenize",
+                  batch_size: int = 1024) -> dict[str, dict[str, torch.Tensor]]:
+    """The token ids of the text fields of ``rows`` (those of TEXT_FIELDS the first row has), packed per field:
+    ``{field: {"values": int32 [all ids], "offsets": int64 [len(rows) + 1]}}``, row i's ids being
+    ``values[offsets[i]:offsets[i + 1]]``. Tokenised as the encode functions do (the prompt with the tokenizer's
+    special tokens, completions without, no EOS), ``batch_size`` texts per call of a Hugging Face tokenizer;
+    a tqdm bar over the rows unless ``progress`` is False."""
+    from tqdm.auto import tqdm
+
+    fields = [field for field in TEXT_FIELDS if rows and field in rows[0]]
+    ids: dict[str, list[torch.Tensor]] = {field: [] for field in fields}
+    lengths: dict[str, list[int]] = {field: [] for field in fields}
+    with tqdm(total=len(rows), desc=desc, disable=not progress, leave=False) as bar:
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start:start + batch_size]
+            for field in fields:
+                encoded = tokenizer([row[field] for row in batch], add_special_tokens=field == "prompt")["input_ids"]
+                ids[field] += [torch.tensor(row_ids, dtype=torch.int32) for row_ids in encoded]
+                lengths[field] += [len(row_ids) for row_ids in encoded]
+            bar.update(len(batch))
+    return {field: {"values": torch.cat(ids[field]) if ids[field] else torch.zeros(0, dtype=torch.int32),
+                    "offsets": torch.tensor([0] + lengths[field], dtype=torch.int64).cumsum(0)}
+            for field in fields}
+
+
+def attach_token_ids(rows: Sequence[dict], packed: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Give every row its ids from ``packed`` (``tokenize_rows``) as ``row["token_ids"]``: views, no copies."""
+    for field, part in packed.items():
+        if len(part["offsets"]) != len(rows) + 1:
+            raise ValueError(f"token ids of {len(part['offsets']) - 1} rows for {len(rows)} rows (field {field!r})")
+    bounds = {field: part["offsets"].tolist() for field, part in packed.items()}
+    for index, row in enumerate(rows):
+        row[TOKEN_IDS] = {field: part["values"][bounds[field][index]:bounds[field][index + 1]]
+                          for field, part in packed.items()}
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of what decides the tokenizer's ids: its class, its whole ``tokenizers`` state (vocabulary,
+    normaliser, pre-tokenizer, added tokens, post-processor with its BOS / EOS) or, for a slow tokenizer, its
+    vocabulary, and its special tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    state = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    special = json.dumps(getattr(tokenizer, "special_tokens_map", {}), sort_keys=True, default=str)
+    return hashlib.sha256("\0".join([type(tokenizer).__name__, state, special]).encode()).hexdigest()
+
+
+def token_cache_key(tokenizer, sets: dict[str, Sequence[dict]]) -> str:
+    """A key for the token ids of ``sets`` (name -> rows): it changes with any text, row order or the tokenizer."""
+    digest = hashlib.sha256(f"hbat token ids v{TOKEN_CACHE_VERSION}\0{tokenizer_fingerprint(tokenizer)}".encode())
+    for name in sorted(sets):
+        digest.update(f"\0set {name} {len(sets[name])}".encode())
+        for row in sets[name]:
+            digest.update(json.dumps([row.get(field) for field in TEXT_FIELDS], ensure_ascii=False).encode())
+    return digest.hexdigest()[:20]
 
 
 def pad_sequences(sequences: Sequence[Sequence[int]], pad_value: int, *, padding_side: str = "right",

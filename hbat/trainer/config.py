@@ -53,9 +53,14 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    sft: str | None = None            # JSONL of {prompt, response}; None: the embedded task
-    preference: str | None = None     # JSONL of {prompt, chosen, rejected}
-    prompts: str | None = None        # JSONL of {prompt} for PPO (None: the preference prompts)
+    # each of sft / preference / prompts: a JSONL, JSON or parquet file, a save_to_disk folder, another folder or a
+    # data set name that datasets.load_dataset reads; rows in hbat's or TRL's formats (README "Data")
+    sft: str | None = None            # SFT rows, e.g. {prompt, response} or {messages}; None: the embedded task
+    preference: str | None = None     # preference rows, e.g. {prompt, chosen, rejected}
+    prompts: str | None = None        # PPO prompts, e.g. {prompt} (None: the preference prompts)
+    sft_split: str = "train"          # the split of data.sft to use (where it has several)
+    preference_split: str = "train"
+    prompts_split: str = "train"
     sft_adapter: str | None = None    # hbat.data.ADAPTERS name mapping other field names (e.g. "tldr_sft")
     preference_adapter: str | None = None
     prompts_adapter: str | None = None
@@ -71,6 +76,9 @@ class DataConfig:
         from ..data import ADAPTERS
 
         paths(self, "sft", "preference", "prompts")
+        for name in ("sft_split", "preference_split", "prompts_split"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
+                fail(self, name, f"must be a split name (e.g. train), got {getattr(self, name)!r}")
         for name in ("sft_adapter", "preference_adapter", "prompts_adapter"):
             choice(self, name, sorted(ADAPTERS), optional=True)
         numbers(self, "val_size", strict=True)

@@ -2,9 +2,10 @@
 
 ``check_config(cfg)`` (run by ``load_config``):
 
-- data and model agree: JSONL files (``data.sft`` ...) need ``model.path``, and ``model.path`` needs
-  ``data.sft`` and ``data.preference``; the model folder (with its config.json), the tokenizer folder and
-  the data files exist;
+- data and model agree: data (``data.sft`` ..., a split other than "train") needs ``model.path``, and
+  ``model.path`` needs ``data.sft`` and ``data.preference``; the model folder (with its config.json), the
+  tokenizer folder and the data files or folders exist (a data set name is resolved when the data is read);
+  ``data.prompts_split`` needs ``data.prompts``;
 - every token budget fits the model's context (``max_position_embeddings`` or the like in its config.json,
   or the embedded model's): ``sft.max_len``, ``reward.max_len``, ``dpo.max_len``, PPO's prompt plus response,
   and evaluation's prompt (at most ``EVAL_PROMPT_LEN`` tokens) plus ``eval.max_new_tokens``;
@@ -24,6 +25,8 @@ from .checks import ConfigError
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 DATA_FILES = ("sft", "preference", "prompts")
 USER_DATA_KEYS = DATA_FILES + ("sft_adapter", "preference_adapter", "prompts_adapter")
+DATA_SPLITS = tuple(f"{key}_split" for key in DATA_FILES)
+DEFAULT_SPLIT = "train"
 
 
 def check_config(cfg) -> None:
@@ -46,6 +49,7 @@ def _check_data_and_model(cfg) -> None:
     d = cfg.data
     if cfg.model.path is None:
         given = [f"data.{key}" for key in USER_DATA_KEYS if getattr(d, key) is not None]
+        given += [f"data.{key}" for key in DATA_SPLITS if getattr(d, key) != DEFAULT_SPLIT]
         if given:
             raise ConfigError("config.model.path", f"is null (the embedded task), but {', '.join(given)} "
                               f"{'is' if len(given) == 1 else 'are'} set and would be ignored; set model.path to a "
@@ -57,7 +61,8 @@ def _check_data_and_model(cfg) -> None:
     missing = [f"data.{key}" for key in ("sft", "preference") if getattr(d, key) is None]
     if missing:
         raise ConfigError("config.model.path", f"is set, so data.sft and data.preference must name JSONL files "
-                          f"({', '.join(missing)} {'is' if len(missing) == 1 else 'are'} null)")
+                          f"({', '.join(missing)} {'is' if len(missing) == 1 else 'are'} null) or other data (JSON or "
+                          "parquet files, save_to_disk folders, data set names)")
     for key in ("path", "tokenizer"):
         folder = getattr(cfg.model, key)
         if folder is not None and not os.path.isdir(folder):
@@ -65,10 +70,22 @@ def _check_data_and_model(cfg) -> None:
     if not os.path.isfile(os.path.join(cfg.model.path, "config.json")):
         raise ConfigError("config.model.path", f"has no config.json (expected a save_pretrained model folder): "
                           f"{cfg.model.path}")
+    _check_data_sources(d)
+
+
+def _check_data_sources(d) -> None:
+    from ..data.sources import DATA_FILE_SUFFIXES, looks_like_dataset_name
+
+    if d.prompts is None and d.prompts_split != DEFAULT_SPLIT:
+        raise ConfigError("config.data.prompts_split", f"= {d.prompts_split!r} is set but data.prompts is null (the "
+                          "prompts come from data.preference, split data.preference_split)")
     for key in DATA_FILES:
-        path = getattr(d, key)
-        if path is not None and not os.path.isfile(path):
-            raise ConfigError(f"config.data.{key}", f"is not a file: {path}")
+        source = getattr(d, key)
+        if source is None or os.path.exists(source) or looks_like_dataset_name(source):
+            continue
+        if source.lower().endswith(DATA_FILE_SUFFIXES):
+            raise ConfigError(f"config.data.{key}", f"is not a file: {source}")
+        raise ConfigError(f"config.data.{key}", f"is not a file, a folder or a data set name: {source}")
 
 
 def model_context(cfg) -> tuple[int | None, str]:

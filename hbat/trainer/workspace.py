@@ -1,10 +1,11 @@
 """Everything the methods of one comparison share: tokenizer, base model, data splits, SFT reference, reward model.
 
-``prepare(cfg)`` builds them once (the embedded task, or the user's model and JSONL files) and caches the
-trained pieces under ``<output_dir>/shared/`` (atomic files with checksums, hbat.trainer.checkpoint), so that
-several methods, and a resumed run, start from the very same base weights, reward model and data. The data
-is read and checked against the config before any model is built; a cached file that fails its check is an
-error (never rebuilt silently); a piece whose training diverges is not cached (TrainingDiverged).
+``prepare(cfg)`` builds them once (the embedded task, or the user's model and data) and caches the trained
+pieces, and the token ids of the user's data (``shared/tokens/``), under ``<output_dir>/shared/`` (atomic files
+with checksums, hbat.trainer.checkpoint), so that several methods, and a resumed run, start from the very same
+base weights, reward model and data. The data is read and checked against the config before any model is
+built; a cached file that fails its check is an error (never rebuilt silently); a piece whose training diverges
+is not cached (TrainingDiverged).
 """
 from __future__ import annotations
 
@@ -60,8 +61,9 @@ class RunData:
 
 
 def load_data(cfg: TrainConfig) -> RunData:
-    """The embedded task, or the user's JSONL files split into training and validation rows; errors name the
-    file and line, or the config key."""
+    """The embedded task, or the user's data (files, folders, data set names; conversations rendered with the
+    model's chat template) split into training and validation rows; errors name the file and line or row, or
+    the config key."""
     return _embedded_data(cfg) if cfg.model.path is None else _user_data(cfg)
 
 
@@ -87,14 +89,16 @@ def _user_data(cfg: TrainConfig) -> RunData:
     from ..data import load_preference, load_prompts, load_sft
 
     d = cfg.data
-    sets = {"sft": (_read(load_sft, "sft", d.sft, d.sft_adapter), f"data.sft ({d.sft})"),
-            "pref": (_read(load_preference, "preference", d.preference, d.preference_adapter),
-                     f"data.preference ({d.preference})")}
-    if d.prompts:
-        sets["prompts"] = (_read(load_prompts, "prompts", d.prompts, d.prompts_adapter), f"data.prompts ({d.prompts})")
-    else:
-        sets["prompts"] = ([{"prompt": r["prompt"]} for r in sets["pref"][0]], f"the prompts of data.preference "
-                           f"({d.preference})")
+    tokenizer = data_tokenizer(cfg)  # renders conversational rows with its chat template
+    sets = {}
+    for kind, key, loader in (("sft", "sft", load_sft), ("pref", "preference", load_preference),
+                              ("prompts", "prompts", load_prompts)):
+        source, split = getattr(d, key), getattr(d, f"{key}_split")
+        if source is not None:
+            rows = _read(loader, key, source, getattr(d, f"{key}_adapter"), split, tokenizer)
+            sets[kind] = rows, f"data.{key} ({source}{'' if split == 'train' else f', split {split}'})"
+    if "prompts" not in sets:
+        sets["prompts"] = [{"prompt": r["prompt"]} for r in sets["pref"][0]], f"the prompts of {sets['pref'][1]}"
     splits = {}
     for kind, (rows, source) in sets.items():
         train, val = _split(rows, d.val_size, cfg.seed, source)
@@ -102,11 +106,56 @@ def _user_data(cfg: TrainConfig) -> RunData:
     return RunData(splits, {kind: source for kind, (_, source) in sets.items()})
 
 
-def _read(loader, key: str, path: str, adapter) -> list[dict]:
-    rows = loader(path, adapter=adapter)
+def data_tokenizer(cfg: TrainConfig):
+    """The tokenizer of the user's model (``model.tokenizer``, else ``model.path``)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path)
+
+
+def _read(loader, key: str, source: str, adapter, split: str, tokenizer) -> list[dict]:
+    """The rows of ``source``; a missing data set or split is an error naming the config key."""
+    from ..data import SplitError
+
+    try:
+        rows = loader(source, adapter=adapter, split=split, tokenizer=tokenizer)
+    except SplitError as exc:
+        raise ConfigError(f"config.data.{key}_split", f"= {split!r}, but {exc}") from None
+    except (FileNotFoundError, ImportError) as exc:
+        raise ConfigError(f"config.data.{key}", f"= {source}: {exc}") from None
     if not rows:
-        raise ConfigError(f"config.data.{key}", f"names a file with no rows: {path}")
+        raise ConfigError(f"config.data.{key}", f"names {'a file' if os.path.isfile(source) else 'a data set'} with "
+                          f"no rows: {source}")
     return rows
+
+
+TOKENS_REMEDY = "delete it (the data is tokenised again on the next run)"
+
+
+def attach_cached_token_ids(cfg: TrainConfig, data: RunData, tokenizer, *, progress: bool) -> None:
+    """Give the rows of the user's data (none for the embedded task) their token ids, tokenised once and cached
+    in ``<output_dir>/shared/tokens/<key>.pt``, keyed by the rows' text (rendered chat templates included) and
+    the tokenizer (hbat.data.token_cache_key): a rerun, and every method of a comparison, reuse the file. The ids
+    are whole (each stage cuts them to its own max_len), so one file serves every budget."""
+    if cfg.model.path is None:
+        return
+    from ..data import attach_token_ids, token_cache_key, tokenize_rows
+
+    folder = os.path.join(cfg.output_dir, "shared", "tokens")
+    path = os.path.join(folder, f"{token_cache_key(tokenizer, data.splits)}.pt")
+    remove_stale_temp_files(folder)
+    if os.path.exists(path):
+        packed = load(path, remedy=TOKENS_REMEDY)
+    else:
+        packed = {name: tokenize_rows(tokenizer, rows, progress=progress, desc=f"tokenize {name}")
+                  for name, rows in data.splits.items()}
+        save_atomic(packed, path)
+    for name, rows in data.splits.items():
+        try:
+            attach_token_ids(rows, packed[name])
+        except (KeyError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"{path}: does not fit the data ({type(exc).__name__}: {exc}); "
+                                  f"{TOKENS_REMEDY}") from None
 
 
 def _split(rows: list[dict], val_size: float, seed: int, source: str) -> tuple[list[dict], list[dict]]:
@@ -165,6 +214,7 @@ def _prepare(cfg: TrainConfig, *, progress: bool, log, data: RunData | None) -> 
     remove_stale_temp_files(shared)
     device = pick_device()
     tokenizer, fresh = _embedded_model(cfg) if cfg.model.path is None else _user_model(cfg)
+    attach_cached_token_ids(cfg, data, tokenizer, progress=progress)  # before any model: tokenised once, cached
     base_state = _base_weights(cfg, shared, tokenizer, fresh, data, progress, log)
 
     def build() -> torch.nn.Module:

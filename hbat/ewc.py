@@ -15,6 +15,7 @@ gradient of eq. (5)/(8) as a loss term; ``penalty()`` is the same penalty as a d
 """
 from __future__ import annotations
 
+import numbers
 import weakref
 from typing import Callable, Iterable
 
@@ -44,6 +45,8 @@ def _check_grad_scale(value):
             raise ValueError(f"grad_scale must be a float or a one-element float tensor, got {value.dtype} "
                              f"{tuple(value.shape)}")
         return value  # a GradScaler's on-device scale: used as it is, never read back (no host sync)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"grad_scale must be a real number or a one-element tensor, not {type(value).__name__}")
     scale = V.check_scalar("grad_scale", value)
     if scale <= 0:
         raise ValueError(f"grad_scale must be > 0, got {scale}")

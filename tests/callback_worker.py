@@ -36,6 +36,7 @@ SETUPS = {  # name: (hpa trainer, sharding); zero3 builds the model under zero.I
     "zero2": ("lm", {"deepspeed": {"stage": 2}}),
     "zero2-offload": ("lm", {"deepspeed": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}),
     "zero3": ("lm", {"deepspeed": {"stage": 3}}),
+    "zero3-offload": ("lm", {"deepspeed": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}),
     "dpo-zero2": ("dpo", {"deepspeed": {"stage": 2}}),
     "dpo-zero3": ("dpo", {"deepspeed": {"stage": 3}}),
 }
@@ -254,6 +255,33 @@ def main(out: str, phase: str, setups: list[str]) -> None:
             torch.save(result, path + ".tmp")
             os.replace(path + ".tmp", path)
         torch.distributed.barrier()
+    if phase == "run":
+        refused = refusal(out)
+        if rank == 0:
+            torch.save(refused, os.path.join(out, "refused.pt"))
+
+
+def refusal(out: str) -> dict:
+    """An unsupported setting (DeepSpeed without ZeRO) fails at train() start, before any step or change."""
+    from accelerate.state import AcceleratorState
+
+    from hbat import HybridEWC
+    from hbat.integrations.transformers import HybridEWCCallback, release_trainer
+
+    args = training_args("lm", os.path.join(out, "refused"), WORLD, {"deepspeed": {"stage": 0}}, save=False)
+    model = load_model(os.path.join(out, "base"))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ewc = HybridEWC(model)
+    trainer = make_trainer("lm", model, args, lm_rows(0), HybridEWCCallback(ewc, objective="ifa"), "")
+    try:
+        trainer.train()
+        message = None
+    except NotImplementedError as error:
+        message = str(error)
+    unchanged = all(torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
+    release_trainer(trainer)
+    AcceleratorState._reset_state()
+    return {"message": message, "unchanged": unchanged, "objective": ewc.objective, "steps": trainer.state.global_step}
 
 
 if __name__ == "__main__":

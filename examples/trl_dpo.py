@@ -1,7 +1,7 @@
 """HBAT with TRL: alternate SFTTrainer ("ifa") and DPOTrainer ("hpa") stages, with HybridEWCCallback.
 
     python examples/trl_dpo.py --rounds 1 --steps 10
-    DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 examples/trl_dpo.py --deepspeed ds.json   # ZeRO-1/2/3
+    DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 examples/trl_dpo.py --deepspeed examples/ds_zero3.json --output-dir out
 
 One HybridEWC follows the model through every stage; each trainer gets a HybridEWCCallback naming its
 objective, which starts the stage (Algorithm 1: measure the change of the stage that ended, refresh the
@@ -45,6 +45,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--deepspeed", default=None, help="a DeepSpeed JSON config (run under torchrun)")
     args = parser.parse_args(argv)
+    if args.deepspeed and not args.output_dir:
+        parser.error("--deepspeed needs --output-dir: one folder that every rank writes to and reads from")
     if args.deepspeed:
         from hbat.trainer.engine import init_distributed
 
@@ -83,6 +85,7 @@ def main(argv=None):
         # the DPO reference is the model as the SFT stage left it, loaded from disk (where ZeRO-3 partitions
         # the model, a copy in memory is not possible; its JSON needs stage3_gather_16bit_weights_on_model_save)
         sft.save_model(f"{stage_dir}-sft/final")
+        sft.accelerator.wait_for_everyone()  # rank 0 wrote it; every rank reads it
         release_trainer(sft)  # its engine (DeepSpeed); the next trainer builds its own
         dpo_args = DPOConfig(output_dir=f"{stage_dir}-dpo", beta=0.1, **common)
         reference = LlamaForCausalLM.from_pretrained(f"{stage_dir}-sft/final")

@@ -122,7 +122,7 @@ def step_logs(trainer) -> list[dict]:
     return [{k: entry[k] for k in keys if k in entry} for entry in trainer.state.log_history if "loss" in entry]
 
 
-def run_plan(setup: str, out: str, *, world: int, phase: str = "run", lam: float = LAM, record=None) -> dict:
+def run_plan(setup: str, out: str, *, world: int, phase: str = "run", record=None) -> dict:
     """Algorithm 1 with one Trainer per stage; ``record(name, fn)`` wraps the HybridEWC calls (guards).
 
     With ``phase="resume"`` the plan starts from the checkpoint in the middle of stage ``SAVE_STAGE``; the
@@ -140,7 +140,7 @@ def run_plan(setup: str, out: str, *, world: int, phase: str = "run", lam: float
         zero_init_args = training_args("lm", stage_dir(0), world, sharding, save=False)
 
     def new_ewc(model):
-        ewc = HybridEWC(model, f_max=F_MAX, lam=lam, importance_mode="paper", importance_scale=SCALE)
+        ewc = HybridEWC(model, f_max=F_MAX, lam=LAM, importance_mode="paper", importance_scale=SCALE)
         for name in ("apply_", "begin_stage", "bind", "load_state_dict") if record is not None else ():
             setattr(ewc, name, record(name, getattr(ewc, name)))
         return ewc
@@ -175,6 +175,54 @@ def run_plan(setup: str, out: str, *, world: int, phase: str = "run", lam: float
             ewc = new_ewc(model)
     return {"params": params, "logs": logs, "shards": shards, "anchor_numel": sum(a.numel() for a in ewc.anchors),
             "unit_names": list(ewc.unit_names)}
+
+
+def accelerate_loop(out: str, *, world: int, record=None) -> dict:
+    """The README's accelerate loop with ``prepare_ewc``: DeepSpeed ZeRO-2 on 2 ranks, plain in one process."""
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import DeepSpeedPlugin
+
+    from hbat import HybridEWC
+    from hbat.integrations.accelerate import prepare_ewc
+
+    plugin = None
+    if world > 1:
+        # CPU ranks: the process state first, as TrainingArguments(use_cpu=True) makes it (an Accelerator alone
+        # would give every CPU rank process_index 0 under DeepSpeed)
+        PartialState(cpu=True, backend="gloo")
+        plugin = DeepSpeedPlugin(hf_ds_config={
+            "train_micro_batch_size_per_gpu": MICRO_BATCH, "gradient_accumulation_steps": GRAD_ACCUM,
+            "gradient_clipping": CLIP, "zero_optimization": {**ZERO, "stage": 2},
+            "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False})
+    accelerator = Accelerator(deepspeed_plugin=plugin, gradient_accumulation_steps=GRAD_ACCUM)
+    model = load_model(os.path.join(out, "base"))
+    ewc = HybridEWC(model, f_max=F_MAX, lam=LAM, importance_mode="paper", importance_scale=SCALE)
+    for name in ("apply_", "begin_stage", "bind") if record is not None else ():
+        setattr(ewc, name, record(name, getattr(ewc, name)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, eps=1e-6, weight_decay=0.0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ewc_step = prepare_ewc(accelerator, ewc, model)
+    rank, rows = accelerator.process_index, MICRO_BATCH * WORLD // world
+    logs = []
+    for objective, _, seed in PLAN:
+        ewc.begin_stage(objective)
+        data = torch.stack([row["input_ids"] for row in lm_rows(seed)])
+        for step in range(STEPS):
+            for micro in range(GRAD_ACCUM):  # the rows a Trainer gives this rank (batch i goes to rank i % world)
+                first = ((step * GRAD_ACCUM + micro) * world + rank) * rows
+                ids = data[first:first + rows]
+                with accelerator.accumulate(model):
+                    accelerator.backward(model(input_ids=ids, labels=ids).loss)
+                    if accelerator.sync_gradients:
+                        penalty = ewc_step.apply_()
+                        norm = accelerator.clip_grad_norm_(model.parameters(), CLIP)
+                        logs.append({"ewc/penalty": float(penalty), "grad_norm": float(norm)})
+                    optimizer.step()
+                    optimizer.zero_grad()
+    ewc_step.close()
+    params = {n: p.detach().clone() for n, p in accelerator.unwrap_model(model).named_parameters()}
+    accelerator.free_memory()
+    return {"params": params, "logs": logs, "anchor_numel": sum(a.numel() for a in ewc.anchors)}
 
 
 def sharding_of(model) -> str:
@@ -216,7 +264,7 @@ def force_fsdp_on_cpu():
 
 def main(out: str, phase: str, setups: list[str]) -> None:
     import deepspeed
-    from accelerate.state import AcceleratorState
+    from accelerate.state import AcceleratorState, GradientState
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     from hbat.distributed import GATHERS, record_collectives
@@ -241,11 +289,15 @@ def main(out: str, phase: str, setups: list[str]) -> None:
 
         restore = force_fsdp_on_cpu() if setup == "fsdp2" else (lambda: None)
         try:
-            result = run_plan(setup, out, world=WORLD, phase=phase, record=record)
+            if setup == "accelerate-zero2":
+                result = accelerate_loop(out, world=WORLD, record=record)
+            else:
+                result = run_plan(setup, out, world=WORLD, phase=phase, record=record)
         finally:
             restore()
             unset_hf_deepspeed_config()  # the next setup starts from a clean slate
             AcceleratorState._reset_state()
+            GradientState._reset_state()
             os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
         owned = torch.tensor([result["anchor_numel"]], dtype=torch.long)
         torch.distributed.all_reduce(owned)
@@ -288,7 +340,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--phase", choices=("run", "resume"), required=True)
-    parser.add_argument("setups", nargs="+", choices=sorted(SETUPS))
+    parser.add_argument("setups", nargs="+", choices=sorted(SETUPS) + ["accelerate-zero2"])
     cli = parser.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     main(cli.out, cli.phase, cli.setups)

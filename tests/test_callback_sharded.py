@@ -1,10 +1,12 @@
-"""HybridEWCCallback under DDP, DeepSpeed ZeRO-2 / ZeRO-2 offload / ZeRO-3 and FSDP2 on 2 CPU ranks (gloo).
+"""HybridEWCCallback under DDP, DeepSpeed ZeRO-2 and ZeRO-3 (each with and without optimizer offload) and FSDP2, and
+prepare_ewc in an accelerate loop, on 2 CPU ranks (gloo) against one process.
 
 Two torchrun launches of ``tests/callback_worker.py`` run every setup: ``run`` trains Algorithm 1 with one
 ``transformers.Trainer`` (or TRL ``DPOTrainer``) per stage and saves a checkpoint in the middle of the second
 stage; ``resume`` continues from that checkpoint in fresh processes. Each is compared with one process running
 the same trainers with the callback: the weights, the logged ``ewc/penalty`` and ``grad_norm`` of every step;
-the HybridEWC calls may only all-reduce per-unit float vectors (a gather raises inside the guard).
+the HybridEWC calls may only all-reduce per-unit float vectors (a gather raises inside the guard). The run
+launch also runs the README's accelerate loop with ``prepare_ewc`` under ZeRO-2.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import callback_worker as W  # noqa: E402
 from torchrun_launch import torchrun  # noqa: E402
 
 SETUPS = list(W.SETUPS)
-SHARDING = {"fsdp2": "fsdp2", "zero3": "zero3", "dpo-zero3": "zero3"}  # how the trained parameters are held
+SHARDING = {"fsdp2": "fsdp2", "zero3": "zero3", "zero3-offload": "zero3", "dpo-zero3": "zero3"}  # how the trained parameters are held
 VIEW = {"ddp": None, "fsdp2": "FSDPParamView"}  # the view the callback binds (ZeroParamView for the others)
 
 
@@ -32,8 +34,8 @@ VIEW = {"ddp": None, "fsdp2": "FSDPParamView"}  # the view the callback binds (Z
 def out(tmp_path_factory):
     folder = tmp_path_factory.mktemp("callback")
     W.save_base(str(folder / "base"))
-    for phase in ("run", "resume"):
-        proc = torchrun(HERE / "callback_worker.py", ["--out", str(folder), "--phase", phase, *SETUPS],
+    for phase, setups in (("run", SETUPS + ["accelerate-zero2"]), ("resume", SETUPS)):
+        proc = torchrun(HERE / "callback_worker.py", ["--out", str(folder), "--phase", phase, *setups],
                         nproc=W.WORLD, timeout=480)
         assert proc.returncode == 0, f"torchrun {phase} failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-8000:]}"
     return folder
@@ -45,20 +47,16 @@ def result(out, setup, phase="run"):
 
 @pytest.fixture(scope="module")
 def reference(out):
-    """One process, the same trainers and callback (and once without the penalty, to show that it matters)."""
+    """One process, the same trainers with the callback (tests/test_integrations.py checks these against the
+    penalty as a loss term)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         runs = {kind: W.run_plan(kind, str(out), world=1) for kind in ("lm", "dpo")}
-        runs["lm-lam0"] = W.run_plan("lm", str(out), world=1, phase="lam0", lam=0.0)
+        runs["accelerate"] = W.accelerate_loop(str(out), world=1)
+        return runs
     finally:
         torch.set_num_threads(threads)
-    return runs
-
-
-def test_the_penalty_changes_the_reference(reference):
-    with_penalty, without = reference["lm"]["params"], reference["lm-lam0"]["params"]
-    assert max(float((with_penalty[n] - without[n]).abs().max()) for n in with_penalty) > 1e-3
 
 
 @pytest.mark.parametrize("setup", SETUPS)
@@ -109,3 +107,21 @@ def test_resume_in_fresh_processes_matches_uninterrupted(out, setup):
     assert resumed["logs"] == uninterrupted["logs"][W.SAVE_STAGE:]  # the same penalties and norms, step by step
     loads = [name for name, _ in resumed["comm"] if name == "load_state_dict"]
     assert loads == ["load_state_dict"] * (2 if setup == "zero2" else 1)  # zero2: also the stage handoff
+
+
+def test_an_unsupported_setting_fails_at_train_start(out):
+    refused = torch.load(out / "refused.pt", weights_only=False)
+    assert "zero_optimization.stage 0" in refused["message"]  # names the setting and what to use instead
+    assert refused["steps"] == 0 and refused["unchanged"] and refused["objective"] is None
+
+
+def test_accelerate_loop_with_prepare_ewc_under_zero2_matches_one_process(out, reference):
+    got, ref = result(out, "accelerate-zero2"), reference["accelerate"]
+    assert got["views"] == ["ZeroParamView"] and got["anchor_numel_total"] == sum(p.numel() for p in ref["params"].values())
+    for name, p in ref["params"].items():
+        torch.testing.assert_close(got["params"][name], p, rtol=0, atol=1e-4, msg=lambda m: f"{name}: {m}")
+    for key in ("ewc/penalty", "grad_norm"):
+        torch.testing.assert_close(torch.tensor([s[key] for s in got["logs"]]), torch.tensor([s[key] for s in ref["logs"]]),
+                                   rtol=1e-4, atol=1e-6, msg=lambda m: f"{key}: {m}")
+    assert sum(s["ewc/penalty"] > 0 for s in got["logs"]) == (len(W.PLAN) - 1) * (W.STEPS - 1)
+    assert all(log in ([], [("all_reduce", 1)]) for name, log in got["comm"] if name == "apply_")

@@ -27,13 +27,13 @@ def _diff_names(kind: str, saved: list[str], current: list[str]) -> str:
 def _names(state, key: str) -> list[str]:
     value = state[key]
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise TypeError(f"state[{key!r}] must be a list of str, not {type(value).__name__}")
+        raise ValueError(f"state[{key!r}] must be a list of str, not {type(value).__name__}")
     return list(value)
 
 
 def _vector(where: str, value, n: int, *, nonnegative: bool) -> None:
     if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-        raise TypeError(f"{where} must be a floating tensor, not {type(value).__name__}")
+        raise ValueError(f"{where} must be a floating tensor, not {type(value).__name__}")
     if tuple(value.shape) != (n,):
         raise ValueError(f"{where} has shape {tuple(value.shape)}, expected ({n},)")
     if not bool(torch.isfinite(value).all()):
@@ -50,10 +50,10 @@ def _count(where: str, value) -> int:
 
 def _check_history(history, objectives) -> None:
     if not isinstance(history, list):
-        raise TypeError(f"state['history'] must be a list, not {type(history).__name__}")
+        raise ValueError(f"state['history'] must be a list, not {type(history).__name__}")
     for i, entry in enumerate(history):
         if not isinstance(entry, dict):
-            raise TypeError(f"state['history'][{i}] must be a dict, not {type(entry).__name__}")
+            raise ValueError(f"state['history'][{i}] must be a dict, not {type(entry).__name__}")
         for key, value in entry.items():
             where = f"state['history'][{i}][{key!r}]"
             if key in ("ended", "began"):
@@ -66,7 +66,7 @@ def _check_history(history, objectives) -> None:
 
 def _check_settings(saved, current: dict) -> None:
     if not isinstance(saved, dict):
-        raise TypeError(f"state['settings'] must be a dict, not {type(saved).__name__}")
+        raise ValueError(f"state['settings'] must be a dict, not {type(saved).__name__}")
     differ = [f"{k}={saved[k]!r} (here {current[k]!r})" for k in _SETTINGS if k in saved and saved[k] != current[k]]
     if differ:
         raise ValueError("the state was saved with other settings: " + ", ".join(differ) + ". Its importance and "
@@ -75,7 +75,8 @@ def _check_settings(saved, current: dict) -> None:
 
 
 def check_state(state, version: int, *, names, numel, fragment_names, fragment_shapes, objectives, settings) -> None:
-    """Raise (TypeError / KeyError / ValueError naming the field) unless ``state`` fits this HybridEWC."""
+    """Raise unless ``state`` fits this HybridEWC: ValueError naming the field (KeyError for a missing key,
+    TypeError when ``state`` is not a dict)."""
     if not isinstance(state, dict):
         raise TypeError(f"HybridEWC state must be a dict, not {type(state).__name__}")
     missing = [k for k in _KEYS if k not in state]
@@ -100,7 +101,7 @@ def check_state(state, version: int, *, names, numel, fragment_names, fragment_s
         raise ValueError(f"state's current objective {state['objective']!r} is not one of {list(objectives)}")
     for key in ("accumulated", "stages_done"):
         if not isinstance(state[key], dict):
-            raise TypeError(f"state[{key!r}] must be a dict, not {type(state[key]).__name__}")
+            raise ValueError(f"state[{key!r}] must be a dict, not {type(state[key]).__name__}")
         absent = [o for o in objectives if o not in state[key]]
         if absent:
             raise KeyError(f"state[{key!r}] lacks objectives {absent}")

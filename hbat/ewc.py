@@ -58,7 +58,9 @@ class HybridEWC:
 
     Args:
         model_or_named_params: an ``nn.Module`` (torch.compile / DDP wrappers are unwrapped), an iterable of
-            ``(name, parameter)`` pairs, or a DeepSpeed engine (ZeRO-1/2/3: sharded, see hbat.distributed).
+            ``(name, parameter)`` pairs, a DeepSpeed engine (ZeRO-1/2/3) or an FSDP2 module (sharded, see
+            hbat.distributed). A module that ZeRO-3 has partitioned already (``zero.Init``) gives names and
+            sizes only, until ``bind(engine)``. The anchors are taken at the first ``begin_stage``.
         f_max: F_max of eq. (6)/(9); the importance of all units sums to it. Paper: 50 or 100.
         lam: lambda of eq. (5)/(8); penalty = sum_i lam/2 * F_i * ||p_i - anchor_i||^2.
         importance_mode: "normalized" (default), "paper", "released", "proportional" or "uniform"; see
@@ -328,6 +330,8 @@ class HybridEWC:
         state saved with other ``f_max`` / ``lam`` / ``importance_mode`` / ``importance_scale`` (its importance
         and anchors belong to those settings; to change them on purpose, edit ``state["settings"]`` first).
         """
+        if isinstance(self.view, UnboundView) and self.view.pending:
+            raise RuntimeError("load_state_dict(): " + self.view.reason)
         check_state(state, STATE_VERSION, names=self.groups.names, numel=self.groups.numel,
                     fragment_names=self.view.fragment_names, fragment_shapes=self.view.fragment_shapes,
                     objectives=self.objectives, settings=self._settings())

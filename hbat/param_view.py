@@ -107,8 +107,9 @@ class UnboundView:
 
     grad_scale = 1.0
 
-    def __init__(self, unit_names, unit_numel, *, reason: str, fragment_unit=(), fragment_names=(),
-                 fragment_offsets=(), fragment_shapes=()):
+    def __init__(self, unit_names, unit_numel, *, reason: str, pending: bool = False, fragment_unit=(),
+                 fragment_names=(), fragment_offsets=(), fragment_shapes=()):
+        self.pending = pending  # True: this rank's fragments are not known yet (no engine has partitioned them)
         self.unit_names, self.unit_numel = list(unit_names), [int(n) for n in unit_numel]
         self.fragment_unit, self.fragment_names = list(fragment_unit), list(fragment_names)
         self.fragment_offsets, self.fragment_shapes = list(fragment_offsets), [tuple(s) for s in fragment_shapes]
@@ -144,7 +145,7 @@ def _local_view(named_params, include, exclude):
     named = _selected(named_params, include, exclude)
     if any(_zero3_partitioned(p) for _, p in named):
         numel = [int(p.ds_numel) if _zero3_partitioned(p) else p.numel() for _, p in named]
-        return UnboundView([n for n, _ in named], numel, reason=ZERO3_UNBOUND)
+        return UnboundView([n for n, _ in named], numel, reason=ZERO3_UNBOUND, pending=True)
     return LocalParamView(named)
 
 

@@ -180,11 +180,14 @@ def run_plan(setup: str, out: str, *, world: int, phase: str = "run", record=Non
 def accelerate_loop(out: str, *, world: int, record=None) -> dict:
     """The README's accelerate loop with ``prepare_ewc``: DeepSpeed ZeRO-2 on 2 ranks, plain in one process."""
     from accelerate import Accelerator, PartialState
+    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import DeepSpeedPlugin
 
     from hbat import HybridEWC
     from hbat.integrations.accelerate import prepare_ewc
 
+    AcceleratorState._reset_state()  # a Trainer run before (the references) leaves its accumulation state
+    GradientState._reset_state()
     plugin = None
     if world > 1:
         # CPU ranks: the process state first, as TrainingArguments(use_cpu=True) makes it (an Accelerator alone

@@ -231,7 +231,7 @@ class HybridEWCCallback(TrainerCallback):
         A per-rank state (``hbat_ewc-rank<r>.pt``: saved under DeepSpeed or FSDP2) is loaded when ``train()``
         has bound the HybridEWC to its engine, if it is not bound to one yet."""
         view = self.ewc.view
-        not_yet_sharded = isinstance(view, LocalParamView) or (isinstance(view, UnboundView) and not view.fragment_unit)
+        not_yet_sharded = isinstance(view, LocalParamView) or (isinstance(view, UnboundView) and view.pending)
         if not_yet_sharded and not os.path.isfile(os.path.join(checkpoint_dir, self._state_file())) \
                 and os.path.isfile(os.path.join(checkpoint_dir, rank_state_file())):
             self._pending_load = checkpoint_dir

@@ -9,7 +9,9 @@ Every setup trains the same tiny Llama (from DIR/base) through Algorithm 1 with 
 ``run`` trains uninterrupted and saves a checkpoint in the middle of the second stage; ``resume`` starts
 from that checkpoint in fresh processes and finishes the plan. Rank 0 writes DIR/<setup>-<phase>.pt: the
 final weights (gathered for the comparison only), the logged ``ewc/penalty`` / ``grad_norm`` per step, the
-collectives of every HybridEWC call (guarded: a gather raises), and how the parameters were sharded.
+collectives of every HybridEWC call (guarded: a gather raises), and how the parameters were sharded; ``run``
+also writes DIR/refused.pt (a setting the callback refuses at train() start). ``accelerate-zero2`` is the
+README's accelerate loop with ``prepare_ewc`` instead of a Trainer.
 """
 from __future__ import annotations
 
@@ -97,7 +99,7 @@ def training_args(kind: str, out: str, world: int, sharding: dict, *, save: bool
                                "train_batch_size": "auto", "gradient_clipping": "auto", "zero_optimization": zero,
                                "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False}
     elif world > 1:
-        common.update({k: v for k, v in sharding.items()})
+        common.update(sharding)
     if kind == "dpo":
         from trl import DPOConfig
 

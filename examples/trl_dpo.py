@@ -1,15 +1,18 @@
 """HBAT with TRL: alternate SFTTrainer ("ifa") and DPOTrainer ("hpa") stages, with HybridEWCCallback.
 
     python examples/trl_dpo.py --rounds 1 --steps 10
+    DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 examples/trl_dpo.py --deepspeed examples/ds_zero3.json --output-dir out
 
 One HybridEWC follows the model through every stage; each trainer gets a HybridEWCCallback naming its
 objective, which starts the stage (Algorithm 1: measure the change of the stage that ended, refresh the
 anchor, take the importance of the other objective), adds the penalty gradient before gradient clipping
 once per optimizer step, logs ``ewc/penalty`` and ``ewc/importance_entropy``, and saves ``hbat_ewc.pt`` in
-every checkpoint. A tiny Llama and a character tokenizer are made on the spot: no download, CPU only.
+every checkpoint (per rank under DeepSpeed: each rank's anchor partition). Under DeepSpeed the callback binds
+the HybridEWC to each trainer's new engine when ``train()`` starts, and ``release_trainer`` frees a finished
+trainer's engine so that the next one can start in the same process. A tiny Llama and a character tokenizer
+are made on the spot: no download, CPU only.
 """
 import argparse
-import copy
 import os
 import tempfile
 
@@ -40,14 +43,21 @@ def main(argv=None):
     parser.add_argument("--lam", type=float, default=1.0)
     parser.add_argument("--output-dir", default=None, help="checkpoints go here (default: a temporary folder)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--deepspeed", default=None, help="a DeepSpeed JSON config (run under torchrun)")
     args = parser.parse_args(argv)
+    if args.deepspeed and not args.output_dir:
+        parser.error("--deepspeed needs --output-dir: one folder that every rank writes to and reads from")
+    if args.deepspeed:
+        from hbat.trainer.engine import init_distributed
+
+        init_distributed()  # the process group of torchrun (gloo on CPU ranks)
 
     from datasets import Dataset
     from transformers import LlamaConfig, LlamaForCausalLM
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
     from hbat import HybridEWC
-    from hbat.integrations.transformers import HybridEWCCallback
+    from hbat.integrations.transformers import HybridEWCCallback, release_trainer
 
     tokenizer = char_tokenizer()
     torch.manual_seed(args.seed)
@@ -64,26 +74,39 @@ def main(argv=None):
     common = dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=args.steps,
                   learning_rate=args.lr, max_grad_norm=1.0, logging_steps=max(1, args.steps // 2),
                   save_steps=args.steps, report_to="none", use_cpu=True, disable_tqdm=True, max_length=32,
-                  seed=args.seed)
+                  seed=args.seed, deepspeed=args.deepspeed)
+    rank = int(os.environ.get("RANK", "0"))
     for round_ in range(1, args.rounds + 1):
         stage_dir = os.path.join(output_dir, f"round{round_}")
         sft = SFTTrainer(model=model, args=SFTConfig(output_dir=f"{stage_dir}-sft", **common),
                          train_dataset=sft_data, processing_class=tokenizer,
                          callbacks=[HybridEWCCallback(ewc, objective="ifa")])
         sft.train()
-        # the DPO reference is the model as the SFT stage left it
-        dpo = DPOTrainer(model=model, ref_model=copy.deepcopy(model),
-                         args=DPOConfig(output_dir=f"{stage_dir}-dpo", beta=0.1, **common),
-                         train_dataset=dpo_data, processing_class=tokenizer,
-                         callbacks=[HybridEWCCallback(ewc, objective="hpa")])
+        # the DPO reference is the model as the SFT stage left it, loaded from disk (where ZeRO-3 partitions
+        # the model, a copy in memory is not possible; its JSON needs stage3_gather_16bit_weights_on_model_save)
+        sft.save_model(f"{stage_dir}-sft/final")
+        sft.accelerator.wait_for_everyone()  # rank 0 wrote it; every rank reads it
+        release_trainer(sft)  # its engine (DeepSpeed); the next trainer builds its own
+        dpo_args = DPOConfig(output_dir=f"{stage_dir}-dpo", beta=0.1, **common)
+        reference = LlamaForCausalLM.from_pretrained(f"{stage_dir}-sft/final")
+        dpo = DPOTrainer(model=model, ref_model=reference, args=dpo_args, train_dataset=dpo_data,
+                         processing_class=tokenizer, callbacks=[HybridEWCCallback(ewc, objective="hpa")])
         dpo.train()
+        release_trainer(dpo)
         for name, trainer in (("sft", sft), ("dpo", dpo)):
             last = [e for e in trainer.state.log_history if "ewc/penalty" in e][-1]
-            print(f"round {round_} {name}: loss {last['loss']:.4f}  ewc/penalty {last['ewc/penalty']:.3e}  "
-                  f"ewc/importance_entropy {last['ewc/importance_entropy']:.3f}")
-    print(f"checkpoints with hbat_ewc.pt under {output_dir}")
+            if rank == 0:
+                print(f"round {round_} {name}: loss {last['loss']:.4f}  ewc/penalty {last['ewc/penalty']:.3e}  "
+                      f"ewc/importance_entropy {last['ewc/importance_entropy']:.3f}")
+    if rank == 0:
+        print(f"checkpoints with the HybridEWC state under {output_dir}")
     return ewc
 
 
 if __name__ == "__main__":
     main()
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        from hbat.trainer.engine import exit_process, shutdown_distributed
+
+        shutdown_distributed()
+        exit_process(0)  # DeepSpeed's gloo groups can abort a finished rank at interpreter exit

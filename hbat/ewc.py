@@ -15,6 +15,8 @@ gradient of eq. (5)/(8) as a loss term; ``penalty()`` is the same penalty as a d
 """
 from __future__ import annotations
 
+import numbers
+import weakref
 from typing import Callable, Iterable
 
 import torch
@@ -24,33 +26,31 @@ from ._ewc_state import check_state
 from .importance import DEFAULT_IMPORTANCE_MODE, check_mode, compute_importance, importance_entropy
 from .ops import _validate as V
 from .ops._dispatch import resolve
-from .param_view import LocalParamView, UnitGroups, unwrap_model
+from .param_view import LocalParamView, UnboundView, UnitGroups, make_view, module_of, relayout
 
 __all__ = ["HybridEWC"]
 
 STATE_VERSION = 1
 
+UNBOUND = (
+    "this HybridEWC is not bound to live parameters: the DeepSpeed engine it followed finished training "
+    "(HybridEWCCallback lets go of it at the end of train(), so that it can be freed); call ewc.bind(engine) "
+    "with the next engine (the callback does at the next train())"
+)
 
-def _make_view(model_or_named_params, include, exclude):
-    from .distributed import is_deepspeed_engine, param_view
 
-    target = model_or_named_params
-    if isinstance(target, torch.nn.Module) or is_deepspeed_engine(target):
-        view = param_view(target, include=include, exclude=exclude)  # ZeRO-1/2/3 or FSDP2: sharded
-        if view is not None:
-            return view
-        if is_deepspeed_engine(target):
-            target = target.module  # no ZeRO: every rank holds all parameters and reduced gradients
-    if isinstance(target, torch.nn.Module):
-        return LocalParamView(unwrap_model(target).named_parameters(), include=include, exclude=exclude)
-    if isinstance(target, (str, bytes, torch.Tensor)) or not isinstance(target, Iterable):
-        raise TypeError("HybridEWC needs an nn.Module, a DeepSpeed engine or an iterable of (name, parameter) pairs, "
-                        f"not {type(target).__name__}")
-    pairs = list(target)
-    for i, item in enumerate(pairs):
-        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
-            raise TypeError(f"named parameters entry {i} is {type(item).__name__}; expected a (name, tensor) pair")
-    return LocalParamView(pairs, include=include, exclude=exclude)
+def _check_grad_scale(value):
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or not value.is_floating_point():
+            raise ValueError(f"grad_scale must be a float or a one-element float tensor, got {value.dtype} "
+                             f"{tuple(value.shape)}")
+        return value  # a GradScaler's on-device scale: used as it is, never read back (no host sync)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"grad_scale must be a real number or a one-element tensor, not {type(value).__name__}")
+    scale = V.check_scalar("grad_scale", value)
+    if scale <= 0:
+        raise ValueError(f"grad_scale must be > 0, got {scale}")
+    return scale
 
 
 class HybridEWC:
@@ -58,7 +58,9 @@ class HybridEWC:
 
     Args:
         model_or_named_params: an ``nn.Module`` (torch.compile / DDP wrappers are unwrapped), an iterable of
-            ``(name, parameter)`` pairs, or a DeepSpeed engine (ZeRO-1/2/3: sharded, see hbat.distributed).
+            ``(name, parameter)`` pairs, a DeepSpeed engine (ZeRO-1/2/3) or an FSDP2 module (sharded, see
+            hbat.distributed). A module that ZeRO-3 has partitioned already (``zero.Init``) gives names and
+            sizes only, until ``bind(engine)``. The anchors are taken at the first ``begin_stage``.
         f_max: F_max of eq. (6)/(9); the importance of all units sums to it. Paper: 50 or 100.
         lam: lambda of eq. (5)/(8); penalty = sum_i lam/2 * F_i * ||p_i - anchor_i||^2.
         importance_mode: "normalized" (default), "paper", "released", "proportional" or "uniform"; see
@@ -92,20 +94,20 @@ class HybridEWC:
                 or not all(isinstance(o, str) and o for o in self.objectives):
             raise ValueError(f"objectives must be at least two distinct non-empty names, got {self.objectives!r}")
         self.backend = backend
-        self.view = _make_view(model_or_named_params, include, exclude)
+        self.anchor_dtype = anchor_dtype
+        self._selection = (include, exclude)
+        self.view = make_view(model_or_named_params, include, exclude)
+        module = module_of(model_or_named_params)
+        self._module = weakref.ref(module) if module is not None else None
         self.groups = UnitGroups(self.view.unit_names, self.view.unit_numel, group_by)
-        params = self.view.params()
-        self.device = params[0].device if params else torch.device("cpu")
-        self._backend_module = resolve(backend, self.device)[1]
-        with torch.no_grad():
-            self.anchors = [p.detach().to(anchor_dtype, copy=True, memory_format=torch.contiguous_format)
-                            for p in params]
+        self._anchors: list[torch.Tensor] | None = None  # taken at the first stage boundary (or loaded)
         n = len(self.groups)
         self.accumulated = {o: torch.zeros(n, dtype=torch.float64) for o in self.objectives}
         self.stages_done = {o: 0 for o in self.objectives}
         self.objective: str | None = None
         self.history: list[dict] = []
         self.last_change = torch.zeros(n, dtype=torch.float64)
+        self._on_new_view()
         self._set_importance(torch.zeros(n, dtype=torch.float32))
 
     # ------------------------------------------------------------------ names and state of the stage
@@ -119,6 +121,23 @@ class HybridEWC:
         """Whether the current stage is penalised (False in the first stage and before any stage)."""
         return self._active
 
+    @property
+    def anchors(self) -> list[torch.Tensor]:
+        """The weights at the start of the current stage, one tensor per fragment of the view (this rank's
+        elements only on sharded models). Taken at the first ``begin_stage`` (or on first use), not before."""
+        return self._anchors if self._anchors is not None else self._take_anchors()
+
+    @torch.no_grad()
+    def _take_anchors(self) -> list[torch.Tensor]:
+        self._anchors = [p.detach().to(self.anchor_dtype, copy=True, memory_format=torch.contiguous_format)
+                         for p in self.view.params()]
+        return self._anchors
+
+    def _on_new_view(self) -> None:
+        params = [] if isinstance(self.view, UnboundView) else self.view.params()
+        self.device = params[0].device if params else torch.device("cpu")
+        self._backend_module = resolve(self.backend, self.device)[1]
+
     def _set_importance(self, F: torch.Tensor) -> None:
         self.importance = F.to(torch.float32).cpu()
         self._active = bool((self.importance != 0).any()) and self.lam != 0
@@ -127,15 +146,46 @@ class HybridEWC:
             else torch.zeros(0)
         # lam * F_i per fragment, on the parameters' device once per stage: apply_() then never syncs
         self._coef = (self.lam * per_fragment.double()).to(torch.float32).to(self.device)
+        self._coef_subset: tuple[tuple[int, ...], torch.Tensor] | None = None
 
-    def _change_since_anchor(self, refresh: bool) -> torch.Tensor:
-        """Per-group mean squared change since the anchor (eq. 7), float64; optionally anchor <- params."""
-        params = self.view.params()
+    # ------------------------------------------------------------------ the parameters followed
+    def bind(self, target) -> "HybridEWC":
+        """Follow the parameters of ``target`` from now on: a DeepSpeed engine (ZeRO-1/2/3) or FSDP2 module built
+        on the model this HybridEWC was made for (or the model itself). The importance, accumulated changes and
+        stage position are kept; the anchors are cut to this rank's share of ``target`` locally (nothing is
+        communicated; the partitioning must cover what this rank held). Checks everything before changing
+        anything. ``HybridEWCCallback`` calls this when ``train()`` starts, since the engine of a
+        ``transformers.Trainer`` exists only then (and each Trainer builds a new one)."""
+        view = make_view(target, *self._selection)
+        if isinstance(view, UnboundView):
+            raise ValueError("bind() needs live parameters; " + view.reason)
+        built_on = self._module() if self._module is not None else None
+        if built_on is not None and module_of(target) is not built_on:
+            raise ValueError(f"bind(): {type(target).__name__} does not train the model this HybridEWC was built on; "
+                             "build the HybridEWC on the model you hand to the trainer or engine")
+        if view.unit_names != self.view.unit_names or list(view.unit_numel) != list(self.view.unit_numel):
+            differ = next(((a, b) for a, b in zip(self.view.unit_names, view.unit_names) if a != b), None)
+            raise ValueError(f"bind(): {type(target).__name__} has other trainable parameters than this HybridEWC "
+                             f"({len(view.unit_names)} vs {len(self.view.unit_names)} tensors"
+                             + (f"; {differ[1]!r} where {differ[0]!r} was" if differ else "; sizes differ") + ")")
+        anchors = None if self._anchors is None else relayout(self._anchors, self.view, view, self.anchor_dtype)
+        self.view, self._anchors = view, anchors
+        self._on_new_view()
+        self._set_importance(self.importance)
+        return self
+
+    def unbind(self) -> None:
+        """Let go of the current view's tensors (e.g. a finished DeepSpeed engine, so that it can be freed). The
+        anchors, importance and stage position stay; ``state_dict()`` still works; ``bind()`` continues."""
+        self.view = UnboundView.of(self.view, UNBOUND)
+
+    def _change_since_anchor(self) -> torch.Tensor:
+        """Per-group mean squared change since the anchor (eq. 7), float64, and anchor <- params, in one pass."""
+        if self._anchors is None:  # the first boundary: nothing was anchored, nothing changed
+            self._take_anchors()
+            return torch.zeros(len(self.groups), dtype=torch.float64)
         with torch.no_grad():
-            if refresh:
-                sums = ops.snapshot_(params, self.anchors, reduction="sum", backend=self.backend)
-            else:
-                sums = ops.squared_change(params, self.anchors, reduction="sum", backend=self.backend)
+            sums = ops.snapshot_(self.view.params(), self._anchors, reduction="sum", backend=self.backend)
         unit = self.view.all_reduce_(self.view.unit_sums(sums))  # every rank calls it: no rank may skip
         numel = torch.tensor([max(n, 1) for n in self.groups.numel], dtype=torch.float64)
         return self.groups.group_sums(unit) / numel
@@ -150,7 +200,7 @@ class HybridEWC:
         """
         if objective not in self.objectives:
             raise ValueError(f"unknown objective {objective!r}; this HybridEWC has objectives {self.objectives}")
-        change = self._change_since_anchor(refresh=True)
+        change = self._change_since_anchor()
         ended = self.objective
         if ended is not None:
             self.accumulated[ended] += change
@@ -179,7 +229,7 @@ class HybridEWC:
         """Close the current stage without starting another (its change still counts); F becomes 0."""
         if self.objective is None:
             return {}
-        change = self._change_since_anchor(refresh=True)
+        change = self._change_since_anchor()
         self.accumulated[self.objective] += change
         self.stages_done[self.objective] += 1
         self.last_change = change
@@ -196,10 +246,13 @@ class HybridEWC:
         Call once per optimizer step, after the last micro-batch's backward and before gradient clipping.
         With a loss averaged over micro-batches (the usual ``loss / accumulation_steps``) this is exactly
         adding the penalty to the averaged loss. With an fp16 ``GradScaler`` call it after
-        ``scaler.unscale_(optimizer)``, or pass ``grad_scale=scaler.get_scale()`` to call it before. No host
-        synchronisation; under DeepSpeed ZeRO it adds to this rank's gradient partition (a no-op inside a
-        gradient-accumulation window) and all-reduces the one-float penalty value.
+        ``scaler.unscale_(optimizer)``, or pass ``grad_scale=scaler.get_scale()`` to call it before (a float
+        must be finite and > 0; a one-element tensor is used as it is, without a host sync). Parameters whose
+        ``requires_grad`` is False now are skipped (their ``.grad`` is never created; their term is left out of
+        the returned value). No host synchronisation; under DeepSpeed ZeRO it adds to this rank's gradient
+        partition (a no-op inside a gradient-accumulation window) and all-reduces the one-float penalty value.
         """
+        grad_scale = _check_grad_scale(grad_scale)
         zero = torch.zeros((), dtype=torch.float32, device=self.device)
         ready = getattr(self.view, "grads_ready", None)
         if ready is not None and not ready():
@@ -207,21 +260,34 @@ class HybridEWC:
         if not self._active:
             return zero
         # ZeRO's fp16 loss scale (view.grad_scale) and a user's GradScaler scale both multiply the gradient
-        scale = grad_scale * float(getattr(self.view, "grad_scale", 1.0))
-        params, grads = self.view.params(), self.view.grads()
+        scale = grad_scale * float(self.view.grad_scale)
+        keep = self.view.trainable()
+        params, anchors, coef = self.view.params(), self.anchors, self._coef
+        if keep is None:
+            grads = self.view.grads()
+        else:  # frozen since the view was built
+            params, anchors, coef = [params[i] for i in keep], [anchors[i] for i in keep], self._coef_of(keep)
+            grads = self.view.grads(keep)
         (params, anchors, grads), _ = V.check_lists(
-            {"params": params, "anchors": self.anchors, "grads": grads},
+            {"params": params, "anchors": anchors, "grads": grads},
             dtypes=V.REFERENCE_DTYPES if self._backend_module.__name__.endswith("reference") else V.NATIVE_DTYPES,
             need_contiguous=not self._backend_module.__name__.endswith("reference"), writable=("grads",))
-        coef = self._coef if (not isinstance(scale, torch.Tensor) and scale == 1.0) else \
-            (self._coef * scale).to(torch.float32)
-        sums = self._backend_module.penalty_grad_(params, anchors, grads, coef)
+        scaled = coef if (not isinstance(scale, torch.Tensor) and scale == 1.0) else (coef * scale).to(torch.float32)
+        sums = self._backend_module.penalty_grad_(params, anchors, grads, scaled)
         if hasattr(self.view, "grads_done_"):
             self.view.grads_done_()
-        total = (0.5 * self._coef.to(sums.dtype) * sums).sum().to(torch.float32).reshape(1)
+        total = (0.5 * coef.to(sums.dtype) * sums).sum().to(torch.float32).reshape(1)
         if not isinstance(self.view, LocalParamView):
             self.view.all_reduce_(total)
         return total[0]
+
+    def _coef_of(self, keep: list[int]) -> torch.Tensor:
+        """``lam * F`` of the fragments ``keep``, cached until the set or the importance changes."""
+        key = tuple(keep)
+        if self._coef_subset is None or self._coef_subset[0] != key:
+            index = torch.tensor(keep, dtype=torch.long, device=self._coef.device)
+            self._coef_subset = (key, self._coef.index_select(0, index))
+        return self._coef_subset[1]
 
     def penalty(self) -> torch.Tensor:
         """The penalty of eq. (5)/(8) as a differentiable scalar (add it to the loss instead of ``apply_``)."""
@@ -248,17 +314,33 @@ class HybridEWC:
             "last_change": self.last_change.clone(),
             "history": [dict(h) for h in self.history],
             "anchors": [a.detach().clone() for a in self.anchors],
-            "settings": {"f_max": self.f_max, "lam": self.lam, "importance_mode": self.importance_mode,
-                         "importance_scale": self.importance_scale},
+            "settings": self._settings(),
         }
+
+    def _settings(self) -> dict:
+        return {"f_max": self.f_max, "lam": self.lam, "importance_mode": self.importance_mode,
+                "importance_scale": self.importance_scale}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
-        """Restore ``state_dict()``. Checks everything first and says what differs; modifies nothing on error."""
+        """Restore ``state_dict()``. Validates every field first and says what is wrong; changes nothing on error.
+
+        Refused: another model's units or fragments, bad types or ranges (a negative ``stages_done``, NaN
+        importance, a negative or non-finite accumulated change, non-finite anchors, malformed history), and a
+        state saved with other ``f_max`` / ``lam`` / ``importance_mode`` / ``importance_scale`` (its importance
+        and anchors belong to those settings; to change them on purpose, edit ``state["settings"]`` first).
+        """
+        if isinstance(self.view, UnboundView) and self.view.pending:
+            raise RuntimeError("load_state_dict(): " + self.view.reason)
         check_state(state, STATE_VERSION, names=self.groups.names, numel=self.groups.numel,
-                    fragment_names=self.view.fragment_names, anchors=self.anchors, objectives=self.objectives)
-        for anchor, saved in zip(self.anchors, state["anchors"]):
-            anchor.copy_(saved.to(anchor.device))
+                    fragment_names=self.view.fragment_names, fragment_shapes=self.view.fragment_shapes,
+                    objectives=self.objectives, settings=self._settings())
+        if self._anchors is None:
+            self._anchors = [saved.to(device=self.device, dtype=self.anchor_dtype, copy=True)
+                             for saved in state["anchors"]]
+        else:
+            for anchor, saved in zip(self._anchors, state["anchors"]):
+                anchor.copy_(saved.to(anchor.device))
         self.accumulated = {o: state["accumulated"][o].to(torch.float64).clone() for o in self.objectives}
         self.stages_done = {o: int(state["stages_done"][o]) for o in self.objectives}
         self.objective = state["objective"]
@@ -267,6 +349,6 @@ class HybridEWC:
         self._set_importance(state["importance"])
 
     def __repr__(self) -> str:
-        return (f"HybridEWC(units={len(self.groups)}, fragments={len(self.anchors)}, f_max={self.f_max}, "
+        return (f"HybridEWC(units={len(self.groups)}, fragments={len(self.view.fragment_unit)}, f_max={self.f_max}, "
                 f"lam={self.lam}, importance_mode={self.importance_mode!r}, objective={self.objective!r}, "
                 f"active={self._active})")

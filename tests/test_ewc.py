@@ -309,3 +309,212 @@ def test_penalty_pulls_toward_anchor():
         finals[lam] = float(drift)
     assert finals[1.0] < finals[0.0]
     assert math.isfinite(finals[1.0])
+
+
+# ---------------------------------------------------------------------------- parameters frozen later, grad_scale
+def _penalised(model, **kwargs):
+    """A HybridEWC past one IFA stage, in a penalised HPA stage, with the weights away from the anchor."""
+    ewc = HybridEWC(model, f_max=5.0, lam=0.5, **kwargs)
+    ewc.begin_stage("ifa")
+    perturb(model, [0.1 * (i + 1) for i in range(7)])
+    ewc.begin_stage("hpa")
+    perturb(model, [0.03 * (i + 1) for i in range(7)])
+    return ewc
+
+
+def test_apply_skips_parameters_frozen_after_construction():
+    model = TinyNet()
+    ewc = _penalised(model)
+    frozen = model.layers[0].weight
+    frozen.requires_grad_(False)  # e.g. a freezing schedule, after the HybridEWC was built
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in model.parameters():
+        p.grad = None
+    value = ewc.apply_()
+    assert frozen.grad is None  # never created, so an optimizer cannot move the frozen weight
+    expected = sum(0.5 * 0.5 * float(F) * float(((p.detach() - a) ** 2).sum()) for p, a, F in
+                   zip(ewc.view.params(), ewc.anchors, ewc.importance) if p.requires_grad)
+    assert float(value) == pytest.approx(expected, rel=1e-5)  # the frozen tensor's term is left out
+    for p, a, F in zip(ewc.view.params(), ewc.anchors, ewc.importance):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, 0.5 * float(F) * (p.detach() - a), rtol=1e-5, atol=1e-7)
+    before = frozen.detach().clone()
+    torch.optim.AdamW(model.parameters(), lr=0.1).step()
+    assert torch.equal(frozen, before)
+    frozen.requires_grad_(True)  # trainable again: penalised again
+    assert len(trainable) + 1 == len(ewc.view.params())
+    ewc.apply_()
+    assert frozen.grad is not None and float(frozen.grad.abs().sum()) > 0
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf"), 0.0, -2.0, "2", None])
+def test_apply_refuses_a_bad_grad_scale_before_touching_gradients(scale):
+    model = TinyNet()
+    ewc = _penalised(model)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p) if p.requires_grad else None
+    with pytest.raises((ValueError, TypeError), match="grad_scale"):
+        ewc.apply_(grad_scale=scale)
+    assert all(torch.equal(p.grad, torch.ones_like(p)) for p in model.parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="grad_scale"):
+        ewc.apply_(grad_scale=torch.ones(2))
+
+
+def test_apply_with_a_tensor_grad_scale_matches_a_float():
+    grads = []
+    for scale in (1024.0, torch.tensor(1024.0)):
+        model = TinyNet()
+        ewc = _penalised(model)
+        for p in model.parameters():
+            p.grad = None
+        ewc.apply_(grad_scale=scale)
+        grads.append([p.grad.clone() for p in ewc.view.params()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------- load_state_dict checks every field first
+def _bad(state, path, value):
+    bad = copy.deepcopy(state)
+    target = bad
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    return bad
+
+
+@pytest.mark.parametrize("path, value, error, match", [
+    (("stages_done", "ifa"), -1, ValueError, r"stages_done.*'ifa'.*>= 0"),
+    (("stages_done", "ifa"), 1.5, ValueError, r"stages_done"),
+    (("stages_done", "hpa"), "2", ValueError, r"stages_done"),
+    (("stages_done", "hpa"), True, ValueError, r"stages_done"),
+    (("history",), {"ended": None}, ValueError, r"history"),
+    (("history",), [{"ended": "sft", "began": "ifa"}], ValueError, r"history.*\[0\].*'ended'"),
+    (("history",), ["ifa"], ValueError, r"history.*\[0\]"),
+    (("history",), [{"ended": None, "began": "ifa", "ewc/change_mean": float("nan")}], ValueError, "change_mean"),
+    (("objective",), "sft", ValueError, "current objective"),
+    (("importance",), torch.full((7,), float("nan")), ValueError, r"importance.*NaN"),
+    (("importance",), -torch.ones(7), ValueError, r"importance.*negative"),
+    (("accumulated", "ifa"), -torch.ones(7, dtype=torch.float64), ValueError, r"accumulated.*'ifa'.*negative"),
+    (("accumulated", "hpa"), torch.full((7,), float("inf"), dtype=torch.float64), ValueError, r"accumulated.*inf"),
+    (("accumulated", "hpa"), torch.zeros(7, dtype=torch.long), ValueError, r"accumulated.*floating"),
+    (("last_change",), torch.zeros(6), ValueError, r"last_change.*shape"),
+    (("settings", "f_max"), 50.0, ValueError, r"other settings: f_max=50.0 \(here 5.0\)"),
+    (("settings", "lam"), 2.0, ValueError, r"lam=2.0 \(here 0.5\)"),
+    (("settings", "importance_mode"), "uniform", ValueError, r"importance_mode='uniform'"),
+    (("anchors",), None, ValueError, "anchors"),
+])
+def test_load_state_dict_validates_every_field_before_changing_anything(path, value, error, match):
+    model = TinyNet()
+    ewc = _penalised(model)
+    state = ewc.state_dict()
+    # the state of another moment of the run: loading it would change the anchors, importance and position
+    perturb(model, [0.2] * 7)
+    ewc.begin_stage("ifa")
+    before = copy.deepcopy(ewc.state_dict())
+    with pytest.raises(error, match=match):
+        ewc.load_state_dict(_bad(state, path, value))
+    after = ewc.state_dict()
+    for a, b in zip(after["anchors"], before["anchors"]):
+        assert torch.equal(a, b)  # nothing modified
+    assert after["objective"] == before["objective"] == "ifa" and after["stages_done"] == before["stages_done"]
+    assert torch.equal(after["importance"], before["importance"]) and after["history"] == before["history"]
+    ewc.load_state_dict(state)  # the good state still loads
+    assert ewc.objective == "hpa"
+
+
+# ---------------------------------------------------------------------------- bind / unbind / partitioned models
+def test_anchors_are_taken_at_the_first_stage_boundary_not_at_construction():
+    model = TinyNet()
+    ewc = HybridEWC(model)
+    assert ewc._anchors is None  # nothing allocated until a stage starts (the engine may not exist yet)
+    perturb(model, [0.5] * 7)
+    ewc.begin_stage("ifa")
+    for a, p in zip(ewc.anchors, ewc.view.params()):
+        assert torch.equal(a, p)
+
+
+def test_unbind_keeps_the_state_and_bind_continues():
+    model = TinyNet()
+    ewc = _penalised(model)
+    state = ewc.state_dict()
+    ewc.unbind()
+    assert ewc.state_dict()["fragment_names"] == state["fragment_names"]  # still saves
+    with pytest.raises(RuntimeError, match="not bound"):
+        ewc.apply_()
+    with pytest.raises(RuntimeError, match="not bound"):
+        ewc.begin_stage("ifa")
+    assert ewc.objective == "hpa"
+    ewc.bind(model)
+    assert float(ewc.apply_()) > 0
+    with pytest.raises(ValueError, match="does not train the model"):
+        ewc.bind(TinyNet(seed=1))
+    with pytest.raises(ValueError, match="needs live parameters"):
+        ewc.bind(_zero3_like(TinyNet()))
+
+
+def _zero3_like(model):
+    """What DeepSpeed's zero.Init leaves: empty parameters that know their full size (``ds_numel``)."""
+    for i, p in enumerate(model.parameters()):
+        p.ds_id, p.ds_numel = i, p.numel()
+        p.data = torch.empty(0)
+    return model
+
+
+def test_a_zero3_partitioned_model_waits_for_its_engine():
+    model = _zero3_like(TinyNet())
+    ewc = HybridEWC(model)
+    assert ewc.unit_names == [n for n, p in TinyNet().named_parameters() if p.requires_grad]
+    assert ewc.groups.numel == [p.numel() for p in TinyNet().parameters() if p.requires_grad]
+    with pytest.raises(RuntimeError, match="ZeRO-3.*bind"):
+        ewc.begin_stage("ifa")
+    with pytest.raises(RuntimeError, match="ZeRO-3.*bind"):
+        ewc.load_state_dict(_penalised(TinyNet()).state_dict())
+    assert ewc.objective is None
+
+
+class _ShardedLayout:
+    """Half of each tensor, as a sharded view lays out its fragments (for relayout)."""
+
+    def __init__(self, model, rank):
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.fragment_unit, self.fragment_offsets, self.fragment_shapes, self.fragment_names = [], [], [], []
+        self._params = []
+        for unit, p in enumerate(params):
+            half = (p.numel() + 1) // 2
+            start, stop = rank * half, min(p.numel(), (rank + 1) * half)
+            if start < stop:
+                self.fragment_unit.append(unit)
+                self.fragment_offsets.append(start)
+                self.fragment_shapes.append((stop - start,))
+                self.fragment_names.append(f"{unit}[{start}:{stop}]")
+                self._params.append(p.detach().reshape(-1)[start:stop])
+
+    def params(self):
+        return self._params
+
+
+def test_relayout_cuts_full_anchors_to_a_shard_and_refuses_what_this_rank_lacks():
+    from hbat.param_view import relayout
+
+    model = TinyNet()
+    ewc = _penalised(model)
+    for rank in (0, 1):
+        shard = _ShardedLayout(model, rank)
+        cut = relayout(ewc.anchors, ewc.view, shard, torch.float32)
+        for piece, unit, start in zip(cut, shard.fragment_unit, shard.fragment_offsets):
+            full = ewc.anchors[unit].reshape(-1)
+            assert torch.equal(piece, full[start:start + piece.numel()])
+            assert piece.data_ptr() != full.data_ptr() + 4 * start  # a copy: the full anchor can be freed
+        assert relayout(cut, shard, shard, torch.float32)[0] is not None  # the same sharding covers itself
+    rank0, rank1 = _ShardedLayout(model, 0), _ShardedLayout(model, 1)
+    with pytest.raises(ValueError, match="holds no anchor.*partitioned differently"):
+        relayout(relayout(ewc.anchors, ewc.view, rank0, torch.float32), rank0, rank1, torch.float32)
+
+
+def test_wrapper_prefixes_are_stripped_as_whole_name_components():
+    from hbat.param_view import clean_name
+
+    assert clean_name("module._orig_mod.layers.0._checkpoint_wrapped_module.w") == "layers.0.w"
+    assert clean_name("_fsdp_wrapped_module.embed") == "embed"
+    assert clean_name("encoder.submodule.weight") == "encoder.submodule.weight"  # not "encoder.subweight"

@@ -39,3 +39,21 @@ def test_trl_dpo_example(tmp_path):
     penalty = re.search(r"round 1 dpo: .*ewc/penalty ([-\d.e+]+)", out)
     assert penalty and float(penalty.group(1)) > 0
     assert (tmp_path / "run" / "round1-dpo" / "checkpoint-2" / "hbat_ewc.pt").is_file()
+
+
+def test_trl_dpo_example_under_deepspeed_zero3(tmp_path):
+    """The README's multi-process recipe as written: torchrun, 2 CPU ranks, examples/ds_zero3.json."""
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("trl")
+    from torchrun_launch import torchrun
+
+    run = tmp_path / "run"
+    proc = torchrun(ROOT / "examples" / "trl_dpo.py", ["--deepspeed", str(ROOT / "examples" / "ds_zero3.json"),
+                                                        "--rounds", "1", "--steps", "2", "--output-dir", str(run)],
+                    nproc=2, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    penalty = re.search(r"round 1 dpo: .*ewc/penalty ([-\d.e+]+)", proc.stdout)
+    assert penalty and float(penalty.group(1)) > 0
+    assert len(re.findall(r"round 1 (?:sft|dpo):", proc.stdout)) == 2  # printed by rank 0 only
+    for rank in (0, 1):  # each rank's anchor partition
+        assert (run / "round1-dpo" / "checkpoint-2" / f"hbat_ewc-rank{rank}.pt").is_file()

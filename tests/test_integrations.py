@@ -1,6 +1,7 @@
 """HybridEWCCallback in real transformers.Trainer / TRL DPOTrainer runs on a tiny Llama."""
 import os
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,7 +12,9 @@ pytest.importorskip("tokenizers")
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
 from hbat import HybridEWC  # noqa: E402
-from hbat.integrations.transformers import STATE_FILE, HybridEWCCallback  # noqa: E402
+from hbat.integrations.accelerate import prepare_ewc  # noqa: E402
+from hbat.integrations.transformers import STATE_FILE, HybridEWCCallback, release_trainer  # noqa: E402
+from hbat.param_view import LocalParamView  # noqa: E402
 from test_reward import char_tokenizer, tiny_llama  # noqa: E402  (tests/ is on sys.path under pytest)
 
 TEXTS = ["q1: abc", "q2: hello there", "q3: a b c d", "q4: zzz", "q5: the end.", "q6: xyz 123", "q7: ok", "q8: no"]
@@ -218,8 +221,6 @@ def test_bad_input(tokenizer, tmp_path):
 
 def test_fp16_grad_scaler_gradients_are_scaled_consistently(tokenizer):
     """Under an fp16 GradScaler the hook runs before accelerate unscales: the penalty is scaled to match."""
-    from types import SimpleNamespace
-
     grads = {}
     for use_scaler in (True, False):
         model, ewc = model_after_ifa(tokenizer)
@@ -230,8 +231,8 @@ def test_fp16_grad_scaler_gradients_are_scaled_consistently(tokenizer):
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
         scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, enabled=use_scaler)
         callback = HybridEWCCallback(ewc)
-        callback.trainer = SimpleNamespace(state=SimpleNamespace(global_step=0),
-                                           accelerator=SimpleNamespace(scaler=scaler))
+        callback.trainer = SimpleNamespace(state=SimpleNamespace(global_step=0))
+        callback._prepared = prepare_ewc(SimpleNamespace(scaler=scaler), ewc, model)
         ids = torch.tensor(tokenizer(["q1: abc", "q2: hello"], padding=True)["input_ids"])
         scaler.scale(model(input_ids=ids, labels=ids).loss).backward()
         callback._apply_once()  # what the wrapped _clip_grad_norm does first
@@ -249,6 +250,54 @@ def test_integrations_package_imports_without_transformers(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` fail
     import hbat.integrations
 
-    assert hbat.integrations.__all__ == ["HybridEWCCallback"]
+    assert hbat.integrations.prepare_ewc  # the accelerate helper needs only torch
     with pytest.raises(ImportError):
         hbat.integrations.HybridEWCCallback
+
+
+class DeepSpeedEngine(torch.nn.Module):
+    """Stands in for deepspeed.DeepSpeedEngine (recognised by class name): only what the refusals read."""
+
+    def __init__(self, module, stage, autotp=1):
+        super().__init__()
+        self.module, self._stage, self._autotp = module, stage, autotp
+
+    def zero_optimization_stage(self):
+        return self._stage
+
+    def autotp_size(self):
+        return self._autotp
+
+
+class FullyShardedDataParallel(torch.nn.Module):
+    """Stands in for FSDP1's wrapper (recognised by class name)."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+
+@pytest.mark.parametrize("wrap, config, match", [
+    (lambda m: DeepSpeedEngine(m, stage=0), None, r"zero_optimization.stage 0"),
+    (lambda m: DeepSpeedEngine(m, stage=2, autotp=2), None, r"autotp_size"),
+    (lambda m: FullyShardedDataParallel(m), None, r"FSDP1.*fsdp_version: 2"),
+    (lambda m: m, SimpleNamespace(tp_enabled=True, cp_enabled=False, sp_enabled=False), r"with tp parallelism"),
+    (lambda m: m, SimpleNamespace(tp_enabled=False, cp_enabled=True, sp_enabled=True), r"with cp/sp parallelism"),
+])
+def test_unsupported_setups_are_refused_before_anything_changes(tokenizer, wrap, config, match):
+    model, ewc = model_after_ifa(tokenizer)
+    state = ewc.state_dict()
+    with pytest.raises(NotImplementedError, match=match):
+        prepare_ewc(SimpleNamespace(scaler=None, parallelism_config=config), ewc, wrap(model))
+    assert ewc.objective == "ifa" and isinstance(ewc.view, LocalParamView)
+    assert all(torch.equal(a, b) for a, b in zip(ewc.anchors, state["anchors"]))
+
+
+def test_release_trainer_frees_a_finished_trainer(tokenizer, tmp_path):
+    model, ewc = model_after_ifa(tokenizer)
+    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=1), train_dataset=lm_dataset(tokenizer),
+                      callbacks=[HybridEWCCallback(ewc, objective="hpa")])
+    trainer.train()
+    release_trainer(trainer)
+    assert trainer.optimizer is None and trainer.model_wrapped is model
+    assert ewc.objective == "hpa" and float(ewc.apply_()) >= 0  # one process: the HybridEWC stays bound

@@ -1,4 +1,4 @@
-"""What every sharded ParamView shares: per-unit sums of fragment values and their all-reduce."""
+"""What every ParamView shares: parameter names and selection; for sharded views, per-unit sums and their all-reduce."""
 from __future__ import annotations
 
 import fnmatch
@@ -7,6 +7,15 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+
+# name components that wrappers insert: torch.compile and DDP in front, FSDP1 / activation checkpointing anywhere
+_LEADING_WRAPPERS = re.compile(r"^(?:_orig_mod\.|module\.)+")
+_INNER_WRAPPERS = re.compile(r"(?:^|(?<=\.))(?:_fsdp_wrapped_module|_checkpoint_wrapped_module)\.")
+
+
+def clean_name(name: str) -> str:
+    """The parameter name users know: ``module._orig_mod.layers.0._checkpoint_wrapped_module.w`` -> ``layers.0.w``."""
+    return _INNER_WRAPPERS.sub("", _LEADING_WRAPPERS.sub("", name))
 
 
 def name_selector(include, exclude) -> Callable[[str], bool]:
@@ -28,14 +37,23 @@ def name_selector(include, exclude) -> Callable[[str], bool]:
 
 class ShardedView:
     """Base of the sharded views. Subclasses set ``unit_names``, ``unit_numel``, ``fragment_unit``,
-    ``fragment_names``, ``fragment_offsets``, ``process_group`` and implement ``params()`` / ``grads()``."""
+    ``fragment_names``, ``fragment_offsets``, ``process_group`` and implement ``params()`` / ``grads()``.
+    Every fragment is 1-D (``fragment_shapes``) and a rank holds at most one fragment of each unit."""
 
     process_group = None
     comm_device = None  # where the process group's backend wants tensors (NCCL: the current GPU)
     grad_scale = 1.0
 
+    @property
+    def fragment_shapes(self) -> list[tuple[int, ...]]:
+        return [(t.numel(),) for t in self.params()]
+
     def grads_ready(self) -> bool:
         return True
+
+    def trainable(self) -> None:
+        """Every fragment takes the penalty (freezing a parameter after sharding is not followed)."""
+        return None
 
     def all_reduce_(self, vec: torch.Tensor) -> torch.Tensor:
         """Sum a float32 vector (per-unit partial sums) over the ranks that share the shards, in place."""

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from ._view import ShardedView, name_selector
+from ._view import ShardedView, clean_name, name_selector
 
 __all__ = ["FSDPParamView", "is_fsdp2_module"]
 
@@ -45,7 +45,8 @@ class FSDPParamView(ShardedView):
         from torch.distributed.tensor import Shard
 
         keep = select if select is not None else name_selector(include, exclude)
-        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad and keep(n)]
+        named = [(clean_name(n), p) for n, p in module.named_parameters()]
+        named = [(n, p) for n, p in named if p.requires_grad and keep(n)]
         if not named:
             raise ValueError("no trainable parameter of the module matches include/exclude")
         mesh = None

@@ -36,7 +36,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from ._view import ShardedView, name_selector
+from ._view import ShardedView, clean_name, name_selector
 
 __all__ = ["ZeroParamView", "is_deepspeed_engine"]
 
@@ -58,7 +58,8 @@ class ZeroParamView(ShardedView):
         engine: a ``deepspeed.DeepSpeedEngine`` with ZeRO stage 1, 2 or 3 (optimizer offload to the CPU is
             supported, NVMe offload is not). fp32 or bf16/fp16 models: the anchors follow the fp32 masters.
         include / exclude: parameter-name patterns (fnmatch globs or compiled regexes) choosing the units;
-            names are those of ``engine.module.named_parameters()``. Frozen parameters are never units.
+            names are those of ``engine.module.named_parameters()`` without wrapper prefixes (``module.``,
+            ``_orig_mod.``). Frozen parameters are never units.
         select: alternatively, a callable ``name -> bool`` (overrides include / exclude).
     """
 
@@ -75,7 +76,8 @@ class ZeroParamView(ShardedView):
         self.optimizer = engine.optimizer
         self.comm_device = torch.device(engine.device) if getattr(engine, "device", None) is not None else None
         keep = select if select is not None else name_selector(include, exclude)
-        named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad and keep(n)]
+        named = [(clean_name(n), p) for n, p in engine.module.named_parameters()]
+        named = [(n, p) for n, p in named if p.requires_grad and keep(n)]
         if not named:
             raise ValueError("no trainable parameter of the engine's module matches include/exclude")
 

@@ -5,26 +5,36 @@
         SFTTrainer(model, ..., callbacks=[HybridEWCCallback(ewc, objective="ifa")]).train()
         DPOTrainer(model, ..., callbacks=[HybridEWCCallback(ewc, objective="hpa")]).train()
 
-When the penalty gradient is added. ``Trainer`` (transformers 5.x) runs, once per optimizer step after the
-last micro-batch's backward: ``_clip_grad_norm`` (if ``max_grad_norm > 0``), ``_get_grad_norm``,
+The same code runs in one process, under DDP, DeepSpeed ZeRO-1/2/3 (with or without optimizer offload) and
+FSDP2. The engine or sharded model of a run exists only once ``train()`` starts, and every Trainer builds a
+new one, so ``on_train_begin`` hands the run's prepared model to ``hbat.integrations.accelerate.PreparedEWC``,
+which binds the HybridEWC to it (``ewc.bind``: the anchors are cut to this rank's share; nothing is gathered)
+and, under DeepSpeed, wraps the ZeRO optimizer's ``step`` so that the penalty gradient goes into this rank's
+reduced gradient partition before DeepSpeed's norm, clipping and step. At ``on_train_end`` it lets go of
+the engine again. Between two Trainers under DeepSpeed call ``release_trainer(trainer)``: accelerate allows one
+DeepSpeed configuration per process, and a finished engine keeps its gradient hooks on the model.
+
+When the penalty gradient is added without DeepSpeed. ``Trainer`` (transformers 5.x) runs, once per optimizer
+step after the last micro-batch's backward: ``_clip_grad_norm`` (if ``max_grad_norm > 0``), ``_get_grad_norm``,
 ``on_pre_optimizer_step``, ``optimizer.step()``. The ``on_pre_optimizer_step`` callback therefore comes
 AFTER clipping, and no callback runs between the last backward and clipping. So for the duration of
 ``train()`` the callback wraps the trainer's ``_clip_grad_norm`` and ``_get_grad_norm`` (instance
-attributes, removed again in ``on_train_end``): whichever of the two runs first in a step calls
-``ewc.apply_()``, so the penalty gradient is added exactly once per optimizer step, to the complete
-accumulated gradient, before clipping, and counts in the logged ``grad_norm`` exactly like a loss term.
-With ``max_grad_norm=0`` the trainer still calls ``_get_grad_norm`` before the step. With an fp16
-``GradScaler`` the gradients are still scaled at that point (accelerate unscales inside its
-``clip_grad_norm_``), so the penalty gradient is scaled by the same factor (``apply_(grad_scale=...)``);
-the scale is a power of two, so unscaling gives exactly the unscaled penalty gradient. If a trainer
+attributes, removed again in ``on_train_end``): whichever of the two runs first in a step adds the penalty
+(under DeepSpeed it only collects the value the engine step added), so the penalty gradient is added exactly
+once per optimizer step, to the complete accumulated gradient, before clipping, and counts in the logged
+``grad_norm`` exactly like a loss term. With an fp16 ``GradScaler`` the gradients are still scaled at that
+point (accelerate unscales inside its ``clip_grad_norm_``), so the penalty gradient is scaled by the same
+factor; the scale is a power of two, so unscaling gives exactly the unscaled penalty gradient. If a trainer
 subclass bypasses both methods, ``on_pre_optimizer_step`` applies it (after clipping) and warns once.
 
 Transformers does not hand the trainer to callbacks, so ``on_train_begin`` finds it on the call stack (the
 ``Trainer`` whose callback list holds this callback); ``callback.bind(trainer)`` makes that explicit.
 
-Checkpoints: ``on_save`` writes ``<output_dir>/checkpoint-<step>/hbat_ewc.pt`` (temp file + ``os.replace``).
-``trainer.train(resume_from_checkpoint=...)`` (a path or True) restores it in ``on_train_begin``, before
-the stage logic runs; ``callback.load(checkpoint_dir)`` restores it by hand.
+Checkpoints: ``on_save`` writes ``<output_dir>/checkpoint-<step>/hbat_ewc.pt`` (one process, DDP: rank 0) or,
+on sharded models, ``hbat_ewc-rank<r>.pt`` on every rank (its anchor partition), each atomically.
+``trainer.train(resume_from_checkpoint=...)`` (a path or True) restores it in ``on_train_begin`` after binding,
+before the stage logic runs; ``callback.load(dir)`` restores it by hand (a per-rank state is loaded when
+``train()`` has bound the HybridEWC, e.g. to continue in a new process with the next stage).
 
 Metrics: ``ewc/penalty`` (the mean penalty over the optimizer steps of the logging window, read from the
 device once per log) and ``ewc/importance_entropy`` are added to the trainer's training logs, together with
@@ -34,8 +44,7 @@ the stage-boundary metrics of ``begin_stage`` at the first log. They are added i
 their ``on_log`` before a user callback's, so keys added there would reach neither.
 
 If ``train()`` raises, the wrappers stay on that trainer instance until its next ``train()`` with the
-callback. Not supported: DeepSpeed through ``Trainer`` (the engine clips and steps inside
-``accelerator.backward``; use ``HybridEWC(engine)`` and ``apply_()`` in your own loop, see hbat.distributed).
+callback. Refused at ``train()`` start, with an error naming the setting: see ``hbat.integrations.accelerate``.
 """
 from __future__ import annotations
 
@@ -47,12 +56,42 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from ..importance import importance_entropy
-from ..param_view import LocalParamView
+from ..param_view import LocalParamView, UnboundView
+from .accelerate import PreparedEWC
 
-__all__ = ["HybridEWCCallback", "STATE_FILE"]
+__all__ = ["HybridEWCCallback", "release_trainer", "STATE_FILE"]
 
 STATE_FILE = "hbat_ewc.pt"
 _WRAPPED = ("_clip_grad_norm", "_get_grad_norm", "log")
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def rank_state_file() -> str:
+    """The file of this rank's HybridEWC state on sharded models (its anchor partition)."""
+    return f"hbat_ewc-rank{_rank()}.pt"
+
+
+def release_trainer(trainer: Trainer) -> None:
+    """Free a finished Trainer's engine so that the next Trainer of Algorithm 1 can run in this process.
+
+    Under DeepSpeed a second Trainer fails in accelerate ("You cannot pass in a `deepspeed_plugin` when creating
+    a second `Accelerator`"), and the finished engine keeps its gradient hooks on the model. This destroys the
+    engine (``accelerator.free_memory()``), drops the trainer's references to it and, under DeepSpeed, resets
+    accelerate's process-wide state (its ``AcceleratorState._reset_state``, which accelerate's own tests use for
+    this). The model keeps its trained weights (under ZeRO-3 still partitioned, for the next engine). Call it
+    after you are done with ``trainer`` (e.g. after ``trainer.save_model()``); a no-op beyond freeing otherwise.
+    """
+    deepspeed = bool(getattr(trainer, "is_deepspeed_enabled", False))
+    trainer.accelerator.free_memory()
+    trainer.model_wrapped, trainer.optimizer, trainer.lr_scheduler = trainer.model, None, None
+    if deepspeed:
+        from accelerate.state import AcceleratorState
+
+        trainer.deepspeed = None
+        AcceleratorState._reset_state()
 
 
 def _find_trainer_frame(callback) -> tuple[Trainer | None, str | None]:
@@ -74,14 +113,15 @@ class HybridEWCCallback(TrainerCallback):
     """Applies ``ewc``'s penalty gradient in a ``transformers.Trainer`` run, logs it, checkpoints ``ewc``.
 
     Args:
-        ewc: a ``hbat.HybridEWC`` built on the model the trainer trains (after any PEFT wrapping).
+        ewc: a ``hbat.HybridEWC`` built on the model the trainer trains (after any PEFT wrapping). Under
+            DeepSpeed or FSDP2 it is bound to the run's engine / sharded model when ``train()`` starts.
         objective: if given, ``ewc.begin_stage(objective)`` runs at the start of training (unless ``ewc`` is
             already in that stage, e.g. restored from a checkpoint or continued by a second ``train()``), so
             one ``Trainer`` run is one stage of Algorithm 1. Without it the stages are the caller's business.
     """
 
     def __init__(self, ewc, objective: str | None = None):
-        for attr in ("apply_", "begin_stage", "state_dict", "load_state_dict", "objectives"):
+        for attr in ("apply_", "begin_stage", "bind", "state_dict", "load_state_dict", "objectives"):
             if not hasattr(ewc, attr):
                 raise TypeError(f"ewc must be a hbat.HybridEWC (it has no {attr!r}), got {type(ewc).__name__}")
         if objective is not None and objective not in ewc.objectives:
@@ -91,6 +131,8 @@ class HybridEWCCallback(TrainerCallback):
         self.trainer: Trainer | None = None
         self._bound_explicitly = False
         self._originals: dict[str, object] = {}
+        self._prepared: PreparedEWC | None = None
+        self._pending_load: str | os.PathLike | None = None
         self._applied_step: int | None = None
         self._warned_late = False
         self._reset_window()
@@ -131,6 +173,9 @@ class HybridEWCCallback(TrainerCallback):
         self.trainer = trainer
 
     def _uninstall(self) -> None:
+        if self._prepared is not None:
+            self._prepared.close()
+            self._prepared = None
         trainer = self.trainer
         if trainer is None or not self._originals:
             return
@@ -143,34 +188,13 @@ class HybridEWCCallback(TrainerCallback):
             del trainer._hbat_ewc_callback
         self._originals = {}
 
-    def _check_model(self, trainer: Trainer) -> None:
-        if getattr(trainer, "is_deepspeed_enabled", False):
-            raise NotImplementedError(
-                "HybridEWCCallback does not support DeepSpeed through transformers.Trainer: the engine clips and "
-                "steps inside accelerator.backward, before any hook. Use HybridEWC(engine).apply_() in your loop.")
-        view = getattr(self.ewc, "view", None)
-        if isinstance(view, LocalParamView):
-            trained = {id(p) for p in trainer.model.parameters()}
-            foreign = [n for n, p in zip(view.fragment_names, view.params()) if id(p) not in trained]
-            if foreign:
-                raise ValueError(f"the HybridEWC was built on other parameters than the trainer's model "
-                                 f"(e.g. {foreign[0]!r}); build it on the model you pass to the trainer")
-
     # ------------------------------------------------------------------ the penalty
-    def _grad_scale(self):
-        """The fp16 GradScaler's scale while gradients are still scaled (before accelerate unscales them)."""
-        scaler = getattr(getattr(self.trainer, "accelerator", None), "scaler", None)
-        if scaler is None or not scaler.is_enabled():
-            return 1.0
-        scale = getattr(scaler, "_scale", None)  # the device tensor: no host sync
-        return scale if isinstance(scale, torch.Tensor) else scaler.get_scale()
-
     def _apply_once(self, grad_scale=None) -> None:
         step = self.trainer.state.global_step
         if self._applied_step == step:
             return
         self._applied_step = step
-        penalty = self.ewc.apply_(grad_scale=self._grad_scale() if grad_scale is None else grad_scale).detach()
+        penalty = self._prepared.apply_(grad_scale=grad_scale).detach()
         self._penalty_sum = penalty if self._penalty_sum is None else self._penalty_sum + penalty
         self._penalty_steps += 1
 
@@ -190,10 +214,7 @@ class HybridEWCCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ checkpoints
     def _state_file(self) -> str:
-        if isinstance(getattr(self.ewc, "view", None), LocalParamView):
-            return STATE_FILE
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        return f"hbat_ewc-rank{rank}.pt"  # sharded views: each rank saves its own anchor slices
+        return STATE_FILE if isinstance(self.ewc.view, LocalParamView) else rank_state_file()
 
     def save(self, checkpoint_dir: str | os.PathLike) -> str:
         """Write the ewc state into ``checkpoint_dir`` atomically; returns the file's path."""
@@ -205,10 +226,23 @@ class HybridEWCCallback(TrainerCallback):
         return path
 
     def load(self, checkpoint_dir: str | os.PathLike) -> None:
-        """Restore the ewc state saved by ``save()`` / ``on_save`` in ``checkpoint_dir``."""
+        """Restore the ewc state saved by ``save()`` / ``on_save`` in ``checkpoint_dir``.
+
+        A per-rank state (``hbat_ewc-rank<r>.pt``: saved under DeepSpeed or FSDP2) is loaded when ``train()``
+        has bound the HybridEWC to its engine, if it is not bound to one yet."""
+        view = self.ewc.view
+        not_yet_sharded = isinstance(view, LocalParamView) or (isinstance(view, UnboundView) and view.pending)
+        if not_yet_sharded and not os.path.isfile(os.path.join(checkpoint_dir, self._state_file())) \
+                and os.path.isfile(os.path.join(checkpoint_dir, rank_state_file())):
+            self._pending_load = checkpoint_dir
+            return
+        self._load_now(checkpoint_dir)
+
+    def _load_now(self, checkpoint_dir) -> None:
         path = os.path.join(checkpoint_dir, self._state_file())
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"no HybridEWC state {path!r}; was the checkpoint saved with HybridEWCCallback?")
+            raise FileNotFoundError(f"no HybridEWC state {path!r}; was the checkpoint saved with HybridEWCCallback "
+                                    "(and, on sharded models, with the same number of ranks)?")
         self.ewc.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
     # ------------------------------------------------------------------ trainer events
@@ -219,23 +253,34 @@ class HybridEWCCallback(TrainerCallback):
         if trainer is None:
             raise RuntimeError("HybridEWCCallback could not find its Trainer on the call stack; "
                                "call callback.bind(trainer) before trainer.train()")
-        self._check_model(trainer)
-        if resume is None and state.global_step > 0:  # resumed, but not through train(resume_from_checkpoint=)
-            resume = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if resume is not None:
-            if os.path.isfile(os.path.join(resume, self._state_file())):
-                self.load(resume)
-            else:
-                warnings.warn(f"resuming from {resume!s} without a HybridEWC state ({self._state_file()}); "
-                              "the ewc keeps its current anchor and importance", stacklevel=2)
-        if self.objective is not None and self.ewc.objective != self.objective:
-            self._stage_metrics = self.ewc.begin_stage(self.objective)
+        self._uninstall()
+        # the run's engine / sharded model exists from here on: bind to it (refuses unsupported setups)
+        prepared = PreparedEWC(self.ewc, trainer.model_wrapped, scaler=getattr(trainer.accelerator, "scaler", None),
+                               parallelism_config=getattr(trainer.accelerator, "parallelism_config", None))
+        try:
+            if resume is None and state.global_step > 0:  # resumed, not through train(resume_from_checkpoint=)
+                resume = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            if resume is not None:
+                if os.path.isfile(os.path.join(resume, self._state_file())):
+                    self._load_now(resume)
+                else:
+                    warnings.warn(f"resuming from {resume!s} without a HybridEWC state ({self._state_file()}); "
+                                  "the ewc keeps its current anchor and importance", stacklevel=2)
+            elif self._pending_load is not None:
+                self._load_now(self._pending_load)
+            self._pending_load = None
+            if self.objective is not None and self.ewc.objective != self.objective:
+                self._stage_metrics = self.ewc.begin_stage(self.objective)
+        except BaseException:
+            prepared.close()
+            raise
         self._applied_step = None
         self._reset_window()
         self._install(trainer)
+        self._prepared = prepared
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if self.trainer is None or self._applied_step == state.global_step:
+        if self._prepared is None or self._applied_step == state.global_step:
             return
         if not self._warned_late:  # a trainer subclass bypassed _clip_grad_norm and _get_grad_norm
             warnings.warn("HybridEWCCallback: the trainer did not call _clip_grad_norm/_get_grad_norm; the penalty "
@@ -244,7 +289,7 @@ class HybridEWCCallback(TrainerCallback):
         self._apply_once(grad_scale=1.0)  # gradients are unscaled by now
 
     def on_save(self, args, state, control, **kwargs):
-        if isinstance(getattr(self.ewc, "view", None), LocalParamView) and not args.should_save:
+        if isinstance(self.ewc.view, LocalParamView) and not args.should_save:
             return
         self.save(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
 

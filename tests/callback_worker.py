@@ -35,6 +35,7 @@ SETUPS = {  # name: (hpa trainer, sharding); zero3 builds the model under zero.I
     # NO_WRAP: accelerate 1.15 cannot re-prepare a sharded model with a transformer-class policy (next stage)
     "fsdp2": ("lm", {"fsdp": "full_shard", "fsdp_config": {"version": 2, "auto_wrap_policy": "NO_WRAP",
                                                           "state_dict_type": "SHARDED_STATE_DICT"}}),
+    "zero1": ("lm", {"deepspeed": {"stage": 1}}),
     "zero2": ("lm", {"deepspeed": {"stage": 2}}),
     "zero2-offload": ("lm", {"deepspeed": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}),
     "zero3": ("lm", {"deepspeed": {"stage": 3}}),

@@ -1,5 +1,5 @@
-"""HybridEWCCallback under DDP, DeepSpeed ZeRO-2 and ZeRO-3 (each with and without optimizer offload) and FSDP2, and
-prepare_ewc in an accelerate loop, on 2 CPU ranks (gloo) against one process.
+"""HybridEWCCallback under DDP, DeepSpeed ZeRO-1, ZeRO-2 and ZeRO-3 (2 and 3 with and without optimizer offload),
+FSDP2, and prepare_ewc in an accelerate loop, on 2 CPU ranks (gloo) against one process.
 
 Two torchrun launches of ``tests/callback_worker.py`` run every setup: ``run`` trains Algorithm 1 with one
 ``transformers.Trainer`` (or TRL ``DPOTrainer``) per stage and saves a checkpoint in the middle of the second

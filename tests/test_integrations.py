@@ -174,6 +174,20 @@ def test_checkpoint_save_and_resume(tokenizer, tmp_path):
     with pytest.raises(FileNotFoundError, match=STATE_FILE):
         HybridEWCCallback(other).load(tmp_path)
 
+    # a truncated state file or a planted pickle is refused with its path; the HybridEWC is left as it was
+    before = other.state_dict()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / STATE_FILE).write_bytes(path.read_bytes()[:100])
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    torch.save({"anchors": SimpleNamespace()}, planted / STATE_FILE)  # loading it needs the unpickler
+    for folder in (broken, planted):
+        with pytest.raises(ValueError, match=f"cannot load HybridEWC state .*{folder.name}"):
+            HybridEWCCallback(other).load(folder)
+    for a, b in zip(other.state_dict()["anchors"], before["anchors"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
 
 def test_trl_dpo_trainer_with_callback(tokenizer, tmp_path):
     pytest.importorskip("trl")

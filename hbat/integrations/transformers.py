@@ -221,7 +221,10 @@ class HybridEWCCallback(TrainerCallback):
         os.makedirs(checkpoint_dir, exist_ok=True)
         path = os.path.join(checkpoint_dir, self._state_file())
         tmp = f"{path}.tmp{os.getpid()}"
-        torch.save(self.ewc.state_dict(), tmp)
+        with open(tmp, "wb") as f:  # on disk before the rename, so a crash leaves the old file or the new one
+            torch.save(self.ewc.state_dict(), f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
         return path
 
@@ -243,7 +246,12 @@ class HybridEWCCallback(TrainerCallback):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no HybridEWC state {path!r}; was the checkpoint saved with HybridEWCCallback "
                                     "(and, on sharded models, with the same number of ranks)?")
-        self.ewc.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # truncated, corrupt or not a tensor-only file: name it, never unpickle it
+            raise ValueError(f"cannot load HybridEWC state {path!r}: {type(err).__name__}: "
+                             f"{str(err).splitlines()[0] if str(err) else ''}") from err
+        self.ewc.load_state_dict(state)
 
     # ------------------------------------------------------------------ trainer events
     def on_train_begin(self, args, state, control, **kwargs):

@@ -84,7 +84,7 @@ def test_reward_model_loss_decreases_and_ranks_held_out_pairs(tokenizer):
     result = train_reward_model(rm, tokenizer, train, RewardConfig(lr=3e-3, epochs=4, batch_size=8),
                                 log=logged.append, eval_pairs=held_out, progress=False)
     after = evaluate_reward_model(rm, tokenizer, train, batch_size=8)
-    assert result["rm/steps"] == 8
+    assert result["train/steps"] == 8
     assert after["rm/loss"] < before["rm/loss"] * 0.5
     assert result["rm/eval_accuracy"] == 1.0 and result["rm/eval_margin"] > 0
     losses = [m["rm/loss"] for m in logged if "rm/loss" in m]

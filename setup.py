@@ -78,11 +78,13 @@ EXTRAS = {
     "train": ["transformers>=4.45", "tokenizers", "pyyaml", "tqdm", "safetensors", "matplotlib"],
     "trl": ["trl", "datasets", "accelerate"],
     "deepspeed": ["deepspeed"],
+    "lora": ["peft"],
     "bench": ["matplotlib", "psutil", "pytest-benchmark"],
 }
 EXTRAS["test"] = sorted(
     {"pytest", "pytest-benchmark", "numpy"}
     | set(EXTRAS["triton"]) | set(EXTRAS["train"]) | set(EXTRAS["trl"]) | set(EXTRAS["deepspeed"]) | set(EXTRAS["bench"])
+    | set(EXTRAS["lora"])
 )
 EXTRAS["all"] = EXTRAS["test"]
 

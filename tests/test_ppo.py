@@ -100,7 +100,7 @@ pytest.importorskip("tokenizers")
 
 from hbat.trainer.ppo import Critic, generate, run_ppo, sample_rewards  # noqa: E402
 from hbat.trainer.reward import RewardModel  # noqa: E402
-from test_reward import char_tokenizer, tiny_llama  # noqa: E402  (tests/ is on sys.path under pytest)
+from hf_fixtures import char_tokenizer, tiny_llama  # noqa: E402  (tests/ is on sys.path under pytest)
 
 
 class CountToken(torch.nn.Module):

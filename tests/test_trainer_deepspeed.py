@@ -184,7 +184,7 @@ def test_shutdown_leaves_a_process_group_the_caller_made(tmp_path):
 def test_cli_train_under_torchrun(tmp_path):
     """The README's command: `torchrun --nproc_per_node 2 -m hbat.cli train run.yaml --set deepspeed=ds.json`
     on user JSONL data and a local model; every rank exits 0 and rank 0 writes the summary."""
-    from test_trainer_loop import TINY, write_user_run
+    from hf_fixtures import TINY, write_user_run
 
     config = write_user_run(tmp_path, n_rows=32, val_size=0.25)
     overrides = [o for o in TINY if not o.startswith("model.")] + [f"deepspeed={_write_ds_json(tmp_path, 2)}"]

@@ -31,7 +31,7 @@ from hbat.trainer.run import EXIT_DIVERGED, EXIT_ERROR, main  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from test_trainer_loop import TINY, write_user_run  # noqa: E402
+from hf_fixtures import TINY, write_user_run  # noqa: E402
 from trainer_ds_worker import tiny_workspace  # noqa: E402
 
 TASK = ["data.task_n_sft=64", "data.task_n_pref=48", "data.task_n_val=8"]

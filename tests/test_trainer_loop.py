@@ -15,10 +15,7 @@ from hbat.trainer.config import TrainConfig, load_config  # noqa: E402
 from hbat.trainer.methods import SPECS, stage_plan  # noqa: E402
 from hbat.trainer.metrics import read_metrics  # noqa: E402
 
-TINY = ["model.size=tiny", "model.pretrain_steps=0", "sft.batch_size=8", "sft.max_steps=2", "dpo.batch_size=8",
-        "dpo.max_steps=2", "reward.batch_size=8", "eval.kl_samples=4", "eval.max_new_tokens=6", "eval.batch_size=8",
-        "save_model=false", "ppo.batch_size=4", "ppo.mini_batch_size=2", "ppo.max_steps=1", "ppo.max_new_tokens=6",
-        "ppo.cold_start_steps=0"]
+from hf_fixtures import TINY, write_user_run  # noqa: E402  (tests/ is on sys.path under pytest)
 
 
 def test_stage_plans():
@@ -130,25 +127,6 @@ def test_resume_equals_uninterrupted_run(workspace, tmp_path, monkeypatch):
     for name, value in full["model"].items():
         assert torch.equal(value, cut["model"][name]), name
     assert full["regularizer"]["ewc"]["accumulated"]["hpa"].equal(cut["regularizer"]["ewc"]["accumulated"]["hpa"])
-
-
-def write_user_run(folder, *, n_rows: int, val_size: float):
-    """A user's run in ``folder``: SFT and preference JSONL, a local tiny model with its tokenizer, and
-    run.yaml (method hbat, output in ``folder/out``). Returns the config's path."""
-    from hbat.data import write_jsonl
-    from hbat.task import build_model, build_tokenizer, make_task
-
-    task = make_task(seed=1, n_sft=n_rows, n_pref=n_rows, n_prompts=0, n_val=0, n_pretrain=0)
-    write_jsonl(task.sft_train, folder / "sft.jsonl")
-    write_jsonl(task.pref_train, folder / "pref.jsonl")
-    tokenizer = build_tokenizer()
-    build_model(tokenizer, size="tiny").save_pretrained(folder / "model")
-    tokenizer.save_pretrained(folder / "model")
-    config = folder / "run.yaml"
-    config.write_text(f"method: hbat\noutput_dir: {folder / 'out'}\nmodel:\n  path: {folder / 'model'}\n"
-                      f"data:\n  sft: {folder / 'sft.jsonl'}\n  preference: {folder / 'pref.jsonl'}\n"
-                      f"  val_size: {val_size}\n")
-    return config
 
 
 def test_cli_train_on_user_jsonl(tmp_path):

@@ -102,9 +102,16 @@ def test_methods_run_end_to_end(workspace, tmp_path, method, hpa):
         assert any(any(k.startswith("ppo/") for k in r) for r in records)
 
 
-def test_resume_equals_uninterrupted_run(workspace, tmp_path, monkeypatch):
+@pytest.mark.parametrize("hpa, dtype", [("dpo", "float32"), ("ppo", "float32"), ("dpo", "bfloat16")])
+def test_resume_equals_uninterrupted_run(workspace, tmp_path, monkeypatch, hpa, dtype):
+    """A crash in the second HPA stage, then --resume: the weights (and PPO's critic) of an uninterrupted run;
+    in bf16 too (the checkpoint carries the fp32 master weights)."""
+    from trainer_ds_worker import tiny_workspace
+
+    if dtype == "bfloat16":
+        workspace = tiny_workspace(torch.bfloat16)
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
-    loop.run_method(workspace, _cfg(full_dir, "keep=last"), progress=False)
+    loop.run_method(workspace, _cfg(full_dir, "keep=last", f"hpa={hpa}", f"model.dtype={dtype}"), progress=False)
     real_hpa = loop._run_hpa
     calls = {"n": 0}
 
@@ -116,17 +123,28 @@ def test_resume_equals_uninterrupted_run(workspace, tmp_path, monkeypatch):
 
     monkeypatch.setattr(loop, "_run_hpa", crash_in_second_hpa)
     with pytest.raises(KeyboardInterrupt):
-        loop.run_method(workspace, _cfg(cut_dir, "keep=last"), progress=False)
+        loop.run_method(workspace, _cfg(cut_dir, "keep=last", f"hpa={hpa}", f"model.dtype={dtype}"), progress=False)
     monkeypatch.setattr(loop, "_run_hpa", real_hpa)
     assert torch.load(cut_dir / "hbat" / "checkpoint.pt", weights_only=False)["position"] == 3
     with pytest.raises(ValueError, match="different settings for \\['seed'\\]"):
-        loop.run_method(workspace, _cfg(cut_dir, "keep=last", "seed=1"), resume=True, progress=False)
-    loop.run_method(workspace, _cfg(cut_dir, "keep=last"), resume=True, progress=False)
+        loop.run_method(workspace, _cfg(cut_dir, "keep=last", f"hpa={hpa}", f"model.dtype={dtype}", "seed=1"),
+                        resume=True, progress=False)
+    loop.run_method(workspace, _cfg(cut_dir, "keep=last", f"hpa={hpa}", f"model.dtype={dtype}"), resume=True,
+                    progress=False)
     full = torch.load(full_dir / "hbat" / "checkpoint.pt", weights_only=False)
     cut = torch.load(cut_dir / "hbat" / "checkpoint.pt", weights_only=False)
     for name, value in full["model"].items():
         assert torch.equal(value, cut["model"][name]), name
     assert full["regularizer"]["ewc"]["accumulated"]["hpa"].equal(cut["regularizer"]["ewc"]["accumulated"]["hpa"])
+    if dtype == "bfloat16":
+        assert full["masters"]["policy"] and all(v.dtype == torch.float32 for v in full["masters"]["policy"].values())
+        assert all(torch.equal(v, cut["masters"]["policy"][k]) for k, v in full["masters"]["policy"].items())
+    if hpa == "ppo":
+        assert full["critic"]["steps_trained"] == 2
+        for name, value in full["critic"].items():
+            assert torch.equal(value, cut["critic"][name]), name
+        base = workspace.base_state
+        assert any(not torch.equal(full["model"][k], base[k]) for k in base)  # the policy moved
 
 
 def test_cli_train_on_user_jsonl(tmp_path):

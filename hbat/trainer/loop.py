@@ -34,13 +34,14 @@ from .methods import spec, stage_plan
 from .memory import plan_memory
 from .metrics import MetricsLogger
 from .models import is_lora, prepare_trainee
+from .steppers import load_master_state, master_state
 from .regularizers import make_regularizer
 from .workspace import Workspace
 
 RESUME_IGNORED = ("output_dir", "save_model")  # settings that may differ between a run and its resumption
 RESUME_REMEDY = "delete it, or run without --resume"
-CHECKPOINT_KEYS = ("position", "model", "regularizer", "critic", "evals", "best", "elapsed", "log_step", "rng",
-                   "config")
+CHECKPOINT_KEYS = ("position", "model", "masters", "regularizer", "critic", "evals", "best", "elapsed", "log_step",
+                   "rng", "config")
 
 
 def evaluate(ws: Workspace, model, cfg: TrainConfig) -> dict:
@@ -147,6 +148,7 @@ def _run_stages(ws: Workspace, cfg: TrainConfig, name: str, folder: str, *, resu
         state = _load_checkpoint(state_path)
         _check_resume_config(state["config"], cfg)
         model.load_state_dict(state["model"])  # before the engine copies the weights into its partitions
+        load_master_state(model, state["masters"]["policy"])  # bf16 weights: their fp32 masters (steppers)
     engine = build_engine(model, cfg) if distributed else None
     trainee = engine if distributed else model  # what the stages step; ``model`` stays the plain module
     # ZeRO-3: ``model``'s parameters are partitioned now; evaluation and checkpoints gather them (engine docstring)
@@ -168,6 +170,7 @@ def _run_stages(ws: Workspace, cfg: TrainConfig, name: str, folder: str, *, resu
         if state["critic"] is not None:
             critic = _new_critic(ws, cfg)
             critic.load_state_dict(state["critic"])
+            load_master_state(critic, state["masters"]["critic"])
         start, evals, best, elapsed = state["position"], state["evals"], state["best"], state["elapsed"]
         log.step = state["log_step"]
         ckpt.set_rng_state(state["rng"])
@@ -211,6 +214,7 @@ def _run_stages(ws: Workspace, cfg: TrainConfig, name: str, folder: str, *, resu
             if main:
                 ckpt.save_atomic({
                     "position": i + 1, "model": weights,
+                    "masters": {"policy": master_state(model), "critic": {} if critic is None else master_state(critic)},
                     "regularizer": None if distributed else regularizer.state_dict(),
                     "critic": None if critic is None else critic.state_dict(),
                     "evals": evals, "best": best, "elapsed": elapsed, "log_step": log.step, "rng": ckpt.rng_state(),

@@ -14,11 +14,16 @@ lr_scheduler_type). ``step`` returns 0-dim tensors (``ewc/penalty``, ``train/gra
 
 ``TorchStepper`` (one process), in this order: ``ewc.apply_()`` adds the penalty gradient to ``.grad`` (so it
 is clipped like a loss term); ``clip_grad_norm_``; ``AdamW.step``; the schedule; ``zero_grad``. Weights in
-bfloat16 (``model.dtype``) are stepped through fp32 master copies held by the stepper: AdamW's moments and
-update run in fp32 on the master, which is rounded back into the bf16 weight after each step (a plain bf16
-AdamW loses every update below bf16's resolution: lr 1e-6 on a weight of 1e-2 changes nothing). Each bf16
-gradient is converted to fp32 and freed at the step; clipping measures the fp32 gradients. fp32 weights are
-their own master (no copy). Masters are made from the weights when the stepper is (a fresh one per stage).
+bfloat16 (``model.dtype``) are stepped through fp32 master copies: AdamW's moments and update run in fp32 on
+the master, which is rounded back into the bf16 weight after each step (a plain bf16 AdamW loses every update
+below bf16's resolution: lr 1e-6 on a weight of 1e-2 changes nothing). Each bf16 gradient is converted to fp32
+and freed at the step; clipping measures the fp32 gradients. fp32 weights are their own master (no copy).
+The EWC penalty of a bf16 model is measured on the masters (``master_named_parameters``, as DeepSpeed's bf16
+engine does on its fp32 partitions): its gradient goes to the masters' gradients before clipping.
+The masters belong to the model, not to a stage (``master_weights``): the next stage's stepper continues from
+them, as DeepSpeed keeps its fp32 partitions, so progress below bf16's resolution is not lost at a stage
+boundary; a weight changed from outside (``load_state_dict``) gets a fresh master. ``master_state`` /
+``load_master_state`` carry them through a checkpoint (exact resume in bf16).
 
 ``DeepSpeedStepper`` runs the same step on a ``deepspeed.DeepSpeedEngine`` (hbat.trainer.engine): this rank's
 micro-batches, ``engine.backward`` with an explicit accumulation boundary, the penalty added to the rank's
@@ -27,9 +32,13 @@ reduced gradient partition, DeepSpeed's clipping, master weights and step.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Sequence
 
 import torch
+
+# module -> {parameter: its fp32 master}; outside the module, so copies of the module (references) share none
+_MASTERS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -38,6 +47,57 @@ def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     if not params:
         raise ValueError("the model has no trainable parameters")
     return params
+
+
+@torch.no_grad()
+def master_weights(model: torch.nn.Module, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The fp32 master of each of ``params`` (a weight of ``model``): the weight itself when it is fp32, else
+    the master ``model`` keeps (one tensor for the whole run, which HybridEWC may hold), set again from the
+    weight where the weight is no longer the master rounded (it was changed from outside)."""
+    store = _MASTERS.setdefault(model, {})
+    low = [p for p in params if p.dtype != torch.float32]
+    for p in low:
+        if p not in store:
+            store[p] = p.detach().float().requires_grad_(True)  # a leaf HybridEWC's view accepts
+    flags = [(store[p].to(p.dtype) == p).all() for p in low]
+    valid = torch.stack([f.to(low[0].device) for f in flags]).tolist() if low else []  # one host sync
+    for p, ok in zip(low, valid):
+        if not ok:
+            store[p].copy_(p)
+    return [p if p.dtype == torch.float32 else store[p] for p in params]
+
+
+def master_named_parameters(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """``model``'s trainable (name, parameter) pairs with each bf16 weight replaced by its fp32 master: what the
+    EWC penalty of a bf16 model measures and adds its gradient to (the step folds it in before clipping)."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    return list(zip([name for name, _ in named], master_weights(model, [p for _, p in named])))
+
+
+def has_low_precision(model: torch.nn.Module) -> bool:
+    return any(p.requires_grad and p.dtype != torch.float32 for p in model.parameters())
+
+
+def drop_master_weights(model: torch.nn.Module) -> None:
+    """Forget the masters of ``model`` (a model that is trained no more, e.g. the shared SFT model)."""
+    _MASTERS.pop(model, None)
+
+
+def master_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The masters ``model`` keeps, by parameter name (CPU copies), for a checkpoint."""
+    store = _MASTERS.get(model, {})
+    return {name: store[p].detach().cpu().clone() for name, p in model.named_parameters() if p in store}
+
+
+@torch.no_grad()
+def load_master_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Masters from ``master_state``, loaded after the weights (each must round to its weight)."""
+    params = dict(model.named_parameters())
+    missing = [name for name in state if name not in params or params[name].dtype == torch.float32]
+    if missing:
+        raise ValueError(f"master weight {missing[0]!r} is not a low-precision parameter of the model")
+    for master, value in zip(master_weights(model, [params[name] for name in state]), state.values()):
+        master.copy_(value)
 
 
 def make_optimizer(params: Sequence[torch.Tensor], cfg) -> torch.optim.Optimizer:
@@ -74,8 +134,7 @@ class TorchStepper:
     def __init__(self, model: torch.nn.Module, cfg, total_steps: int):
         self.cfg = cfg
         self.params = trainable_parameters(model)
-        with torch.no_grad():
-            self.masters = [p if p.dtype == torch.float32 else p.detach().float() for p in self.params]
+        self.masters = master_weights(model, self.params)
         self.low_precision = [(p, m) for p, m in zip(self.params, self.masters) if m is not p]
         self.optimizer = make_optimizer(self.masters, cfg)
         self.scheduler = make_scheduler(self.optimizer, cfg, total_steps)
@@ -94,11 +153,10 @@ class TorchStepper:
 
     def step(self, ewc=None) -> dict:
         stats = {}
-        if ewc is not None:
+        self._gradients_to_masters()
+        if ewc is not None:  # HybridEWC of a bf16 model adds to the masters' gradients, a hook on the model to .grad
             stats["ewc/penalty"] = ewc.apply_().detach().float()
-        for weight, master in self.low_precision:  # the gradient in fp32; the bf16 one is freed as we go
-            master.grad = None if weight.grad is None else weight.grad.float()
-            weight.grad = None
+        self._gradients_to_masters()
         stats["train/grad_norm"] = torch.nn.utils.clip_grad_norm_(
             self.masters, self.cfg.max_grad_norm if self.cfg.max_grad_norm else float("inf")).detach().float()
         stats["train/lr"] = torch.tensor(self.scheduler.get_last_lr()[0])
@@ -109,6 +167,14 @@ class TorchStepper:
                 weight.copy_(master)
         self.close()
         return stats
+
+    def _gradients_to_masters(self) -> None:
+        """Add each bf16 gradient, in fp32, to its master's gradient, freeing the bf16 one as it goes."""
+        for weight, master in self.low_precision:
+            if weight.grad is not None:
+                grad = weight.grad.float()
+                master.grad = grad if master.grad is None else master.grad.add_(grad)
+                weight.grad = None
 
     def close(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)

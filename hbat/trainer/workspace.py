@@ -19,6 +19,7 @@ from .checks import ConfigError
 from .config import TrainConfig
 from .guards import TrainingDiverged, check_weights
 from .models import has_tokenizer, load_causal_lm, merge_lora, pick_device, prepare_trainee, resolve_dtype
+from .steppers import drop_master_weights
 from .validate import check_data
 
 
@@ -193,6 +194,7 @@ def _sft_model(cfg, shared, build_plain, tokenizer, data, dtype, device, progres
             run_sft(trainee, tokenizer, data.splits["sft_train"], replace(cfg.sft, seed=cfg.seed), log=log,
                     progress=progress)
             merge_lora(trainee)  # sft_model holds the trained weights, plain
+            drop_master_weights(sft_model)
 
         _cached(os.path.join(shared, "sft.pt"), sft_model, train, "the shared SFT reference", "sft.lr")
     return sft_model.eval().requires_grad_(False)
@@ -221,6 +223,7 @@ def _reward_model(cfg, shared, sft_model, tokenizer, data, dtype, device, progre
         train_reward_model(reward_model, tokenizer, data.splits["pref_train"], replace(cfg.reward, seed=cfg.seed),
                            log=log, progress=progress)
         reward_model.backbone = merge_lora(reward_model.backbone)
+        drop_master_weights(reward_model)
 
     _cached(os.path.join(shared, "reward_model.pt"), reward_model, train, "the shared reward model", "reward.lr")
     return reward_model.eval().requires_grad_(False)

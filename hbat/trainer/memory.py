@@ -133,15 +133,18 @@ def _meta_from(path: str, auto_class: str) -> object:
         return getattr(transformers, auto_class).from_config(transformers.AutoConfig.from_pretrained(path))
 
 
-def lora_numel(model, model_cfg, task_type: str | None = "CAUSAL_LM") -> int:
-    """Elements of the LoRA adapters ``model.lora_*`` would add to ``model`` (built on the meta device)."""
+def lora_numel(model, model_cfg, task_type: str | None = "CAUSAL_LM") -> tuple[int, int]:
+    """(elements of the LoRA adapters ``model.lora_*`` would add to ``model``, the summed input width of the
+    layers they adapt), from a copy built on the meta device."""
     import copy
 
     from .models import with_lora
 
     with torch.device("meta"):
         wrapped = with_lora(copy.deepcopy(model), model_cfg, seed=0, task_type=task_type)
-    return sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+    adapted = [m for m in wrapped.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+    return (sum(p.numel() for p in wrapped.parameters() if p.requires_grad),
+            sum(getattr(m.base_layer, "in_features", 0) for m in adapted))
 
 
 # --- the plan -----------------------------------------------------------------------------------------------------
@@ -167,7 +170,7 @@ def plan_memory(cfg, *, device: torch.device | None = None, world: int | None = 
 
     meta = meta_policy(cfg)
     shape = _shape(meta)
-    trainable = lora_numel(meta, m) if m.lora_r else shape.params
+    trainable, lora_width = lora_numel(meta, m) if m.lora_r else (shape.params, 0)
     lora_hint = "model.lora_r > 0 trains adapters only"
     half_hint = "model.dtype: bfloat16 halves it" if dtype == torch.float32 else ""
     shard = {"weights": world if zero == 3 else 1, "grads": world if zero >= 2 else 1,
@@ -196,7 +199,7 @@ def plan_memory(cfg, *, device: torch.device | None = None, world: int | None = 
 
     ppo = method.hpa and cfg.hpa == "ppo"
     if ppo:
-        critic = lora_numel(meta.base_model, m, task_type=None) + shape.hidden + 1 if m.lora_r else reward
+        critic = lora_numel(meta.base_model, m, task_type=None)[0] + shape.hidden + 1 if m.lora_r else reward
         plan.add("PPO critic weights", dtype, reward, shrink=half_hint)
         _trained_state(plan, "PPO critic", critic, torch.float32 if m.lora_r else dtype, {"grads": 1, "optimizer": 1},
                        lora_hint if not m.lora_r else "", "", deepspeed=False)
@@ -214,7 +217,8 @@ def plan_memory(cfg, *, device: torch.device | None = None, world: int | None = 
     elif method.regularizer == "fisher":
         plan.add("Fisher EWC anchor and per-element Fisher", torch.float32, 2 * selected)
 
-    plan.add("activations (largest micro-batch)", dtype, _activation_bytes(cfg, shape, dtype, world, ppo, method),
+    plan.add("activations (largest micro-batch)", dtype,
+             _activation_bytes(cfg, shape, dtype, world, ppo, method, lora_width),
              bytes_per=1, shrink="model.gradient_checkpointing: true, more *.grad_accum_steps or a shorter *.max_len")
     return plan
 
@@ -239,14 +243,17 @@ def _ewc_numel(meta, cfg, trainable: int) -> int:
     return sum(view.unit_numel)
 
 
-def _activation_bytes(cfg, shape: Shape, dtype, world: int, ppo: bool, method) -> float:
-    """Bytes of the largest micro-batch's forward and backward (module docstring), over the method's stages."""
+def _activation_bytes(cfg, shape: Shape, dtype, world: int, ppo: bool, method, lora_width: int) -> float:
+    """Bytes of the largest micro-batch's forward and backward (module docstring), over the method's stages.
+    ``lora_width``: the summed input width of the LoRA layers, whose inputs peft keeps again (cast to the fp32
+    adapters' dtype, and after the adapter dropout with its mask)."""
     width = torch.tensor([], dtype=dtype).element_size()
     per_layer = ACTIVATION_FACTORS[0] * shape.hidden + ACTIVATION_FACTORS[1] * shape.intermediate
+    lora = lora_width * (4 * (dtype != torch.float32) + 5 * (cfg.model.lora_dropout > 0))
     if cfg.model.gradient_checkpointing:  # the layer inputs, and one layer recomputed at a time
-        per_token = (shape.layers * shape.hidden + per_layer) * width
+        per_token = (shape.layers * shape.hidden + per_layer) * width + lora / max(shape.layers, 1)
     else:
-        per_token = shape.layers * per_layer * width
+        per_token = shape.layers * per_layer * width + lora
     head = shape.vocab * (width + LOGIT_BYTES)  # logits, their fp32 copy, the log-softmax and the gradients
 
     def train(rows: float, length: int) -> float:

@@ -75,7 +75,7 @@ else:
 
 EXTRAS = {
     "triton": ["triton"],
-    "train": ["transformers>=4.45", "tokenizers", "pyyaml", "tqdm", "safetensors", "matplotlib"],
+    "train": ["transformers>=4.45", "tokenizers", "pyyaml", "tqdm", "safetensors", "matplotlib", "datasets"],
     "trl": ["trl", "datasets", "accelerate"],
     "deepspeed": ["deepspeed"],
     "lora": ["peft"],

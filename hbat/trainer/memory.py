@@ -274,9 +274,10 @@ def _activation_bytes(cfg, shape: Shape, dtype, world: int, ppo: bool, method, l
 
 
 def available_bytes(device: torch.device) -> int | None:
-    """Free memory of ``device``: CUDA's free bytes, or the host's MemAvailable shared by this node's ranks."""
+    """Free memory of ``device``: CUDA's free bytes, or the host's MemAvailable shared by this node's ranks;
+    None where it cannot be known (e.g. a CUDA plan made on a machine without one)."""
     if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+        return int(torch.cuda.mem_get_info(device)[0]) if torch.cuda.is_available() else None
     try:
         with open("/proc/meminfo", encoding="ascii") as fh:
             for line in fh:

@@ -79,15 +79,18 @@ def is_checkpointed(module: nn.Module) -> bool:
 
 @contextlib.contextmanager
 def no_dropout(*modules: nn.Module):
-    """Every ``nn.Dropout`` of ``modules`` at p = 0 (restored after): train mode that computes like eval mode."""
-    saved = [(m, m.p) for module in modules for m in module.modules() if isinstance(m, nn.Dropout)]
-    for m, _ in saved:
-        m.p = 0.0
+    """Every dropout of ``modules`` at 0 (restored after): ``nn.Dropout`` modules and the ``attention_dropout``
+    rates attention layers read in train mode. Train mode that computes like eval mode."""
+    saved = [(m, "p", m.p) for module in modules for m in module.modules() if isinstance(m, nn.Dropout)]
+    saved += [(m, "attention_dropout", m.attention_dropout) for module in modules for m in module.modules()
+              if isinstance(getattr(m, "attention_dropout", None), float)]
+    for m, name, _ in saved:
+        setattr(m, name, 0.0)
     try:
         yield
     finally:
-        for m, p in saved:
-            m.p = p
+        for m, name, value in saved:
+            setattr(m, name, value)
 
 
 # --- LoRA ---------------------------------------------------------------------------------------------------------

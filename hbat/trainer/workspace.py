@@ -5,6 +5,11 @@ trained pieces under ``<output_dir>/shared/`` (atomic files with checksums, hbat
 several methods, and a resumed run, start from the very same base weights, reward model and data. The data
 is read and checked against the config before any model is built; a cached file that fails its check is an
 error (never rebuilt silently); a piece whose training diverges is not cached (TrainingDiverged).
+
+Models (hbat.trainer.models): every one in ``model.dtype``; ``model.sft_path`` / ``model.reward_path`` are
+loaded instead of trained (and not cached); with LoRA the shared SFT and reward models are trained with
+adapters and merged. Before any model is loaded, the run's memory plan must fit the device
+(hbat.trainer.memory).
 """
 from __future__ import annotations
 

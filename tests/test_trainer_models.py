@@ -181,6 +181,11 @@ def test_lora_ppo_with_bf16_gradient_checkpointing_on_qwen2(tmp_path, tokenizer)
 
 # --- your own SFT and reward models ---------------------------------------------------------------------------------
 
+def cached_models(output_dir: Path) -> list[str]:
+    """The model files cached under ``output_dir/shared/`` (not the data's token cache, shared/tokens/)."""
+    return sorted(p.name for p in (output_dir / "shared").glob("*/*.pt") if p.parent.name != "tokens")
+
+
 def test_sft_path_and_reward_path_skip_their_training(user, tmp_path):
     folder, _ = user
     logged = []
@@ -188,7 +193,7 @@ def test_sft_path_and_reward_path_skip_their_training(user, tmp_path):
                  f"model.reward_path={folder / 'rm'}")
     ws = prepare(cfg, progress=False, log=logged.append)
     assert not [r for r in logged if "sft/loss" in r or "rm/loss" in r]  # nothing trained
-    assert not list((tmp_path / "shared").glob("*/*.pt"))  # and nothing cached
+    assert not cached_models(tmp_path)  # and nothing cached
     sft = load_causal_lm(str(folder / "sft"), torch.float32)
     assert all(torch.equal(v, ws.sft_model.state_dict()[k]) for k, v in sft.state_dict().items())
     from transformers import AutoModelForSequenceClassification
@@ -201,7 +206,7 @@ def test_sft_path_and_reward_path_skip_their_training(user, tmp_path):
     # without them, both are trained and cached
     prepare(config(user, tmp_path / "trained", "method=sft_only"), progress=False, log=logged.append)
     assert [r for r in logged if "sft/loss" in r] and [r for r in logged if "rm/loss" in r]
-    assert sorted(p.name for p in (tmp_path / "trained" / "shared").glob("*/*.pt")) == ["reward_model.pt", "sft.pt"]
+    assert cached_models(tmp_path / "trained") == ["reward_model.pt", "sft.pt"]
 
 
 def test_a_reward_model_with_its_own_tokenizer_scores_retokenized_text(user, tmp_path, tokenizer):

@@ -1,6 +1,7 @@
 """The README's "Your own model and data" section, run as written: its config (own.yaml) and command on tiny
 models and data (tests/hf_fixtures.py), its peft snippet on the result, and its memory-plan snippet against the
-plan it shows. The config and commands are read from README.md, so the section cannot drift from what works."""
+plan and the error it shows. The config and commands are read from README.md, so the section cannot drift from
+what works. The config's run needs the data sources of hbat.data (parquet, save_to_disk folders, data set names)."""
 import contextlib
 import io
 import json

@@ -76,14 +76,16 @@ else:
 
 EXTRAS = {
     "triton": ["triton"],
-    "train": ["transformers>=4.45", "tokenizers", "pyyaml", "tqdm", "safetensors", "matplotlib"],
+    "train": ["transformers>=4.45", "tokenizers", "pyyaml", "tqdm", "safetensors", "matplotlib", "datasets"],
     "trl": ["trl", "datasets", "accelerate"],
     "deepspeed": ["deepspeed"],
+    "lora": ["peft"],
     "bench": ["matplotlib", "psutil", "pytest-benchmark"],
 }
 EXTRAS["test"] = sorted(
     {"pytest", "pytest-benchmark", "numpy"}
     | set(EXTRAS["triton"]) | set(EXTRAS["train"]) | set(EXTRAS["trl"]) | set(EXTRAS["deepspeed"]) | set(EXTRAS["bench"])
+    | set(EXTRAS["lora"])
 )
 EXTRAS["all"] = EXTRAS["test"]
 

@@ -1,4 +1,5 @@
-"""The paper's Table 7 on this machine: the cost of the EWC penalty in a DPO training step.
+"""The paper's Table 7 on this machine: the cost of the EWC penalty in a DPO training step; and the memory of
+the trainer on the same model in fp32, bf16 and bf16 + LoRA, against its memory plan.
 
     python benchmarks/bench_step.py                        # CPU: a ~20M-parameter transformers Llama
 
@@ -11,10 +12,18 @@ clipping, AdamW step. Variants:
 Time per step: medians over interleaved steps on one model (so noise hits all variants alike). Peak memory:
 a fresh child process per variant builds everything and runs two steps (CPU: peak RSS above the process
 after imports; GPU: max_memory_allocated). The Fisher estimate itself is not in the step (bench_importance.py).
+
+Precision (``--precisions``): the same model saved as a user's model (with an SFT model and a one-label reward
+model of its shape, so nothing is trained before the method), then ``hbat train``'s ``prepare`` and
+``run_method`` of ``no_alternation`` (one SFT and one DPO stage with HybridEWC, two steps each, the step's
+batch) in a fresh child per precision: ``fp32``, ``bf16`` (``model.dtype: bfloat16``, fp32 masters) and
+``bf16+lora`` (+ ``model.lora_r: 16``). Peak memory as above, next to the total of the trainer's memory plan
+(hbat.trainer.memory, sized from the configs before anything is loaded).
 Writes ``<out>/<device>-step.{csv,md}``.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import sys
@@ -33,6 +42,10 @@ VARIANTS = ("dpo", "dpo+hbat", "dpo+naive", "dpo+fisher")
 PAPER = {"dpo": ("1.00x", "52.77 GB"), "dpo+hbat": ("1.26x", "61.13 GB (+16%)"),
          "dpo+naive": ("(Hbat's code)", "(Hbat's code)"), "dpo+fisher": ("1.64x", "73.55 GB (+39%)")}
 LAM, F_MAX = 1.0, 100.0
+#: the precision part: model overrides of each variant (the trainer's config keys)
+PRECISIONS = {"fp32": ["model.dtype=float32"], "bf16": ["model.dtype=bfloat16"],
+              "bf16+lora": ["model.dtype=bfloat16", "model.lora_r=16"]}
+PLAN_TARGET = 0.15  # the memory plan's total within 15% of the measured peak (issue 15)
 
 
 class Trainer:
@@ -92,10 +105,58 @@ def child_step_memory(variant: str, size: float, device: str, pairs: int, seq_le
     return float(peak.bytes)
 
 
+def trainer_overrides(folder: str, files: dict, pairs: int, seq_len: int) -> list[str]:
+    """A short ``hbat`` run of the trainer (N = 2) with the step's batch (``pairs`` x ``seq_len``)."""
+    return [f"{key}={value}" for key, value in files.items()] + [
+        "method=hbat", "n_parts=2", f"output_dir={folder}", "save_model=false", "sft.lr=1e-4", "dpo.lr=1e-5",
+        f"sft.batch_size={2 * pairs}", "sft.max_steps=2", f"sft.max_len={seq_len}", f"dpo.batch_size={pairs}",
+        "dpo.max_steps=2", f"dpo.max_len={seq_len}", f"dpo.eval_batch_size={pairs}", f"reward.max_len={seq_len}",
+        "data.val_size=4", "data.max_val=4", f"eval.batch_size={pairs}", "eval.max_new_tokens=4",
+        f"eval.kl_samples={pairs}"]
+
+
+def child_trainer_memory(overrides: list[str], device: str) -> dict:
+    """The trainer's memory plan of ``overrides`` and the peak of its prepare + run_method (a fresh child)."""
+    from hbat.trainer.config import load_config
+    from hbat.trainer.loop import run_method
+    from hbat.trainer.memory import plan_memory
+    from hbat.trainer.workspace import prepare
+
+    cfg = load_config(None, overrides)
+    plan = plan_memory(cfg, device=torch.device(device))
+    with B.PeakMemory(device) as peak:
+        run_method(prepare(cfg, progress=False), cfg, progress=False)
+    return {"peak": float(peak.bytes), "plan": plan.as_dict()}
+
+
+def precision_rows(args, size: float, folder: str) -> list[dict]:
+    files = M.save_for_trainer(folder, size, rows=24, seq_len=args.seq_len)
+    rows = []
+    for variant in args.precisions:
+        overrides = trainer_overrides(os.path.join(folder, variant), files, args.pairs, args.seq_len)
+        got = B.peak_memory_of(child_trainer_memory, args.device, overrides + PRECISIONS[variant], str(args.device))
+        items = {item["name"]: item["bytes"] for item in got["plan"]["items"]}
+        group = {"weights": ("weights", "model", "adapters"), "training state": ("gradients", "AdamW", "master"),
+                 "activations": ("activations",), "anchor": ("anchor",)}
+        sizes = {key: sum(b for name, b in items.items() if any(w in name for w in words)) / 1e6
+                 for key, words in group.items()}
+        plan = got["plan"]["total_bytes"]
+        with torch.device("meta"):
+            params = M.param_count(M.LlamaForCausalLM(M.llama_config(size)))
+        rows.append({"params": params, "variant": variant, "part": "precision",
+                     "pairs": args.pairs, "seq_len": args.seq_len, "peak_mb": got["peak"] / 1e6,
+                     "plan_mb": plan / 1e6, "plan_vs_peak": plan / got["peak"],
+                     **{f"plan_{key.replace(' ', '_')}_mb": value for key, value in sizes.items()}})
+    return rows
+
+
 def run(args) -> list[dict]:
+    import tempfile
+
     device = torch.device(args.device)
     rows = []
-    bar = B.progress(len(args.sizes) * (1 + len(args.variants)), "bench_step")
+    precision = [] if args.no_memory else args.precisions
+    bar = B.progress(len(args.sizes) * (1 + len(args.variants) + len(precision)), "bench_step")
     for size in args.sizes:
         trainer = Trainer(size, device, args.pairs, args.seq_len, args.variants)
         n_params = M.param_count(trainer.policy)
@@ -124,11 +185,39 @@ def run(args) -> list[dict]:
                 "param_copy_mb": 4 * n_params / 1e6,
                 "paper_time": PAPER.get(variant, ("-", "-"))[0], "paper_memory": PAPER.get(variant, ("-", "-"))[1],
             })
+        if precision:
+            with tempfile.TemporaryDirectory() as folder:
+                rows += precision_rows(argparse.Namespace(**{**vars(args), "precisions": precision}), size, folder)
+            bar.update(len(precision))
     bar.close()
     return rows
 
 
+def precision_markdown(rows) -> list[str]:
+    if not rows:
+        return []
+    within = all(abs(r["plan_vs_peak"] - 1) <= PLAN_TARGET for r in rows)
+    out = ["", "## The trainer's memory: fp32, bf16, bf16 + LoRA, against the memory plan", "",
+           f"`hbat train`'s prepare and run of `no_alternation` on this model (user's model, SFT and reward models "
+           f"given: one SFT and one DPO stage with HybridEWC, two steps each, {rows[0]['pairs']} pairs x "
+           f"{rows[0]['seq_len']} tokens), each precision in a fresh process. The plan is the trainer's "
+           "(hbat.trainer.memory: sized from the configs, printed at the start and saved in result.json); its "
+           "groups: weights of every model held, training state (gradients, AdamW, fp32 masters), the EWC anchor, "
+           "activations.", "",
+           B.md_table(["params", "variant", "measured peak MB", "plan MB", "plan / measured", "weights MB",
+                       "training state MB", "anchor MB", "activations MB"],
+                      [[B.fmt_size(r["params"]), r["variant"], r["peak_mb"], r["plan_mb"], f"{r['plan_vs_peak']:.2f}",
+                        r["plan_weights_mb"], r["plan_training_state_mb"], r["plan_anchor_mb"],
+                        r["plan_activations_mb"]] for r in rows]), "",
+           f"Target: the plan's total within {PLAN_TARGET:.0%} of the measured peak: "
+           + ("met for every precision here." if within else "**not met** for " + ", ".join(
+               r["variant"] for r in rows if abs(r["plan_vs_peak"] - 1) > PLAN_TARGET) + ".")]
+    return out
+
+
 def markdown(rows, args) -> str:
+    precision = [r for r in rows if r.get("part") == "precision"]
+    rows = [r for r in rows if r.get("part") != "precision"]
     mem = "max_memory_allocated" if torch.device(args.device).type == "cuda" else "peak RSS of a fresh process above its imports"
     out = [
         f"# DPO step with and without the EWC penalty ({B.device_tag(args.device)}): the paper's Table 7 here", "",
@@ -159,6 +248,7 @@ def markdown(rows, args) -> str:
     out += ["", "Memory an EWC variant needs beyond DPO at the least: hbat one fp32 anchor copy (+ one float per "
             "tensor); Fisher EWC an anchor copy and a per-element Fisher. One fp32 parameter copy here: "
             + ", ".join(f"{r['param_copy_mb']:.0f} MB" for r in rows if r["variant"] == rows[0]["variant"]) + "."]
+    out += precision_markdown(precision)
     return "\n".join(out) + "\n"
 
 
@@ -169,6 +259,8 @@ def parse_args(argv=None):
     parser.add_argument("--pairs", type=int, default=None, help="preference pairs per step (default 4 CPU, 16 GPU)")
     parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 64 CPU, 512 GPU)")
     parser.add_argument("--repeats", type=int, default=9, help="timed steps per variant (default %(default)s; the machine is noisy)")
+    parser.add_argument("--precisions", default=",".join(PRECISIONS),
+                        help="the trainer's memory in these precisions (default %(default)s; '' skips it)")
     B.add_output_flags(parser)
     args = B.parse(parser, argv)
     gpu = torch.device(args.device).type == "cuda"
@@ -178,6 +270,7 @@ def parse_args(argv=None):
     try:
         args.sizes = B.parse_sizes(args.sizes)
         args.variants = B.parse_choices(args.variants, VARIANTS, "--variants")
+        args.precisions = B.parse_choices(args.precisions, tuple(PRECISIONS), "--precisions") if args.precisions else []
     except ValueError as exc:
         parser.error(str(exc))
     if "dpo" not in args.variants:

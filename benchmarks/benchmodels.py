@@ -73,3 +73,51 @@ def dpo_loss(policy, reference, batch: dict, beta: float = 0.1) -> torch.Tensor:
     with torch.no_grad():
         ref_logp = sequence_logprob(reference(batch["input_ids"]).logits, batch["labels"])
     return dpo_objective(*logp.chunk(2), *ref_logp.chunk(2), beta)[0]
+
+
+# --- the same model for the trainer (bench_step's precision part) ---------------------------------------------
+
+def word_tokenizer(vocab: int = VOCAB):
+    """A word-level tokenizer of ``vocab`` ids: ``<pad> <s> </s>`` then the words ``w3 .. w{vocab-1}``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab)}}
+    tok = Tokenizer(models.WordLevel(words, unk_token="</s>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def save_for_trainer(folder: str, params: float, rows: int, seq_len: int) -> dict[str, str]:
+    """The bench model (``params``) as a user's run of ``hbat train``: the model with its tokenizer (also the
+    SFT model), a one-label reward model of the same shape, and ``rows`` SFT / preference rows of random words
+    (half of ``seq_len`` prompt, half response). Returns the config overrides that point at them."""
+    import json
+    import os
+
+    from transformers import LlamaForSequenceClassification
+
+    tokenizer = word_tokenizer()
+    model_dir, reward_dir = os.path.join(folder, "model"), os.path.join(folder, "reward")
+    config = llama_config(params)
+    config.update({"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2})
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    config.num_labels = 1
+    LlamaForSequenceClassification(config).save_pretrained(reward_dir)
+    gen = torch.Generator().manual_seed(3)
+
+    def words(n):
+        return " ".join(f"w{i}" for i in torch.randint(3, VOCAB, (n,), generator=gen).tolist())
+
+    half = seq_len // 2 - 1  # BOS + prompt, response + EOS: seq_len tokens in all
+    sets = {"sft": [{"prompt": words(half), "response": words(half)} for _ in range(rows)],
+            "preference": [{"prompt": words(half), "chosen": words(half), "rejected": words(half)}
+                           for _ in range(rows)]}
+    for name, data in sets.items():
+        with open(os.path.join(folder, f"{name}.jsonl"), "w") as fh:
+            fh.writelines(json.dumps(row) + "\n" for row in data)
+    return {"model.path": model_dir, "model.sft_path": model_dir, "model.reward_path": reward_dir,
+            "data.sft": os.path.join(folder, "sft.jsonl"), "data.preference": os.path.join(folder, "preference.jsonl")}

@@ -161,3 +161,21 @@ def test_bench_step_penalties_agree_and_script_runs(tmp_path, one_thread):
     assert set(rows) == set(bench_step.VARIANTS)
     assert all(math.isfinite(float(r["median_s"])) and float(r["median_s"]) > 0 for r in rows.values())
     assert float(rows["dpo+hbat"]["penalty_call_ms"]) > 0  # the fused call was timed
+
+
+def test_bench_step_precision_part_measures_the_trainer_against_its_plan(tmp_path, one_thread):
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    import bench_step
+
+    bench_step.main(["--sizes", "2e5", "--pairs", "1", "--seq-len", "8", "--repeats", "1", "--variants", "dpo",
+                     "--precisions", "fp32,bf16+lora", "--out", str(tmp_path)])
+    with open(tmp_path / "cpu-step.csv") as f:
+        rows = {r["variant"]: r for r in csv.DictReader(f) if r["part"] == "precision"}
+    assert set(rows) == {"fp32", "bf16+lora"}
+    for row in rows.values():
+        assert float(row["peak_mb"]) > 0 and float(row["plan_mb"]) > 0
+        assert float(row["plan_vs_peak"]) == pytest.approx(float(row["plan_mb"]) / float(row["peak_mb"]), rel=1e-6)
+    # LoRA trains adapters only: its planned training state is a small part of full fine-tuning's
+    assert float(rows["bf16+lora"]["plan_training_state_mb"]) < 0.1 * float(rows["fp32"]["plan_training_state_mb"])
+    assert "## The trainer's memory: fp32, bf16, bf16 + LoRA" in (tmp_path / "cpu-step.md").read_text()

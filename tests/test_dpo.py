@@ -38,8 +38,7 @@ pytest.importorskip("tokenizers")
 
 from hbat.trainer.dpo import dpo_mix_loss, evaluate_dpo, preference_accuracy, run_dpo  # noqa: E402
 from hbat.trainer.sft import SFTConfig, run_sft  # noqa: E402
-from test_reward import char_tokenizer, tiny_llama  # noqa: E402
-from test_sft import RecordingEWC  # noqa: E402
+from hf_fixtures import RecordingEWC, char_tokenizer, tiny_llama  # noqa: E402
 
 TRL_KEYS = {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
             "logps/rejected", "dpo/loss", "train/lr", "train/grad_norm"}

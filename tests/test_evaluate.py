@@ -10,7 +10,7 @@ pytest.importorskip("tokenizers")
 from hbat.trainer.evaluate import evaluate_policy, greedy_generate, kl_to_reference  # noqa: E402
 from hbat.trainer.reward import RewardModel  # noqa: E402
 from hbat.trainer.sft import sft_loss  # noqa: E402
-from test_reward import char_tokenizer, tiny_llama  # noqa: E402
+from hf_fixtures import char_tokenizer, tiny_llama  # noqa: E402
 
 KEYS = {"eval/sft_loss", "eval/exact_match", "eval/preference", "eval/reward", "eval/kl_to_sft"}
 

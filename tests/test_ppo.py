@@ -100,7 +100,7 @@ pytest.importorskip("tokenizers")
 
 from hbat.trainer.ppo import Critic, generate, run_ppo, sample_rewards  # noqa: E402
 from hbat.trainer.reward import RewardModel  # noqa: E402
-from test_reward import char_tokenizer, tiny_llama  # noqa: E402  (tests/ is on sys.path under pytest)
+from hf_fixtures import char_tokenizer, tiny_llama  # noqa: E402  (tests/ is on sys.path under pytest)
 
 
 class CountToken(torch.nn.Module):
@@ -194,6 +194,27 @@ def test_actor_update_calls_ewc_apply_before_clipping(tokenizer):
     assert len(ewc.grad_norms) == 2  # one per mini-batch update
     assert all(norm > 1e-6 for norm in ewc.grad_norms)  # gradients were not clipped yet
     assert logged[0]["ewc/penalty"] == 0.5
+
+
+def test_policy_and_critic_step_through_the_shared_stepper(tokenizer, monkeypatch):
+    """Every PPO update is a TorchStepper.step, the one every stage takes: per mini-batch the critic's (no
+    penalty), then the policy's with the EWC hook."""
+    from hbat.trainer import steppers
+
+    lm = tiny_llama(tokenizer)
+    rm = RewardModel.from_causal_lm(lm)
+    critic, ewc, steps = Critic.from_reward_model(rm), RecordingEWC(lm), []
+    real_step = steppers.TorchStepper.step
+
+    def recording_step(self, ewc=None):
+        steps.append(("critic" if self.params[0] is next(critic.parameters()) else "policy", ewc))
+        return real_step(self, ewc)
+
+    monkeypatch.setattr(steppers.TorchStepper, "step", recording_step)
+    run_ppo(lm, None, rm, critic, tokenizer, ["q1:", "q2:", "q3:", "q4:"], small_config(max_steps=1), ewc=ewc,
+            progress=False)
+    assert steps == [("critic", None), ("policy", ewc)] * 2  # 4 prompts, mini-batches of 2, one PPO epoch
+    assert len(ewc.grad_norms) == 2
 
 
 def test_ppo_raises_a_trivial_reward_with_finite_metrics(tokenizer):

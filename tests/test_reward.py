@@ -6,33 +6,9 @@ pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
 from hbat.data import collate, encode_sft  # noqa: E402
+from hf_fixtures import char_tokenizer, tiny_llama  # noqa: E402  (tests/ is on sys.path under pytest)
 from hbat.trainer.reward import (RewardConfig, RewardModel, evaluate_reward_model, ranking_loss,  # noqa: E402
                                  score_responses, train_reward_model)
-
-
-def char_tokenizer():
-    """A character-level tokenizer made locally (no download): <pad>=0, <s>=1 (prepended), </s>=2."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    chars = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789 .,:;!?\n"))
-    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + chars)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
-
-
-def tiny_llama(tokenizer, seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    return LlamaForCausalLM(config)
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +60,7 @@ def test_reward_model_loss_decreases_and_ranks_held_out_pairs(tokenizer):
     result = train_reward_model(rm, tokenizer, train, RewardConfig(lr=3e-3, epochs=4, batch_size=8),
                                 log=logged.append, eval_pairs=held_out, progress=False)
     after = evaluate_reward_model(rm, tokenizer, train, batch_size=8)
-    assert result["rm/steps"] == 8
+    assert result["train/steps"] == 8
     assert after["rm/loss"] < before["rm/loss"] * 0.5
     assert result["rm/eval_accuracy"] == 1.0 and result["rm/eval_margin"] > 0
     losses = [m["rm/loss"] for m in logged if "rm/loss" in m]

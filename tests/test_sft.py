@@ -10,22 +10,7 @@ pytest.importorskip("tokenizers")
 from hbat.data import collate, encode_sft  # noqa: E402
 from hbat.trainer.common import StageConfig, token_logprobs  # noqa: E402
 from hbat.trainer.sft import SFTConfig, collate_sft, pack_rows, run_sft, sft_loss  # noqa: E402
-from test_reward import char_tokenizer, tiny_llama  # noqa: E402  (tests/ is on sys.path under pytest)
-
-
-class RecordingEWC:
-    """Stands in for hbat.HybridEWC: records each apply_ call, then adds a known gradient to one tensor."""
-
-    def __init__(self, model, add=0.0):
-        self.model, self.add, self.calls = model, add, []
-
-    def apply_(self):
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        grads = [p.grad.clone() for p in params]
-        next(self.model.parameters()).grad.add_(self.add)
-        norm_after = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
-        self.calls.append({"grads": grads, "norm_after": norm_after.item()})
-        return torch.tensor(0.5)
+from hf_fixtures import RecordingEWC, char_tokenizer, tiny_llama  # noqa: E402  (tests/ is on sys.path)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ sys.path.insert(0, str(HERE))
 import trainer_ds_worker as W  # noqa: E402
 from torchrun_launch import torchrun  # noqa: E402
 
-from hbat.trainer import engine  # noqa: E402
+from hbat.trainer import engine, steppers  # noqa: E402
 from hbat.trainer.dpo import DPOConfig  # noqa: E402
 from hbat.trainer.metrics import read_metrics  # noqa: E402
 from hbat.trainer.sft import SFTConfig  # noqa: E402
@@ -127,6 +127,50 @@ def test_hbat_under_zero_matches_single_process(zero, crash, reference, tmp_path
         assert all(len(rank) == len(anchors[0]) for rank in anchors) and len(anchors[0]) > 0
 
 
+def test_bf16_under_zero2_matches_single_process_bf16(tmp_path):
+    """model.dtype=bfloat16 with the JSON's bf16 (DeepSpeed's fp32 master partitions) against one process in bf16
+    (the stepper's fp32 masters): the run ends finite with bf16 weights that agree to bf16 precision."""
+    pytest.importorskip("deepspeed")
+    from hbat.trainer.loop import run_method
+
+    extra = ["model.dtype=bfloat16"]
+    run_method(W.tiny_workspace(torch.bfloat16), W.make_config(str(tmp_path / "single"), extra), progress=False)
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text(json.dumps(W.ds_config(2, bf16=True)))
+    _launch(tmp_path, ds_json, *[a for o in extra for a in ("--set", o)])
+    got = torch.load(tmp_path / "hbat" / "checkpoint.pt", weights_only=True)
+    want = torch.load(tmp_path / "single" / "hbat" / "checkpoint.pt", weights_only=True)
+    assert got["position"] == want["position"] == 4
+    base = W.tiny_workspace(torch.bfloat16).base_state
+    floats = [k for k, v in base.items() if v.is_floating_point()]
+    assert all(got["model"][k].dtype == want["model"][k].dtype == torch.bfloat16 for k in floats)
+    assert all(torch.isfinite(got["model"][k]).all() for k in floats)
+    change = torch.cat([(want["model"][k].float() - base[k].float()).flatten() for k in floats])
+    diff = torch.cat([(got["model"][k].float() - want["model"][k].float()).flatten() for k in floats])
+    # the two runs differ by bf16 roundings of the same training, a small part of what training changed
+    assert float(diff.norm()) < 0.1 * float(change.norm()), (float(diff.norm()), float(change.norm()))
+    for key in ("sft/loss", "dpo/loss", "ewc/penalty"):
+        got_log = [r[key] for r in read_metrics(tmp_path / "hbat" / "metrics.jsonl") if key in r]
+        want_log = [r[key] for r in read_metrics(tmp_path / "single" / "hbat" / "metrics.jsonl") if key in r]
+        torch.testing.assert_close(torch.tensor(got_log), torch.tensor(want_log), rtol=1e-2, atol=1e-3,
+                                   msg=lambda m: f"{key}: {m}")
+
+
+def test_a_bf16_model_needs_bf16_in_the_deepspeed_config(tmp_path):
+    from hbat.trainer.checks import ConfigError
+    from hbat.trainer.ds_config import run_ds_config
+
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text(json.dumps(W.ds_config(2)))
+    with pytest.raises(ConfigError, match=r"config.model.dtype = bfloat16 needs bf16 in the DeepSpeed config"):
+        run_ds_config(W.make_config(str(tmp_path), ["model.dtype=bfloat16"], str(ds_json)))
+    ds_json.write_text(json.dumps(W.ds_config(2, bf16=True)))
+    assert run_ds_config(W.make_config(str(tmp_path), ["model.dtype=auto"], str(ds_json)))["bf16"] == {"enabled": True}
+    from hbat.trainer.models import resolve_dtype
+
+    assert resolve_dtype(W.make_config(str(tmp_path), ["model.dtype=auto"], str(ds_json))) == torch.bfloat16
+
+
 def test_ds_config_is_derived_from_the_stages():
     sft, dpo = SFTConfig(batch_size=8, grad_accum_steps=2, max_grad_norm=1.0), DPOConfig(batch_size=8)
     config = engine.resolve_ds_config({"zero_optimization": {"stage": 2}, "train_batch_size": "auto"},
@@ -163,7 +207,7 @@ def test_unsupported_methods_are_refused_before_any_work(tmp_path):
 def test_rank_micro_batches_cover_the_global_batch_once():
     for rows, parts in ((8, 2), (6, 2), (3, 2), (1, 1), (5, 1)):
         batch = list(range(100, 100 + rows))
-        shares = [engine.DeepSpeedStepper.micro_batches(types.SimpleNamespace(rank=r, world_size=2), batch, parts)
+        shares = [steppers.DeepSpeedStepper.micro_batches(types.SimpleNamespace(rank=r, world_size=2), batch, parts)
                   for r in (0, 1)]
         assert all(len(share) == parts for share in shares)  # every rank joins every micro-step
         assert sorted(i for share in shares for micro in share for i in micro) == batch
@@ -184,7 +228,7 @@ def test_shutdown_leaves_a_process_group_the_caller_made(tmp_path):
 def test_cli_train_under_torchrun(tmp_path):
     """The README's command: `torchrun --nproc_per_node 2 -m hbat.cli train run.yaml --set deepspeed=ds.json`
     on user JSONL data and a local model; every rank exits 0 and rank 0 writes the summary."""
-    from test_trainer_loop import TINY, write_user_run
+    from hf_fixtures import TINY, write_user_run
 
     config = write_user_run(tmp_path, n_rows=32, val_size=0.25)
     overrides = [o for o in TINY if not o.startswith("model.")] + [f"deepspeed={_write_ds_json(tmp_path, 2)}"]

@@ -15,10 +15,7 @@ from hbat.trainer.config import TrainConfig, load_config  # noqa: E402
 from hbat.trainer.methods import SPECS, stage_plan  # noqa: E402
 from hbat.trainer.metrics import read_metrics  # noqa: E402
 
-TINY = ["model.size=tiny", "model.pretrain_steps=0", "sft.batch_size=8", "sft.max_steps=2", "dpo.batch_size=8",
-        "dpo.max_steps=2", "reward.batch_size=8", "eval.kl_samples=4", "eval.max_new_tokens=6", "eval.batch_size=8",
-        "save_model=false", "ppo.batch_size=4", "ppo.mini_batch_size=2", "ppo.max_steps=1", "ppo.max_new_tokens=6",
-        "ppo.cold_start_steps=0"]
+from hf_fixtures import TINY, write_user_run  # noqa: E402  (tests/ is on sys.path under pytest)
 
 
 def test_stage_plans():
@@ -105,9 +102,16 @@ def test_methods_run_end_to_end(workspace, tmp_path, method, hpa):
         assert any(any(k.startswith("ppo/") for k in r) for r in records)
 
 
-def test_resume_equals_uninterrupted_run(workspace, tmp_path, monkeypatch):
+@pytest.mark.parametrize("hpa, dtype", [("dpo", "float32"), ("ppo", "float32"), ("dpo", "bfloat16")])
+def test_resume_equals_uninterrupted_run(workspace, tmp_path, monkeypatch, hpa, dtype):
+    """A crash in the second HPA stage, then --resume: the weights (and PPO's critic) of an uninterrupted run;
+    in bf16 too (the checkpoint carries the fp32 master weights)."""
+    from trainer_ds_worker import tiny_workspace
+
+    if dtype == "bfloat16":
+        workspace = tiny_workspace(torch.bfloat16)
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
-    loop.run_method(workspace, _cfg(full_dir, "keep=last"), progress=False)
+    loop.run_method(workspace, _cfg(full_dir, "keep=last", f"hpa={hpa}", f"model.dtype={dtype}"), progress=False)
     real_hpa = loop._run_hpa
     calls = {"n": 0}
 
@@ -119,36 +123,28 @@ def test_resume_equals_uninterrupted_run(workspace, tmp_path, monkeypatch):
 
     monkeypatch.setattr(loop, "_run_hpa", crash_in_second_hpa)
     with pytest.raises(KeyboardInterrupt):
-        loop.run_method(workspace, _cfg(cut_dir, "keep=last"), progress=False)
+        loop.run_method(workspace, _cfg(cut_dir, "keep=last", f"hpa={hpa}", f"model.dtype={dtype}"), progress=False)
     monkeypatch.setattr(loop, "_run_hpa", real_hpa)
     assert torch.load(cut_dir / "hbat" / "checkpoint.pt", weights_only=False)["position"] == 3
     with pytest.raises(ValueError, match="different settings for \\['seed'\\]"):
-        loop.run_method(workspace, _cfg(cut_dir, "keep=last", "seed=1"), resume=True, progress=False)
-    loop.run_method(workspace, _cfg(cut_dir, "keep=last"), resume=True, progress=False)
+        loop.run_method(workspace, _cfg(cut_dir, "keep=last", f"hpa={hpa}", f"model.dtype={dtype}", "seed=1"),
+                        resume=True, progress=False)
+    loop.run_method(workspace, _cfg(cut_dir, "keep=last", f"hpa={hpa}", f"model.dtype={dtype}"), resume=True,
+                    progress=False)
     full = torch.load(full_dir / "hbat" / "checkpoint.pt", weights_only=False)
     cut = torch.load(cut_dir / "hbat" / "checkpoint.pt", weights_only=False)
     for name, value in full["model"].items():
         assert torch.equal(value, cut["model"][name]), name
     assert full["regularizer"]["ewc"]["accumulated"]["hpa"].equal(cut["regularizer"]["ewc"]["accumulated"]["hpa"])
-
-
-def write_user_run(folder, *, n_rows: int, val_size: float):
-    """A user's run in ``folder``: SFT and preference JSONL, a local tiny model with its tokenizer, and
-    run.yaml (method hbat, output in ``folder/out``). Returns the config's path."""
-    from hbat.data import write_jsonl
-    from hbat.task import build_model, build_tokenizer, make_task
-
-    task = make_task(seed=1, n_sft=n_rows, n_pref=n_rows, n_prompts=0, n_val=0, n_pretrain=0)
-    write_jsonl(task.sft_train, folder / "sft.jsonl")
-    write_jsonl(task.pref_train, folder / "pref.jsonl")
-    tokenizer = build_tokenizer()
-    build_model(tokenizer, size="tiny").save_pretrained(folder / "model")
-    tokenizer.save_pretrained(folder / "model")
-    config = folder / "run.yaml"
-    config.write_text(f"method: hbat\noutput_dir: {folder / 'out'}\nmodel:\n  path: {folder / 'model'}\n"
-                      f"data:\n  sft: {folder / 'sft.jsonl'}\n  preference: {folder / 'pref.jsonl'}\n"
-                      f"  val_size: {val_size}\n")
-    return config
+    if dtype == "bfloat16":
+        assert full["masters"]["policy"] and all(v.dtype == torch.float32 for v in full["masters"]["policy"].values())
+        assert all(torch.equal(v, cut["masters"]["policy"][k]) for k, v in full["masters"]["policy"].items())
+    if hpa == "ppo":
+        assert full["critic"]["steps_trained"] == 2
+        for name, value in full["critic"].items():
+            assert torch.equal(value, cut["critic"][name]), name
+        base = workspace.base_state
+        assert any(not torch.equal(full["model"][k], base[k]) for k in base)  # the policy moved
 
 
 def test_cli_train_on_user_jsonl(tmp_path):

@@ -24,26 +24,27 @@ OVERRIDES = ["model.size=tiny", "model.pretrain_steps=0", "method=hbat", "n_part
 SIMULATED_CRASH = "trainer_ds_worker: simulated crash"  # printed before the crash, so a test can tell it apart
 
 
-def ds_config(stage: int) -> dict:
+def ds_config(stage: int, bf16: bool = False) -> dict:
     zero = {"stage": stage, "reduce_bucket_size": 2000, "allgather_bucket_size": 2000}
     if stage == 3:  # partition every parameter of the tiny model (by default small ones stay whole on each rank)
         zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=2000)
-    return {"zero_optimization": zero}
+    return {"zero_optimization": zero, **({"bf16": {"enabled": True}} if bf16 else {})}
 
 
-def tiny_workspace():
-    """The tiny workspace of these tests and tests/test_trainer_loop.py: no pre-training, an untrained reward model."""
+def tiny_workspace(dtype: torch.dtype = torch.float32):
+    """The tiny workspace of these tests and tests/test_trainer_loop.py: no pre-training, an untrained reward model,
+    every model in ``dtype`` (as ``prepare`` makes them for ``model.dtype``)."""
     from hbat.task import build_model, build_tokenizer, make_task
     from hbat.trainer.reward import RewardModel
     from hbat.trainer.workspace import Workspace
 
     task = make_task(seed=0, n_sft=48, n_pref=48, n_prompts=16, n_val=8, n_pretrain=0)
     tokenizer = build_tokenizer()
-    base = build_model(tokenizer, size="tiny", seed=0)
+    base = build_model(tokenizer, size="tiny", seed=0).to(dtype)
     base_state = {k: v.clone() for k, v in base.state_dict().items()}
 
     def build():
-        model = build_model(tokenizer, size="tiny", seed=0)
+        model = build_model(tokenizer, size="tiny", seed=0).to(dtype)
         model.load_state_dict(base_state)
         return model
 
@@ -77,6 +78,7 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from hbat.trainer import engine, loop
+    from hbat.trainer.models import resolve_dtype
 
     if args.crash_in_hpa:  # simulate a crash (every rank) at the start of the N-th HPA stage
         real_hpa, calls = loop._run_hpa, []
@@ -89,8 +91,8 @@ def main() -> None:
             return real_hpa(*a, **kw)
 
         loop._run_hpa = crashing_hpa
-    loop.run_method(tiny_workspace(), make_config(args.out, args.extra, args.deepspeed), progress=False,
-                    resume=args.resume)
+    cfg = make_config(args.out, args.extra, args.deepspeed)
+    loop.run_method(tiny_workspace(resolve_dtype(cfg)), cfg, progress=False, resume=args.resume)
     engine.shutdown_distributed()
     engine.exit_process(0)  # no interpreter finalization: DeepSpeed's gloo groups outlive the shutdown
 

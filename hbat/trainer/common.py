@@ -1,28 +1,23 @@
-"""What the SFT and DPO stages share: the config base, log-probabilities of response tokens, and the step loop.
+"""What the SFT, DPO and reward-model stages share: the config base, log-probabilities of response tokens, and
+the stage loop.
 
-The loop (``train_loop``) is the one place where an optimizer step is taken, in this order:
-
-    for each micro-batch of the step:  loss_micro.backward()       (each loss weighted by its share of the batch)
-    extra_loss(step).backward()        (optional mixed-in objective: RLHF+pt / SFT+ppo baselines)
-    penalty = ewc.apply_()             (once per optimizer step: adds the EWC gradient of eq. 5 / 8 into .grad)
-    grad_norm = clip_grad_norm_(...)   (so the penalty gradient is clipped like a loss term)
-    optimizer.step(); scheduler.step(); optimizer.zero_grad()
-
-Who steps is a *stepper* (hbat.trainer.engine): plain PyTorch as above, or, when ``model`` is a DeepSpeed
-engine, this rank's micro-batches of the global batch, ``engine.backward`` with an explicit accumulation
-boundary, the penalty added to the rank's reduced gradient partition, and DeepSpeed's clipping and step.
+``train_loop`` runs a stage's optimizer steps: for each step, the micro-batches' losses (each weighted by its
+share of the batch) go backward, then an optional mixed-in loss (RLHF+pt / SFT+ppo baselines), then the
+stepper's ``step(ewc)`` (hbat.trainer.steppers: the EWC gradient of eq. 5 / 8, clipping, AdamW with fp32
+masters for bf16 weights, the schedule; the same step PPO's policy and critic take). Under DeepSpeed the
+stepper takes this rank's micro-batches of the global batch.
 
 ``batch_size`` counts the rows of one optimizer step; they are split into ``grad_accum_steps`` micro-batches.
-Each stage weights a micro-batch's loss by its share of the batch (tokens for SFT, pairs for DPO), so
-accumulating gives the same gradient as one big batch; a plain ``1 / grad_accum_steps`` is only exact when
-all micro-batches have the same share.
+Each stage weights a micro-batch's loss by its share of the batch (tokens for SFT, pairs for DPO and the
+reward model), so accumulating gives the same gradient as one big batch; a plain ``1 / grad_accum_steps`` is
+only exact when all micro-batches have the same share.
 """
 from __future__ import annotations
 
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +26,7 @@ from torch import nn
 from ..data import IGNORE_INDEX, position_ids_from_mask
 from .checks import choice, fail, integers, numbers
 from .guards import check_values
+from .steppers import make_stepper
 
 SCHEDULERS = ("constant", "linear", "cosine")
 
@@ -115,41 +111,18 @@ def sequence_logprobs(model: nn.Module, batch: dict) -> torch.Tensor:
     return logps.sum(-1)
 
 
-# --- optimisation ------------------------------------------------------------------------------------------------
+# --- the stage loop ----------------------------------------------------------------------------------------------
 
-def make_optimizer(model: nn.Module, cfg: StageConfig) -> torch.optim.Optimizer:
-    """A fresh AdamW over the trainable parameters (frozen tensors, e.g. HBAT-Freeze, are left out)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters")
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def make_scheduler(optimizer, cfg: StageConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over ``warmup_ratio * total_steps`` steps, then constant / linear / cosine decay to 0."""
-    warmup = math.ceil(cfg.warmup_ratio * total_steps)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if cfg.lr_scheduler_type == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        if cfg.lr_scheduler_type == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+def read_scalars(values: dict) -> dict[str, float]:
+    """0-dim tensors (or numbers) as floats, in ONE host synchronisation (they are gathered on one device)."""
+    tensors = [torch.as_tensor(v).detach().float().reshape(()) for v in values.values()]
+    device = next((t.device for t in tensors if t.device.type != "cpu"), torch.device("cpu"))
+    read = torch.stack([t.to(device) for t in tensors]).tolist() if tensors else []
+    return dict(zip(values, read))
 
 
 def planned_steps(cfg: StageConfig, n_rows: int) -> int:
     return cfg.epochs * math.ceil(n_rows / cfg.batch_size) if cfg.max_steps is None else cfg.max_steps
-
-
-def split_micro(indices: Sequence[int], parts: int) -> list[list[int]]:
-    """``parts`` near-equal consecutive chunks (fewer when there are fewer rows than parts)."""
-    size = math.ceil(len(indices) / parts)
-    return [list(indices[i:i + size]) for i in range(0, len(indices), size)]
 
 
 # micro_loss(micro_indices, batch_indices) -> (weighted loss, weighted detached stats)
@@ -170,8 +143,6 @@ def train_loop(model: nn.Module, n_rows: int, cfg: StageConfig, micro_loss: Micr
     A non-finite loss, mixed-in loss or penalty raises hbat.trainer.guards.TrainingDiverged at the next log call.
     """
     from tqdm.auto import tqdm
-
-    from .engine import make_stepper
 
     total_steps = planned_steps(cfg, n_rows)
     stepper = make_stepper(model, cfg, total_steps)  # plain PyTorch, or this rank's part of a DeepSpeed engine
@@ -214,7 +185,7 @@ def train_loop(model: nn.Module, n_rows: int, cfg: StageConfig, micro_loss: Micr
                 bar.update(1)
                 if step % cfg.logging_steps == 0 or step == total_steps:
                     count = (step - 1) % cfg.logging_steps + 1
-                    last = {key: float(value) / count for key, value in window.items()}  # one host sync per log
+                    last = {key: value / count for key, value in read_scalars(window).items()}
                     window.clear()
                     # a NaN at any step of the interval is in its sum (hbat.trainer.guards)
                     check_values(last, (loss_key, extra_key, "ewc/penalty"),

@@ -98,12 +98,13 @@ def hma_curve(ws, cfg, aligned_folder: str, alphas, pre_folder: str | None = Non
     from ..averaging import average
     from .checkpoint import load as load_checkpoint
     from .loop import evaluate
+    from .models import merge_lora
 
     def load(folder):
         model = ws.build()
         model.load_state_dict(load_checkpoint(os.path.join(folder, "best.pt"), remedy="delete the run's folder and "
                                               "run hbat compare again"))
-        return model
+        return merge_lora(model)  # LoRA: the plain model holding the adapters, as the SFT reference is
 
     aligned = load(aligned_folder)
     pre = load(pre_folder) if pre_folder else ws.sft_model

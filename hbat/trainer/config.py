@@ -27,6 +27,7 @@ HPA_KINDS = ("dpo", "ppo")
 KEEP = ("best", "last")
 DPO_REFERENCES = ("stage", "sft")
 ANCHOR_DTYPES = ("float32", "bfloat16")
+MODEL_DTYPES = ("float32", "bfloat16", "auto")
 GROUP_BY = ("layer",)
 FLOAT32_MAX = torch.finfo(torch.float32).max
 SEED_LIMIT = 2**32  # stage seeds are seed * 1000 + stage: they stay in every RNG's range
@@ -40,15 +41,34 @@ class ModelConfig:
     pretrain_steps: int = 600         # embedded only: short pre-training on generated text before anything else
     pretrain_lr: float = 3e-3         # embedded only
     pretrain_batch_size: int = 32     # embedded only
+    # precision and memory (hbat.trainer.models; the memory plan: hbat.trainer.memory)
+    dtype: str = "float32"            # of every model held: float32, bfloat16, or auto (bfloat16 on a CUDA device
+    #                                   that supports it, float32 on the CPU; under DeepSpeed: the JSON's bf16)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more compute
+    lora_r: int = 0                   # LoRA rank through peft (0: off): only the adapters train
+    lora_alpha: float = 32.0          # LoRA scaling alpha / r
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] | None = None  # module names to adapt (None: peft's default for the model)
+    # bring your own models (need model.path)
+    sft_path: str | None = None       # an SFT causal-LM folder: the KL / win-rate reference and the reward model's
+    #                                   start (no SFT model is trained)
+    reward_path: str | None = None    # an AutoModelForSequenceClassification folder (one label), with its own
+    #                                   tokenizer or the policy's (no reward model is trained)
 
     def __post_init__(self):
         from ..task import MODEL_SIZES
 
-        paths(self, "path", "tokenizer")
+        paths(self, "path", "tokenizer", "sft_path", "reward_path")
         choice(self, "size", MODEL_SIZES)
-        integers(self, 0, "pretrain_steps")
+        choice(self, "dtype", MODEL_DTYPES)
+        integers(self, 0, "pretrain_steps", "lora_r")
         integers(self, 1, "pretrain_batch_size")
-        numbers(self, "pretrain_lr", strict=True)
+        numbers(self, "pretrain_lr", "lora_alpha", strict=True)
+        numbers(self, "lora_dropout")
+        if self.lora_dropout >= 1:
+            fail(self, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+        booleans(self, "gradient_checkpointing")
+        patterns(self, "lora_target_modules")
 
 
 @dataclass

@@ -14,7 +14,6 @@ policy itself before its first update, so no copy is ever made. Metrics use TRL'
 """
 from __future__ import annotations
 
-import copy
 import itertools
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -26,6 +25,7 @@ from torch import nn
 from ..data import collate_preference, encode_preference, pad_token_id
 from .checks import booleans, integers, numbers
 from .common import StageConfig, eval_mode, model_device, sequence_logprobs, train_loop
+from .models import base_of, frozen_copy
 from .sft import sft_mix_loss
 
 
@@ -89,18 +89,13 @@ def reference_logprobs(ref_model: nn.Module, encoded: Sequence[dict], pad: int, 
     return torch.cat(chosen), torch.cat(rejected)
 
 
-def _frozen_copy(model: nn.Module) -> nn.Module:
-    ref = copy.deepcopy(model).eval()
-    ref.requires_grad_(False)
-    return ref
-
-
 def run_dpo(policy: nn.Module, ref_model: nn.Module | None, tokenizer, rows: Sequence[dict],
             cfg: DPOConfig | None = None, *, ewc=None, log: Callable[[dict], None] | None = None,
             progress: bool = True, sft_rows: Sequence[dict] | None = None) -> dict:
     """DPO on rows ``{prompt, chosen, rejected}``; updates ``policy`` in place (a fresh AdamW per call).
 
-    ``ref_model`` None: the policy as it is now (module docstring). Logs per step ``dpo/loss``, the TRL
+    ``ref_model`` None: the policy as it is now (module docstring); for a LoRA policy, its base with the
+    adapters disabled (hbat.trainer.models.base_of: no copy). Logs per step ``dpo/loss``, the TRL
     metrics, ``dpo/sft_loss`` (RLHF+pt), ``ewc/penalty``, ``train/lr``, ``train/grad_norm``, ``train/step``,
     ``train/epoch``; returns their means over the run plus ``train/steps`` and ``dpo/loss_last``.
     """
@@ -112,11 +107,13 @@ def run_dpo(policy: nn.Module, ref_model: nn.Module | None, tokenizer, rows: Seq
     encoded = encode_pairs(tokenizer, rows, cfg.max_len)
     pad = pad_token_id(tokenizer)
     ref_chosen = ref_rejected = None
+    if ref_model is None:
+        ref_model = base_of(policy)  # LoRA: the base with the adapters disabled; else None (the policy now)
     if cfg.precompute_ref_logprobs:
         ref_chosen, ref_rejected = reference_logprobs(ref_model if ref_model is not None else policy, encoded, pad,
                                                       cfg.eval_batch_size)
     elif ref_model is None:
-        ref_model = _frozen_copy(policy)
+        ref_model = frozen_copy(policy)
     extra = None
     if cfg.sft_coef > 0:
         extra = sft_mix_loss(policy, tokenizer, sft_rows, coef=cfg.sft_coef, max_len=cfg.max_len, seed=cfg.seed,
@@ -170,13 +167,13 @@ def dpo_mix_loss(policy: nn.Module, ref_model: nn.Module | None, tokenizer, rows
                  seed: int = 0) -> Callable[[int], torch.Tensor]:
     """``step -> coef * DPO loss`` on the next batch of ``rows`` (cycling, reshuffled each pass): the SFT+ppo
     baseline passes it as ``run_sft(..., mix_loss=...)``. Reference log-probs are computed now, under
-    ``ref_model`` (None: the policy as it is now)."""
+    ``ref_model`` (None: the policy as it is now; LoRA: its base)."""
     encoded = encode_pairs(tokenizer, rows, max_len)
     if not encoded:
         raise ValueError("dpo_mix_loss needs at least one preference pair")
     pad = pad_token_id(tokenizer)
-    ref_chosen, ref_rejected = reference_logprobs(ref_model if ref_model is not None else policy, encoded, pad,
-                                                  batch_size)
+    reference = ref_model if ref_model is not None else base_of(policy) or policy
+    ref_chosen, ref_rejected = reference_logprobs(reference, encoded, pad, batch_size)
     generator = torch.Generator().manual_seed(seed)
     order = itertools.chain.from_iterable(
         torch.randperm(len(encoded), generator=generator).tolist() for _ in itertools.count())

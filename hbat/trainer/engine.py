@@ -1,22 +1,16 @@
-"""Who takes the optimizer step: plain PyTorch (one process) or a DeepSpeed ZeRO engine (several ranks).
+"""The DeepSpeed engine of a multi-process run (``deepspeed`` in the config): built once, reset per stage,
+its full weights gathered at stage ends under ZeRO-3.
 
-``hbat.trainer.common.train_loop`` drives a *stepper* with the same calls either way:
-
-    stepper = make_stepper(model_or_engine, stage_cfg, total_steps)   # a fresh optimizer state + lr schedule
-    for each optimizer step:
-        for micro in stepper.micro_batches(batch, grad_accum_steps):  # this rank's share of the global batch
-            stepper.backward(loss_of(micro), last=...)
-        stats = stepper.reduce(stats)                                 # loss statistics summed over ranks
-        stats.update(stepper.step(ewc))                               # penalty, clipping, optimizer, schedule
-
-``TorchStepper`` is exactly the single-process loop (fresh AdamW per stage, clip_grad_norm_, LambdaLR).
-``DeepSpeedStepper`` runs the same step on a ``deepspeed.DeepSpeedEngine``. Design decisions:
+The pieces around it, one job each: hbat.trainer.procgroup (joining the process group, ranks, barriers,
+leaving), hbat.trainer.ds_config (the DeepSpeed JSON, checked against the stage configs) and
+hbat.trainer.steppers (``DeepSpeedStepper``: the stage's optimizer step on the engine, beside the one-process
+``TorchStepper``). Design decisions:
 
 * **One engine per run, reset per stage.** HybridEWC's sharded view (hbat.distributed.ZeroParamView) is
   bound to the engine's fp32 partitions, so the run builds ONE engine (``build_engine``) and ONE
   ``HybridEWC(engine, ...)``. Each stage then starts like the paper's fresh optimizer: the optimizer state
   (Adam moments and step count) is cleared, lr / weight decay / clipping are set from the stage config
-  and a new LambdaLR (``common.make_scheduler``) drives the lr of the inner optimizer. DeepSpeed gets no
+  and a new LambdaLR (``steppers.make_scheduler``) drives the lr of the inner optimizer. DeepSpeed gets no
   scheduler of its own.
 * **The stage configs own the batch.** ``batch_size`` is the GLOBAL batch (rows per optimizer step over
   all ranks) and ``grad_accum_steps`` the micro-batches per rank per step; each global batch is cut into
@@ -56,214 +50,16 @@
 * Supported: ZeRO stages 0, 1, 2 and 3 (fp32 or bf16), methods whose regulariser is HybridEWC or none (the
   mixed-loss baselines too), DPO as HPA. Refused with NotImplementedError: PPO (generation and a critic
   under ZeRO), HBAT-Freeze and the Fisher baseline (they change ``requires_grad`` or need full gradients),
-  fp16 (skipped overflow steps would desynchronise the lr schedule; use bf16).
+  LoRA, fp16 (skipped overflow steps would desynchronise the lr schedule; use bf16). Precision is the JSON's
+  ``bf16`` section (DeepSpeed's fp32 master partitions); ``model.dtype`` sets the frozen models' dtype.
 """
 from __future__ import annotations
 
-import json
-import os
-import sys
-import warnings
-from typing import NoReturn
-
 import torch
 
-from .common import StageConfig, make_optimizer, make_scheduler, split_micro
-
-BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-              "gradient_clipping")
-
-
-# --- process group ---------------------------------------------------------------------------------------------
-
-_JOINED_HERE = False  # whether init_distributed created the process group (so shutdown_distributed may end it)
-
-
-def init_distributed() -> None:
-    """Join the process group torchrun / the deepspeed launcher set up (gloo on CPU), once; ValueError, saying
-    how to launch, outside a launcher."""
-    global _JOINED_HERE
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:  # else DeepSpeed would try MPI (mpi4py)
-        raise ValueError("deepspeed is set, so every rank is its own process: start them with a launcher, e.g. "
-                         "`torchrun --nproc_per_node N -m hbat.cli train CONFIG --set deepspeed=ds.json` (README: "
-                         "Multi-process training under DeepSpeed)")
-    try:
-        import deepspeed
-    except ImportError as exc:
-        raise ValueError(f"deepspeed is set but the deepspeed package does not import ({exc}); "
-                         "pip install deepspeed") from None
-    from deepspeed.accelerator import get_accelerator
-
-    backend = None
-    if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # before any NCCL call (prepare's barrier)
-    if get_accelerator().device_name() == "cpu":
-        # DeepSpeed would first compile its shared-memory all-reduce op (about a minute); gloo does the job
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        backend = "gloo"
-    deepspeed.init_distributed(dist_backend=backend)
-    _JOINED_HERE = True
-
-
-_LEFT_GROUP = False  # whether shutdown_distributed ended a group (then finish ends the process with exit_process)
-
-
-def shutdown_distributed() -> None:
-    """Leave the process group init_distributed joined (a group the caller made is left alone): every rank
-    waits for the others, then the group is destroyed."""
-    global _JOINED_HERE, _LEFT_GROUP
-    import torch.distributed as dist
-
-    if _JOINED_HERE and dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-        _LEFT_GROUP = True
-    _JOINED_HERE = False
-
-
-def finish(code: int) -> int:
-    """The end of a CLI command: ``code``, or, in a worker that left its process group, exit_process(code)."""
-    if _LEFT_GROUP:
-        exit_process(code)
-    return code
-
-
-def exit_process(code: int) -> NoReturn:
-    """End a worker that finished and left its process group, without Python's finalization.
-
-    DeepSpeed keeps references to its gloo groups (e.g. ``deepspeed.utils.groups._WORLD_GROUP``) past
-    destroy_process_group, so their threads still run when the interpreter tears down, and a rank can abort
-    there ("terminate called without an active exception", pytorch/pytorch#190489; rare, but seen twice in CI
-    here) after a run that wrote everything. Output is flushed first.
-    """
-    import logging
-
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-def rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def is_main() -> bool:
-    return rank() == 0
-
-
-def barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-# --- the DeepSpeed config --------------------------------------------------------------------------------------
-
-def load_ds_config(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            config = json.load(fh)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"deepspeed config {path}: not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"deepspeed config {path}: the top level must be a JSON object")
-    return config
-
-
-def zero_stage(config: dict) -> int:
-    return int((config.get("zero_optimization") or {}).get("stage", 0))
-
-
-def _stage_batch(cfg: StageConfig, world: int) -> dict:
-    micro = max(1, cfg.batch_size // (world * cfg.grad_accum_steps))
-    return {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": cfg.grad_accum_steps,
-            "train_batch_size": micro * cfg.grad_accum_steps * world,
-            "gradient_clipping": float(cfg.max_grad_norm or 0.0)}
-
-
-def resolve_ds_config(raw: dict, stages: dict[str, StageConfig], world: int, *, source: str = "deepspeed") -> dict:
-    """The DeepSpeed config of a run: ``raw`` plus the batch settings derived from the stages (module docstring).
-
-    ``stages`` maps a stage name (e.g. "sft", "dpo") to its config, in run order; the first one sets the
-    engine's nominal batch settings. Raises ValueError naming the key and the stage on a conflict.
-    """
-    if "scheduler" in raw:
-        raise ValueError(f"{source}: remove the 'scheduler' section; the stage configs set the lr schedule "
-                         "(lr, warmup_ratio, lr_scheduler_type), restarted at every stage")
-    if raw.get("fp16", {}).get("enabled") is True:
-        raise NotImplementedError(f"{source}: fp16 is not supported by the trainer (overflow-skipped steps would "
-                                  "desynchronise the per-stage lr schedule); use bf16")
-    if zero_stage(raw) not in (0, 1, 2, 3):
-        raise ValueError(f"{source}: zero_optimization.stage={zero_stage(raw)}; use 0, 1, 2 or 3")
-    for name, cfg in stages.items():
-        derived = _stage_batch(cfg, world)
-        exact = cfg.batch_size % (world * cfg.grad_accum_steps) == 0
-        for key in BATCH_KEYS:
-            value = raw.get(key, "auto")
-            if value == "auto":
-                continue
-            if key == "train_batch_size":
-                want = cfg.batch_size
-            elif key == "train_micro_batch_size_per_gpu":
-                want = derived[key] if exact else None
-            else:
-                want = derived[key]
-            if want is None or float(value) != float(want):
-                raise ValueError(
-                    f"{source}: {key}={value!r} disagrees with {name} (batch_size={cfg.batch_size}, "
-                    f"grad_accum_steps={cfg.grad_accum_steps}, max_grad_norm={cfg.max_grad_norm}, {world} ranks); "
-                    f"remove {key} from the DeepSpeed config (the stage configs set it) or make them agree")
-        if not exact:
-            warnings.warn(f"{name}.batch_size={cfg.batch_size} is not a multiple of {world} ranks x "
-                          f"{cfg.grad_accum_steps} micro-batches: micro-batches differ in size (the gradient is "
-                          "still the one of the whole batch)", stacklevel=2)
-    first = next(iter(stages.values()))
-    config = {**raw, **_stage_batch(first, world)}
-    config.setdefault("zero_allow_untested_optimizer", True)  # torch.optim.AdamW, as in one process
-    config.setdefault("steps_per_print", 10**9)
-    try:
-        from deepspeed.accelerator import get_accelerator
-
-        if get_accelerator().device_name() == "cpu":
-            config.setdefault("zero_force_ds_cpu_optimizer", False)
-    except ImportError:
-        pass
-    return config
-
-
-def run_ds_config(cfg) -> dict:
-    """The resolved DeepSpeed config of a TrainConfig (errors name the file and the key; call it early)."""
-    return resolve_ds_config(load_ds_config(cfg.deepspeed), {"sft": cfg.sft, "dpo": cfg.dpo}, world_size(),
-                             source=cfg.deepspeed)
-
-
-def check_supported(cfg, regularizer_kind: str) -> None:
-    """Refuse, before any work, what the DeepSpeed path does not do (module docstring)."""
-    from .methods import spec
-
-    if cfg.hpa == "ppo" and spec(cfg.method).hpa:
-        raise NotImplementedError("deepspeed: PPO stages are not supported under DeepSpeed yet; use hpa=dpo")
-    if regularizer_kind not in ("hbat", "none"):
-        raise NotImplementedError(f"deepspeed: method {cfg.method!r} (regulariser {regularizer_kind!r}) is not "
-                                  "supported under DeepSpeed; HBAT-Freeze and the Fisher baseline need full, "
-                                  "unsharded parameters")
-    if not cfg.dpo.precompute_ref_logprobs:
-        raise NotImplementedError("deepspeed: dpo.precompute_ref_logprobs=false is not supported (the policy "
-                                  "copy would be a copy of the engine)")
+from .ds_config import check_supported, resolve_ds_config, run_ds_config  # noqa: F401 (public names before the split)
+from .procgroup import exit_process, finish, init_distributed, shutdown_distributed  # noqa: F401 (hbat.cli, README)
+from .steppers import make_optimizer, trainable_parameters
 
 
 def build_engine(model: torch.nn.Module, cfg):
@@ -272,139 +68,11 @@ def build_engine(model: torch.nn.Module, cfg):
 
     init_distributed()
     config = run_ds_config(cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = None if "optimizer" in config else make_optimizer(model, cfg.sft)
+    params = trainable_parameters(model)
+    optimizer = None if "optimizer" in config else make_optimizer(params, cfg.sft)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
                                       model_parameters=params if optimizer is None else None)
     return engine
-
-
-# --- steppers --------------------------------------------------------------------------------------------------
-
-class TorchStepper:
-    """One process: a fresh AdamW and lr schedule per stage, ``clip_grad_norm_`` after the EWC hook."""
-
-    def __init__(self, model: torch.nn.Module, cfg: StageConfig, total_steps: int):
-        self.cfg = cfg
-        self.optimizer = make_optimizer(model, cfg)
-        self.scheduler = make_scheduler(self.optimizer, cfg, total_steps)
-        self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
-
-    def start(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def micro_batches(self, batch: list, parts: int) -> list[list]:
-        return split_micro(batch, parts)
-
-    def backward(self, loss: torch.Tensor, *, last: bool, replicated: bool = False) -> None:
-        loss.backward()
-
-    def reduce(self, stats: dict) -> dict:
-        return stats
-
-    def step(self, ewc=None) -> dict:
-        stats = {}
-        if ewc is not None:
-            stats["ewc/penalty"] = ewc.apply_().detach().float()
-        stats["train/grad_norm"] = torch.nn.utils.clip_grad_norm_(
-            self.params, self.cfg.max_grad_norm if self.cfg.max_grad_norm else float("inf")).detach().float()
-        stats["train/lr"] = torch.tensor(self.scheduler.get_last_lr()[0])
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return stats
-
-    def close(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-
-
-def inner_optimizer(engine) -> torch.optim.Optimizer:
-    """The torch optimizer a DeepSpeed engine steps (under ZeRO: over this rank's fp32 partitions)."""
-    opt = engine.optimizer
-    while not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer"):
-        opt = opt.optimizer
-    if not isinstance(opt, torch.optim.Optimizer):
-        raise TypeError(f"cannot find the torch optimizer inside {type(engine.optimizer).__name__}")
-    return opt
-
-
-class DeepSpeedStepper:
-    """A stage on a DeepSpeed engine: this rank's micro-batches, explicit boundary, DeepSpeed's clipping."""
-
-    def __init__(self, engine, cfg: StageConfig, total_steps: int):
-        import torch.distributed as dist
-
-        self.engine, self.cfg = engine, cfg
-        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self.optimizer = inner_optimizer(engine)
-        self.optimizer.state.clear()  # a fresh optimizer per stage (the paper): Adam moments and step count
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["initial_lr"] = cfg.lr
-            group["weight_decay"] = cfg.weight_decay
-        self.scheduler = make_scheduler(self.optimizer, cfg, total_steps)
-        clip = float(cfg.max_grad_norm or 0.0)
-        # ZeRO-0 holds full all-reduced gradients in .grad but its clipping discards the norm: clip here, as in
-        # one process; under ZeRO the optimizer clips (and records the norm) over the rank partitions
-        self.own_clip = not engine.zero_optimization()
-        self.clip_params = [p for p in engine.module.parameters() if p.requires_grad] if self.own_clip else []
-        engine._config.gradient_clipping = 0.0 if self.own_clip else clip  # no public setter: read by step()
-        if hasattr(engine.optimizer, "clip_grad"):
-            engine.optimizer.clip_grad = clip  # the ZeRO optimizer copied it at init
-
-    def start(self) -> None:
-        self.engine.zero_grad()
-
-    def micro_batches(self, batch: list, parts: int) -> list[list]:
-        """This rank's ``parts`` micro-batches of the global batch (empty ones where rows ran out)."""
-        chunks = split_micro(batch, parts * self.world_size)
-        chunks += [[] for _ in range(parts * self.world_size - len(chunks))]
-        return chunks[self.rank * parts:(self.rank + 1) * parts]
-
-    def backward(self, loss: torch.Tensor, *, last: bool, replicated: bool = False) -> None:
-        """``loss`` is this micro-batch's share of the global batch's loss (a ``replicated`` loss is the same
-        on every rank); DeepSpeed averages gradients over ranks, hence the factor."""
-        self.engine.set_gradient_accumulation_boundary(last)
-        self.engine.backward(loss if replicated else loss * self.world_size, scale_wrt_gas=False)
-
-    def reduce(self, stats: dict) -> dict:
-        """Sum each rank's share-weighted statistics: the global batch's means (one small all-reduce)."""
-        import torch.distributed as dist
-
-        if not stats:
-            return stats
-        keys = sorted(stats)
-        vec = torch.stack([torch.as_tensor(stats[k], dtype=torch.float32).reshape(()).to(self.engine.device)
-                           for k in keys])
-        dist.all_reduce(vec)
-        return dict(zip(keys, vec.unbind()))  # left on the device: train_loop reads them when it logs
-
-    def step(self, ewc=None) -> dict:
-        stats = {}
-        if ewc is not None:  # on the boundary: adds lam*F*(p-a) to this rank's reduced gradient partition
-            stats["ewc/penalty"] = ewc.apply_().detach().float()
-        norm = None
-        if self.own_clip:
-            norm = torch.nn.utils.clip_grad_norm_(self.clip_params, self.cfg.max_grad_norm or float("inf"))
-        lr = self.scheduler.get_last_lr()[0]
-        self.engine.step()
-        if not self.own_clip:
-            norm = self.engine.get_global_grad_norm()
-        # a tensor norm stays where it is (no host sync per step); DeepSpeed may also hand back a float or None
-        stats["train/grad_norm"] = torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32)
-        stats["train/lr"] = torch.tensor(lr)
-        self.scheduler.step()
-        return stats
-
-    def close(self) -> None:
-        self.engine.zero_grad()
-
-
-def make_stepper(model, cfg: StageConfig, total_steps: int):
-    from ..distributed import is_deepspeed_engine
-
-    if is_deepspeed_engine(model):
-        return DeepSpeedStepper(model, cfg, total_steps)
-    return TorchStepper(model, cfg, total_steps)
 
 
 def is_zero3(engine) -> bool:
@@ -438,14 +106,3 @@ def plain_copy(build, weights: dict, like: torch.nn.Module) -> torch.nn.Module:
         model.to(dtype=dtype)
     model.load_state_dict(weights)
     return model.requires_grad_(False)
-
-
-def save_rank_file(obj, folder: str, position: int) -> None:
-    """This rank's part of the checkpoint after ``position`` stages (its HybridEWC anchor partition)."""
-    from .checkpoint import save_atomic
-
-    save_atomic(obj, rank_file(folder, rank(), position))
-
-
-def rank_file(folder: str, rank_index: int, position: int) -> str:
-    return os.path.join(folder, f"checkpoint-rank{rank_index}-stage{position}.pt")

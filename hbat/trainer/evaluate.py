@@ -25,7 +25,8 @@ from torch import nn
 
 from ..data import collate, encode_prompts, pad_token_id
 from .common import eval_mode, model_device
-from .ppo import PPOConfig, Rollout, generate, response_logprobs
+from .ppo import PPOConfig
+from .rollout import Rollout, generate, response_logprobs
 from .reward import score_responses
 from .sft import sft_loss
 

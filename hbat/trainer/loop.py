@@ -14,6 +14,7 @@ or weights turn non-finite stops the run (TrainingDiverged) before anything of i
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import time
@@ -23,18 +24,24 @@ import torch
 
 from ..data import split_parts
 from . import checkpoint as ckpt
+from . import procgroup as pg
 from .config import TrainConfig, to_dict
+from .ds_config import check_supported
+from .engine import build_engine, full_state_dict, is_zero3, plain_copy
 from .guards import TrainingDiverged, check_weights
 from .lock import run_lock
 from .methods import spec, stage_plan
+from .memory import plan_memory
 from .metrics import MetricsLogger
+from .models import is_lora, prepare_trainee
+from .steppers import load_master_state, master_state
 from .regularizers import make_regularizer
-from .workspace import Workspace, frozen_copy
+from .workspace import Workspace
 
 RESUME_IGNORED = ("output_dir", "save_model")  # settings that may differ between a run and its resumption
 RESUME_REMEDY = "delete it, or run without --resume"
-CHECKPOINT_KEYS = ("position", "model", "regularizer", "critic", "evals", "best", "elapsed", "log_step", "rng",
-                   "config")
+CHECKPOINT_KEYS = ("position", "model", "masters", "regularizer", "critic", "evals", "best", "elapsed", "log_step",
+                   "rng", "config")
 
 
 def evaluate(ws: Workspace, model, cfg: TrainConfig) -> dict:
@@ -116,11 +123,9 @@ def run_method(ws: Workspace, cfg: TrainConfig, *, resume: bool = False, progres
     """
     distributed = cfg.deepspeed is not None
     if distributed:
-        from . import engine as ds
-
-        ds.check_supported(cfg, spec(cfg.method).regularizer)  # before any work
-        ds.init_distributed()
-    main = not distributed or ds.is_main()  # only rank 0 prints, logs and writes (hbat.trainer.engine)
+        check_supported(cfg, spec(cfg.method).regularizer)  # before any work
+        pg.init_distributed()
+    main = pg.is_main()  # under DeepSpeed only rank 0 prints, logs and writes (hbat.trainer.engine)
     name = run_name or cfg.method
     folder = os.path.join(cfg.output_dir, name)
     os.makedirs(folder, exist_ok=True)  # every rank: each writes its own anchor partition there
@@ -132,25 +137,22 @@ def run_method(ws: Workspace, cfg: TrainConfig, *, resume: bool = False, progres
 
 def _run_stages(ws: Workspace, cfg: TrainConfig, name: str, folder: str, *, resume: bool, progress: bool,
                 main: bool) -> dict:
-    from .engine import full_state_dict  # importing it needs no deepspeed
-
     method = spec(cfg.method)
     state_path, best_path = os.path.join(folder, "checkpoint.pt"), os.path.join(folder, "best.pt")
     plan = stage_plan(cfg.method, cfg.n_parts)
     parts = _parts(ws, cfg)
     distributed = cfg.deepspeed is not None
-    if distributed:
-        from . import engine as ds
     model = ws.build()
     state = None
     if resume and os.path.exists(state_path):
         state = _load_checkpoint(state_path)
         _check_resume_config(state["config"], cfg)
         model.load_state_dict(state["model"])  # before the engine copies the weights into its partitions
-    engine = ds.build_engine(model, cfg) if distributed else None
+        load_master_state(model, state["masters"]["policy"])  # bf16 weights: their fp32 masters (steppers)
+    engine = build_engine(model, cfg) if distributed else None
     trainee = engine if distributed else model  # what the stages step; ``model`` stays the plain module
     # ZeRO-3: ``model``'s parameters are partitioned now; evaluation and checkpoints gather them (engine docstring)
-    zero3 = distributed and ds.is_zero3(engine)  # (ds is imported only when distributed)
+    zero3 = is_zero3(engine)
     regularizer = make_regularizer(method.regularizer, trainee, cfg.ewc, ws.tokenizer, cfg.sft.max_len)
     critic, start, evals, best, elapsed = None, 0, [], None, 0.0
 
@@ -159,15 +161,16 @@ def _run_stages(ws: Workspace, cfg: TrainConfig, name: str, folder: str, *, resu
     log = MetricsLogger(folder, tensorboard=True, resume_step=resume_step) if main else _NoLogger()
     if state is not None:
         if distributed:  # each rank resumes its own anchor partition
-            own = ds.rank_file(folder, ds.rank(), state["position"])
+            own = pg.rank_file(folder, pg.rank(), state["position"])
             if not os.path.exists(own):
                 raise ValueError(f"cannot resume: {own} is missing (was the run made with another number of ranks?)")
             regularizer.load_state_dict(ckpt.load(own, remedy=RESUME_REMEDY))
         else:
             regularizer.load_state_dict(state["regularizer"])
         if state["critic"] is not None:
-            critic = _new_critic(ws)
+            critic = _new_critic(ws, cfg)
             critic.load_state_dict(state["critic"])
+            load_master_state(critic, state["masters"]["critic"])
         start, evals, best, elapsed = state["position"], state["evals"], state["best"], state["elapsed"]
         log.step = state["log_step"]
         ckpt.set_rng_state(state["rng"])
@@ -193,7 +196,7 @@ def _run_stages(ws: Workspace, cfg: TrainConfig, name: str, folder: str, *, resu
                 raise error from None
             elapsed += time.perf_counter() - started
             if i == len(plan) - 1 or plan[i + 1][0] == "ifa" and objective != "ifa" or not method.hpa:
-                policy = ds.plain_copy(ws.build, weights, model) if zero3 else model
+                policy = plain_copy(ws.build, weights, model) if zero3 else model
                 metrics = {**evaluate(ws, policy, cfg), "part": part + 1, "stage": i}  # every rank, identically
                 del policy
                 evals.append(metrics)
@@ -206,11 +209,12 @@ def _run_stages(ws: Workspace, cfg: TrainConfig, name: str, folder: str, *, resu
                     if main:
                         ckpt.save_atomic(weights, best_path)
             if distributed:  # every rank's anchor partition first, then rank 0 marks the stage complete
-                ds.save_rank_file(regularizer.state_dict(), folder, i + 1)
-                ds.barrier()
+                pg.save_rank_file(regularizer.state_dict(), folder, i + 1)
+                pg.barrier()
             if main:
                 ckpt.save_atomic({
                     "position": i + 1, "model": weights,
+                    "masters": {"policy": master_state(model), "critic": {} if critic is None else master_state(critic)},
                     "regularizer": None if distributed else regularizer.state_dict(),
                     "critic": None if critic is None else critic.state_dict(),
                     "evals": evals, "best": best, "elapsed": elapsed, "log_step": log.step, "rng": ckpt.rng_state(),
@@ -218,14 +222,14 @@ def _run_stages(ws: Workspace, cfg: TrainConfig, name: str, folder: str, *, resu
                 }, state_path)
             weights = None
             if distributed:
-                ds.barrier()
+                pg.barrier()
                 if i:
-                    ckpt.remove(ds.rank_file(folder, ds.rank(), i))  # superseded by the checkpoint just written
+                    ckpt.remove(pg.rank_file(folder, pg.rank(), i))  # superseded by the checkpoint just written
     finally:
         log.close()
 
     if distributed:
-        ds.barrier()  # best.pt is complete
+        pg.barrier()  # best.pt is complete
     final = model
     if zero3 and cfg.save_model:
         # a plain copy of the kept weights: best.pt holds them for keep=best and keep=last alike (the last stage
@@ -234,20 +238,20 @@ def _run_stages(ws: Workspace, cfg: TrainConfig, name: str, folder: str, *, resu
             weights = full_state_dict(model, engine)  # every rank: a collective
         else:
             weights = ckpt.load(best_path, remedy=RESUME_REMEDY) if main else None
-        final = ds.plain_copy(ws.build, weights, model) if main else None
+        final = plain_copy(ws.build, weights, model) if main else None
     elif not zero3 and best is not None and cfg.keep == "best" and os.path.exists(best_path):
         model.load_state_dict(ckpt.load(best_path, remedy=RESUME_REMEDY))
     if cfg.save_model and main:
-        final.save_pretrained(os.path.join(folder, "model"))
-        ws.tokenizer.save_pretrained(os.path.join(folder, "model"))
+        save_model(final, ws, cfg, os.path.join(folder, "model"))
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
     rss = peak_rss_bytes()
     result = {"method": name, "status": "ok", **(best or {}), "train_seconds": elapsed, "peak_memory_bytes": peak,
-              "peak_rss_bytes": rss, "stages": len(plan), "folder": folder}
+              "peak_rss_bytes": rss, "memory_plan": plan_memory(cfg).as_dict(), "stages": len(plan),
+              "folder": folder}
     if main:
         _write_result(folder, result)
     if distributed:
-        ds.barrier()
+        pg.barrier()
     return result
 
 
@@ -255,8 +259,6 @@ def _run_stage(ws, cfg, plan, i, parts, model, engine, regularizer, critic, log,
     """Stage ``i`` of the plan, seeded from (cfg.seed, i): the regulariser's boundary, then IFA or HPA on
     ``engine`` (DeepSpeed) or ``model``. Returns (critic, the stage's weights on the CPU, or None where this
     rank does not ``gather`` them). TrainingDiverged if a loss or weight is not finite."""
-    from .engine import full_state_dict
-
     objective, part = plan[i]
     seed = cfg.seed * 1000 + i
     torch.manual_seed(seed)
@@ -317,10 +319,31 @@ class _NoLogger:
         pass
 
 
-def _new_critic(ws: Workspace):
-    from .ppo import Critic
+def save_model(model, ws: Workspace, cfg: TrainConfig, folder: str) -> None:
+    """``save_pretrained`` of the kept model and the tokenizer. A LoRA model saves its adapter, which
+    ``peft.PeftModel.from_pretrained(base, folder)`` loads onto the base: ``model.path``, or for the embedded
+    model the base saved beside it in ``<folder>/base``."""
+    if is_lora(model) and cfg.model.path is None:  # the embedded base is on no disk: saved beside (it is tiny)
+        base = os.path.join(folder, "base")
+        copy.deepcopy(model).unload().save_pretrained(base)
+        ws.tokenizer.save_pretrained(base)
+        model.peft_config["default"].base_model_name_or_path = base
+    model.save_pretrained(folder)
+    ws.tokenizer.save_pretrained(folder)
 
-    return Critic.from_reward_model(ws.reward_model).to(ws.device).requires_grad_(True)
+
+def _new_critic(ws: Workspace, cfg: TrainConfig):
+    """The PPO critic: the reward model's backbone and head (copies), or, for a reward model with a tokenizer
+    of its own, the SFT model's backbone with a fresh head; gradient checkpointing and LoRA as configured."""
+    from .ppo import Critic
+    from .reward import RetokenizedRewardModel, RewardModel
+
+    start = ws.reward_model
+    if isinstance(start, RetokenizedRewardModel):  # its token ids are not the policy's
+        start = RewardModel.from_causal_lm(ws.sft_model)
+    critic = Critic.from_reward_model(start).to(ws.device).requires_grad_(True)
+    critic.backbone = prepare_trainee(critic.backbone, cfg.model, seed=cfg.seed, task_type=None)
+    return critic
 
 
 def _run_ifa(ws, cfg, model, parts, part, seed, hook, log, progress, critic):
@@ -344,7 +367,7 @@ def _run_hpa(ws, cfg, model, parts, part, seed, hook, log, progress, critic):
         from .ppo import run_ppo
 
         if critic is None:  # initialised from the reward model, then carried from one HPA stage to the next
-            critic = _new_critic(ws)
+            critic = _new_critic(ws, cfg)
         run_ppo(model, None, ws.reward_model, critic, ws.tokenizer, parts["prompts"][part], cfg.ppo, ewc=hook,
                 log=log, seed=seed, progress=progress)
         return critic
@@ -355,7 +378,7 @@ def _run_hpa(ws, cfg, model, parts, part, seed, hook, log, progress, critic):
     if spec(cfg.method).mix == "sft_in_hpa":  # RLHF+pt
         dpo_cfg = replace(dpo_cfg, sft_coef=cfg.mix_coef)
         sft_rows = parts["sft"][part]
-    reference = frozen_copy(ws.sft_model) if cfg.dpo_reference == "sft" else None
+    reference = ws.sft_model if cfg.dpo_reference == "sft" else None  # frozen already: shared, not copied
     run_dpo(model, reference, ws.tokenizer, parts["pref"][part], dpo_cfg, ewc=hook, log=log, progress=progress,
             sft_rows=sft_rows)
     return critic

@@ -20,25 +20,33 @@ is not updated while the critic has had fewer than ``cold_start_steps`` PPO step
 (``cold_start_scope="critic"``, the default: a carried-over critic is already warm) or, with
 ``cold_start_scope="run"``, during the first ``cold_start_steps`` steps of each ``run_ppo`` call.
 
-Actor update order: ``loss.backward()``; ``ewc.apply_()`` (hbat.HybridEWC adds the EWC gradient of eq. 5);
-``clip_grad_norm_``; ``optimizer.step()``. Policy and critic have their own AdamW (lr 1e-5 and 5e-6).
-Dropout is off during PPO (all models in eval mode) so the first epoch's ratio is exactly 1.
+Each mini-batch steps the critic, then the policy, through the stepper of every stage
+(hbat.trainer.steppers): ``loss.backward()``; for the policy ``ewc.apply_()`` (hbat.HybridEWC adds the EWC
+gradient of eq. 5); ``clip_grad_norm_``; AdamW (its own for each model, lr 1e-5 and 5e-6, constant; fp32
+masters for bf16 weights). Dropout is off throughout (sampling and scoring in eval mode, updates in train
+mode with every dropout at 0, so transformers' gradient checkpointing recomputes), so the first epoch's ratio is
+exactly 1. The metrics of a PPO step are read once, at its end.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
-import inspect
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
-from ..data import collate, encode_prompts, pad_token_id, position_ids_from_mask
+from ..data import position_ids_from_mask
 from .checks import booleans, choice, fail, integers, numbers
+from .common import StageConfig, read_scalars
 from .guards import check_values, check_weights
+from .models import base_of, frozen_copy, no_dropout
+from .ppo_math import gae, kl_rewards, masked_mean, policy_loss, value_loss, whiten
 from .reward import RewardModel
+from .rollout import Rollout, generate, response_logprobs, score_rollout
+from .steppers import TorchStepper
 
 
 @dataclass
@@ -85,95 +93,7 @@ class PPOConfig:
         choice(self, "cold_start_scope", ("critic", "run"))
 
 
-# --- the math, on small tensors [B, T] with a 0/1 response mask ---------------------------------------------
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
-
-
-def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    count = mask.sum()
-    if unbiased and count > 1:
-        var = var * count / (count - 1)
-    return var
-
-
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / sqrt(var + eps) over the masked entries (unbiased var); masked-out entries become 0."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
-    out = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
-    return out * mask
-
-
-def kl_rewards(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor,
-               kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token rewards ``-kl_coef * kl_t`` plus ``scores`` at each row's last response token.
-
-    ``mask`` must be 1 on a prefix of each row (right padding) with at least one token. Returns
-    ``(rewards, kl)``, both [B, T] and zero on padding.
-    """
-    mask = mask.to(logprobs.dtype)
-    kl = (logprobs - ref_logprobs) * mask
-    rewards = -kl_coef * kl
-    last = mask.sum(-1).long() - 1
-    if (last < 0).any():
-        raise ValueError("every response needs at least one token (a row of the mask is all zero)")
-    rows = torch.arange(rewards.shape[0], device=rewards.device)
-    rewards[rows, last] += scores.to(rewards.dtype)
-    return rewards, kl
-
-
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
-        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation over right-padded rows; returns ``(advantages, returns)``, 0 on padding."""
-    mask = mask.to(values.dtype)
-    rewards, values = rewards * mask, values * mask
-    advantages = torch.zeros_like(values)
-    next_value = torch.zeros_like(values[:, 0])
-    running = torch.zeros_like(values[:, 0])
-    for t in reversed(range(values.shape[1])):
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        running = (delta + gamma * lam * running) * mask[:, t]
-        advantages[:, t] = running
-        next_value = values[:, t]
-    returns = (advantages + values) * mask
-    return advantages, returns
-
-
-def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                clip_range: float) -> tuple[torch.Tensor, dict]:
-    """Clipped surrogate loss; stats: ``clipfrac`` (share of tokens where the clip is active), ``approx_kl``, ``ratio``."""
-    mask = mask.to(logprobs.dtype)
-    log_ratio = logprobs - old_logprobs
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    with torch.no_grad():
-        stats = {"clipfrac": masked_mean((clipped > unclipped).to(mask.dtype), mask),
-                 "approx_kl": 0.5 * masked_mean(log_ratio ** 2, mask),
-                 "ratio": masked_mean(ratio, mask)}
-    return loss, stats
-
-
-def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               value_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clipped value loss ``1/2 mean max((V-R)^2, (V_clip-R)^2)``; returns ``(loss, clipfrac)``."""
-    mask = mask.to(values.dtype)
-    clipped_values = old_values + torch.clamp(values - old_values, -value_clip, value_clip)
-    loss_unclipped = (values - returns) ** 2
-    loss_clipped = (clipped_values - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(loss_unclipped, loss_clipped), mask)
-    with torch.no_grad():
-        clipfrac = masked_mean((loss_clipped > loss_unclipped).to(mask.dtype), mask)
-    return loss, clipfrac
-
-
-# --- models --------------------------------------------------------------------------------------------------
+# --- the critic --------------------------------------------------------------------------------------------------
 
 class Critic(nn.Module):
     """Value model: a backbone and a scalar head giving one value per token ([B, L], float32).
@@ -201,112 +121,18 @@ class Critic(nn.Module):
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         return self.head(hidden).squeeze(-1).float()
 
-
-@dataclass
-class Rollout:
-    """Token tensors of one sampled batch: left-padded queries, right-padded responses (mask 1 up to EOS)."""
-
-    query_ids: torch.Tensor       # [B, Lq]
-    query_mask: torch.Tensor      # [B, Lq]
-    response_ids: torch.Tensor    # [B, Lr], pad after the first EOS
-    response_mask: torch.Tensor   # [B, Lr], 1 up to and including the first EOS
-    has_eos: torch.Tensor         # [B] bool
-
-    @property
-    def input_ids(self):
-        return torch.cat([self.query_ids, self.response_ids], dim=1)
-
-    @property
-    def attention_mask(self):
-        return torch.cat([self.query_mask, self.response_mask], dim=1)
-
-    @property
-    def query_len(self) -> int:
-        return self.query_ids.shape[1]
-
-    def select(self, index: torch.Tensor) -> "Rollout":
-        return Rollout(*(getattr(self, f.name)[index] for f in fields(self)))
-
-
-def _first_param(module: nn.Module) -> torch.Tensor:
-    return next(module.parameters())
-
-
-@torch.no_grad()
-def generate(policy: nn.Module, tokenizer, prompts: Sequence[str | dict], cfg: PPOConfig) -> Rollout:
-    """Sample one response per prompt with HF ``generate`` (top-p / temperature / max_new_tokens of ``cfg``)."""
-    from transformers import GenerationConfig
-
-    pad = pad_token_id(tokenizer)
-    eos = getattr(tokenizer, "eos_token_id", None)
-    queries = collate([{"input_ids": ids} for ids in encode_prompts(tokenizer, prompts, cfg.max_prompt_len)], pad,
-                      padding_side="left")
-    device = _first_param(policy).device
-    query_ids, query_mask = queries["input_ids"].to(device), queries["attention_mask"].to(device)
-    generation_config = GenerationConfig(
-        do_sample=True, top_p=cfg.top_p, temperature=cfg.temperature, top_k=cfg.top_k,
-        max_new_tokens=cfg.max_new_tokens, pad_token_id=pad, eos_token_id=eos,
-        bos_token_id=getattr(tokenizer, "bos_token_id", None))
-    was_training = policy.training
-    policy.eval()
-    try:
-        output = policy.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=generation_config)
-    finally:
-        policy.train(was_training)
-    response = output[:, query_ids.shape[1]:]
-    if eos is None:
-        is_eos = torch.zeros_like(response, dtype=torch.bool)
-    else:
-        is_eos = response == eos
-    after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
-    response_mask = (~after_eos).long()
-    return Rollout(query_ids, query_mask, response.masked_fill(after_eos, pad), response_mask, is_eos.any(1))
-
-
-def response_logprobs(model: nn.Module, rollout: Rollout, temperature: float, *,
-                      with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log p(response token | prefix) [B, Lr] from temperature-scaled logits (and their entropy when asked)."""
-    input_ids, attention_mask = rollout.input_ids, rollout.attention_mask
-    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask,
-              "position_ids": position_ids_from_mask(attention_mask), "use_cache": False}
-    response_len = rollout.response_ids.shape[1]
-    if "logits_to_keep" in inspect.signature(model.forward).parameters:
-        kwargs["logits_to_keep"] = response_len + 1  # only the positions that predict response tokens
-        logits = model(**kwargs).logits[:, :-1]
-    else:
-        logits = model(**kwargs).logits[:, rollout.query_len - 1:-1]
-    logits = logits.float() / temperature
-    log_probs = torch.log_softmax(logits, dim=-1)
-    token_logprobs = log_probs.gather(-1, rollout.response_ids.unsqueeze(-1)).squeeze(-1)
-    entropy = None
-    if with_entropy:
-        entropy = -(log_probs.exp() * log_probs).sum(-1)
-    return token_logprobs, entropy
-
-
 def response_values(critic: Critic, rollout: Rollout) -> torch.Tensor:
     """V(prefix before response token t) [B, Lr]."""
     values = critic(rollout.input_ids, rollout.attention_mask)
     return values[:, rollout.query_len - 1:-1]
 
 
-@torch.no_grad()
-def score_rollout(reward_model: RewardModel, rollout: Rollout) -> torch.Tensor:
-    """Reward-model score of query + response (the last non-pad token is the EOS when there is one)."""
-    return reward_model(rollout.input_ids, rollout.attention_mask).float()
-
-
 # --- the stage -------------------------------------------------------------------------------------------------
 
-def _frozen_copy(model: nn.Module) -> nn.Module:
-    ref = copy.deepcopy(model).eval()
-    ref.requires_grad_(False)
-    return ref
-
-
-def _clip(module: nn.Module, max_norm) -> None:
-    if max_norm:
-        torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.grad is not None], max_norm)
+def _step_settings(lr: float, cfg: PPOConfig) -> StageConfig:
+    """The optimizer settings of one PPO model for the shared stepper: constant lr, PPO's clipping."""
+    return StageConfig(lr=lr, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+                       lr_scheduler_type="constant")
 
 
 def run_ppo(policy: nn.Module, ref_model: nn.Module | None, reward_model: RewardModel, critic: Critic, tokenizer,
@@ -314,9 +140,10 @@ def run_ppo(policy: nn.Module, ref_model: nn.Module | None, reward_model: Reward
             log: Callable[[dict], None] | None = None, seed: int = 0, progress: bool = True) -> dict:
     """PPO on ``prompts`` (rows ``{prompt}`` or strings); updates ``policy`` and ``critic`` in place.
 
-    ``ref_model`` None: a frozen copy of ``policy`` as it is now (the start of this HPA stage). The reference
-    and the reward model are never updated. All models must be on the policy's device. ``seed`` seeds
-    torch's global RNG (HF sampling uses it) and the prompt / mini-batch order.
+    ``ref_model`` None: a frozen copy of ``policy`` as it is now (the start of this HPA stage); for a LoRA
+    policy, its base with the adapters disabled (hbat.trainer.models.base_of, no copy). The reference and the
+    reward model are never updated. All models must be on the policy's device. ``seed`` seeds torch's global
+    RNG (HF sampling uses it) and the prompt / mini-batch order.
 
     ``log`` gets one dict per PPO step: ``ppo/step``, ``ppo/reward`` (mean reward-model score),
     ``ppo/kl`` (mean over responses of the summed per-token KL to the reference), ``ppo/non_score_reward``,
@@ -334,14 +161,14 @@ def run_ppo(policy: nn.Module, ref_model: nn.Module | None, reward_model: Reward
         raise ValueError("run_ppo needs at least one prompt")
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    ref_model = _frozen_copy(policy) if ref_model is None else ref_model
+    if ref_model is None:
+        ref_model = base_of(policy) or frozen_copy(policy)
     steps_per_epoch = math.ceil(len(prompts) / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch if cfg.max_steps is None else cfg.max_steps
 
-    policy_params = [p for p in policy.parameters() if p.requires_grad]
-    policy_optimizer = torch.optim.AdamW(policy_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    critic_optimizer = torch.optim.AdamW([p for p in critic.parameters() if p.requires_grad], lr=cfg.critic_lr,
-                                         weight_decay=cfg.weight_decay)
+    # the policy and the critic step through the stepper every stage uses (penalty, clipping, AdamW)
+    steppers = (TorchStepper(policy, _step_settings(cfg.lr, cfg), total_steps),
+                TorchStepper(critic, _step_settings(cfg.critic_lr, cfg), total_steps))
     modes = {module: module.training for module in (policy, ref_model, reward_model, critic)}
     for module in modes:
         module.eval()
@@ -358,15 +185,15 @@ def run_ppo(policy: nn.Module, ref_model: nn.Module | None, reward_model: Reward
                     break
                 batch_prompts = [prompts[i] for i in order[start:start + cfg.batch_size]]
                 cold = (int(critic.steps_trained) if cfg.cold_start_scope == "critic" else step) < cfg.cold_start_steps
-                metrics = _ppo_step(policy, ref_model, reward_model, critic, tokenizer, batch_prompts, cfg,
-                                    policy_optimizer, critic_optimizer, generator, ewc, update_policy=not cold)
+                metrics = _ppo_step(policy, ref_model, reward_model, critic, tokenizer, batch_prompts, cfg, steppers,
+                                    generator, ewc, update_policy=not cold)
                 step += 1
                 # PPO reads its metrics every step anyway; NaN weights would break the next rollout's sampling
                 where = f"ppo step {step}"
                 check_values(metrics, ("ppo/policy_loss", "ppo/value_loss", "ewc/penalty"), where,
                              " (a smaller ppo.lr or ppo.critic_lr may help)")
-                check_weights(policy.named_parameters(), where)
-                check_weights(critic.named_parameters(), f"{where}, critic")
+                check_weights(_trained(policy), where)
+                check_weights(_trained(critic), f"{where}, critic")
                 policy_updates += 0 if cold else 1
                 metrics["ppo/step"] = step
                 history.append(metrics)
@@ -378,6 +205,8 @@ def run_ppo(policy: nn.Module, ref_model: nn.Module | None, reward_model: Reward
                                 pg=f"{metrics['ppo/policy_loss']:.3f}" if "ppo/policy_loss" in metrics else "cold")
     finally:
         bar.close()
+        for stepper in steppers:
+            stepper.close()
         for module, mode in modes.items():
             module.train(mode)
 
@@ -390,8 +219,25 @@ def run_ppo(policy: nn.Module, ref_model: nn.Module | None, reward_model: Reward
     return summary
 
 
-def _ppo_step(policy, ref_model, reward_model, critic, tokenizer, prompts, cfg: PPOConfig, policy_optimizer,
-              critic_optimizer, generator, ewc, *, update_policy: bool) -> dict:
+def _trained(module: nn.Module) -> list:
+    return [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+
+
+@contextlib.contextmanager
+def _update_mode(module: nn.Module):
+    """Train mode with every dropout at 0 for a PPO update: computes as eval mode (the first epoch's ratio is
+    exactly 1) while transformers' gradient checkpointing, which only runs in train mode, recomputes."""
+    module.train()
+    try:
+        with no_dropout(module):
+            yield
+    finally:
+        module.eval()
+
+
+def _ppo_step(policy, ref_model, reward_model, critic, tokenizer, prompts, cfg: PPOConfig, steppers, generator, ewc,
+              *, update_policy: bool) -> dict:
+    policy_stepper, critic_stepper = steppers
     rollout = generate(policy, tokenizer, prompts, cfg)
     mask = rollout.response_mask.float()
     with torch.no_grad():
@@ -406,10 +252,10 @@ def _ppo_step(policy, ref_model, reward_model, critic, tokenizer, prompts, cfg: 
         if cfg.whiten_advantages:
             advantages = whiten(advantages, mask)
 
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor] = {}  # read once, at the end of the PPO step (one host sync)
 
     def add(key, value):
-        sums[key] = sums.get(key, 0.0) + float(value)
+        sums[key] = sums.get(key, 0.0) + value.detach().float()
 
     updates = 0
     batch_size = rollout.query_ids.shape[0]
@@ -420,46 +266,45 @@ def _ppo_step(policy, ref_model, reward_model, critic, tokenizer, prompts, cfg: 
             mini, mini_mask = rollout.select(index), mask[index]
             updates += 1
 
-            values = response_values(critic, mini)
-            loss_v, v_clipfrac = value_loss(values, old_values[index], returns[index], mini_mask, cfg.value_clip)
-            critic_optimizer.zero_grad(set_to_none=True)
-            loss_v.backward()
-            _clip(critic, cfg.max_grad_norm)
-            critic_optimizer.step()
-            add("ppo/value_loss", loss_v.item())
-            add("ppo/value_clipfrac", v_clipfrac.item())
+            with _update_mode(critic):
+                values = response_values(critic, mini)
+                loss_v, v_clipfrac = value_loss(values, old_values[index], returns[index], mini_mask,
+                                                cfg.value_clip)
+                critic_stepper.backward(loss_v)
+            critic_stepper.step()
+            add("ppo/value_loss", loss_v)
+            add("ppo/value_clipfrac", v_clipfrac)
 
             if update_policy:
-                logprobs, _ = response_logprobs(policy, mini, cfg.temperature)
-                loss_p, stats = policy_loss(logprobs, old_logprobs[index], advantages[index], mini_mask, cfg.clip_range)
-                policy_optimizer.zero_grad(set_to_none=True)
-                loss_p.backward()
+                with _update_mode(policy):
+                    logprobs, _ = response_logprobs(policy, mini, cfg.temperature)
+                    loss_p, stats = policy_loss(logprobs, old_logprobs[index], advantages[index], mini_mask,
+                                                cfg.clip_range)
+                    policy_stepper.backward(loss_p)
+                step_stats = policy_stepper.step(ewc)  # the EWC gradient of eq. (5), clipping, AdamW
                 if ewc is not None:
-                    add("ewc/penalty", ewc.apply_().item())
-                _clip(policy, cfg.max_grad_norm)
-                policy_optimizer.step()
-                add("ppo/policy_loss", loss_p.item())
+                    add("ewc/penalty", step_stats["ewc/penalty"])
+                add("ppo/policy_loss", loss_p)
                 for key, value in stats.items():
-                    add(f"ppo/{key}", value.item())
-    policy_optimizer.zero_grad(set_to_none=True)
-    critic_optimizer.zero_grad(set_to_none=True)
+                    add(f"ppo/{key}", value)
     critic.steps_trained += 1
 
     kl_per_response = kl.sum(1)
-    metrics = {key: value / updates for key, value in sums.items()}
-    metrics.update({
-        "ppo/reward": scores.mean().item(),
-        "ppo/kl": kl_per_response.mean().item(),
-        "ppo/non_score_reward": (-cfg.kl_coef * kl_per_response).mean().item(),
-        "ppo/rlhf_reward": (scores - cfg.kl_coef * kl_per_response).mean().item(),
-        "ppo/entropy": masked_mean(entropy, mask).item(),
-        "ppo/response_length": mask.sum(1).mean().item(),
-        "ppo/eos_fraction": rollout.has_eos.float().mean().item(),
-        "ppo/advantage_mean": masked_mean(advantages, mask).item(),
-        "ppo/return_mean": masked_mean(returns, mask).item(),
-        "ppo/value_mean": masked_mean(old_values, mask).item(),
-        "ppo/cold_start": 0.0 if update_policy else 1.0,
+    values = {key: value / updates for key, value in sums.items()}
+    values.update({
+        "ppo/reward": scores.mean(),
+        "ppo/kl": kl_per_response.mean(),
+        "ppo/non_score_reward": (-cfg.kl_coef * kl_per_response).mean(),
+        "ppo/rlhf_reward": (scores - cfg.kl_coef * kl_per_response).mean(),
+        "ppo/entropy": masked_mean(entropy, mask),
+        "ppo/response_length": mask.sum(1).mean(),
+        "ppo/eos_fraction": rollout.has_eos.float().mean(),
+        "ppo/advantage_mean": masked_mean(advantages, mask),
+        "ppo/return_mean": masked_mean(returns, mask),
+        "ppo/value_mean": masked_mean(old_values, mask),
     })
+    metrics = read_scalars(values)
+    metrics["ppo/cold_start"] = 0.0 if update_policy else 1.0
     return metrics
 
 

@@ -41,7 +41,12 @@ class HBATRegularizer:
     """HybridEWC: the penalty of eq. (5)/(8) with importance from the other objective's accumulated change."""
 
     def __init__(self, model, cfg: EWCConfig):
-        self.ewc = hybrid_ewc(model, cfg)
+        from ..distributed import is_deepspeed_engine
+        from .steppers import has_low_precision, master_named_parameters
+
+        # bf16 weights (one process): the penalty is measured on their fp32 masters (hbat.trainer.steppers)
+        bf16 = not is_deepspeed_engine(model) and has_low_precision(model)
+        self.ewc = hybrid_ewc(master_named_parameters(model) if bf16 else model, cfg)
         self.hook = self.ewc
 
     def begin_stage(self, objective, previous_rows=None) -> dict:

@@ -4,7 +4,8 @@
     loss        = -log sigmoid(score(x, y_chosen) - score(x, y_rejected))          (Bradley-Terry)
 
 The paper initialises the reward model from the SFT model and trains 2 epochs, lr 1e-5, batch 64
-(``RewardConfig`` keeps lr and epochs; the batch default is small for CPU runs). Responses are scored
+(``RewardConfig`` keeps lr and epochs; the batch default is small for CPU runs). Training steps through
+``common.train_loop``, as SFT and DPO do. Responses are scored
 with EOS appended, exactly as they are encoded for training (hbat.data.encode_sft).
 """
 from __future__ import annotations
@@ -19,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import collate, collate_preference, encode_preference, encode_sft, pad_token_id, position_ids_from_mask
-from .checks import integers, numbers
-from .guards import check_values
+from .checks import numbers
+from .common import StageConfig, train_loop
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -30,17 +31,20 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class RewardModel(nn.Module):
-    """LM backbone (e.g. ``LlamaModel``) + ``Linear(hidden, 1)``; ``forward`` returns one float32 score per row."""
+    """LM backbone (e.g. ``LlamaModel``) + a ``Linear(hidden, 1)`` head; ``forward`` returns one float32 score per
+    row, the head's output at the last attended token. ``head`` None: a fresh, small head (``from_causal_lm``)."""
 
-    def __init__(self, backbone: nn.Module, hidden_size: int):
+    def __init__(self, backbone: nn.Module, hidden_size: int, head: nn.Linear | None = None):
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Linear(hidden_size, 1)
-        # small head init (as in Stiennon et al. / TRL) so the initial scores are O(1); its own seeded generator,
-        # so the judge does not depend on how much of the global RNG stream earlier code consumed
-        nn.init.normal_(self.head.weight, std=1.0 / math.sqrt(hidden_size + 1),
-                        generator=torch.Generator().manual_seed(0))
-        nn.init.zeros_(self.head.bias)
+        if head is None:
+            head = nn.Linear(hidden_size, 1)
+            # small head init (as in Stiennon et al. / TRL) so the initial scores are O(1); its own seeded
+            # generator, so the judge does not depend on how much of the global RNG stream earlier code consumed
+            nn.init.normal_(head.weight, std=1.0 / math.sqrt(hidden_size + 1),
+                            generator=torch.Generator().manual_seed(0))
+            nn.init.zeros_(head.bias)
+        self.head = head
         self.config = getattr(backbone, "config", None)
 
     @classmethod
@@ -54,6 +58,16 @@ class RewardModel(nn.Module):
         reference = next(backbone.parameters())
         reward_model.head.to(device=reference.device, dtype=reference.dtype)
         return reward_model
+
+    @classmethod
+    def from_sequence_classifier(cls, model: nn.Module) -> "RewardModel":
+        """The backbone and one-label ``score`` head of a transformers ``*ForSequenceClassification`` (Llama,
+        Qwen2, Mistral, GPT-2, ...), taken over as they are (no copy)."""
+        head = getattr(model, "score", None)
+        if not isinstance(head, nn.Linear) or head.out_features != 1:
+            raise ValueError(f"{type(model).__name__} has no one-label `score` head (a reward model is an "
+                             "AutoModelForSequenceClassification saved with num_labels=1)")
+        return cls(model.base_model, head.in_features, head)
 
     def hidden_states(self, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
         if position_ids is None:
@@ -71,25 +85,43 @@ class RewardModel(nn.Module):
         return self.head(last).squeeze(-1).float()
 
 
+class RetokenizedRewardModel(nn.Module):
+    """A reward model with a tokenizer of its own (``model.reward_path``): it scores the TEXT of token ids made
+    by the policy's tokenizer (``source_tokenizer``), re-encoded with its own tokenizer as in training
+    (special tokens, EOS appended), the last ``max_len`` tokens of each row."""
+
+    def __init__(self, reward_model: RewardModel, tokenizer, source_tokenizer, max_len: int):
+        super().__init__()
+        self.reward_model = reward_model
+        self.tokenizer, self.source_tokenizer, self.max_len = tokenizer, source_tokenizer, max_len
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        eos = [] if self.tokenizer.eos_token_id is None else [self.tokenizer.eos_token_id]
+        rows = []
+        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
+            text = self.source_tokenizer.decode([t for t, m in zip(ids, mask) if m], skip_special_tokens=True)
+            own = list(self.tokenizer(text, add_special_tokens=True)["input_ids"]) + eos
+            rows.append({"input_ids": own[-self.max_len:]})
+        batch = collate(rows, pad_token_id(self.tokenizer))
+        device = _device(self.reward_model)
+        return self.reward_model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+
+
 @dataclass
-class RewardConfig:
-    """Reward-model training (paper: lr 1e-5, 2 epochs, batch 64)."""
+class RewardConfig(StageConfig):
+    """Reward-model training (paper: lr 1e-5, 2 epochs, batch 64). Shared fields: ``common.StageConfig``."""
 
     lr: float = 1e-5                 # AdamW learning rate
     batch_size: int = 8              # preference pairs per step
     epochs: int = 2                  # passes over the pairs
-    max_len: int = 256               # tokens of prompt + response (hbat.data truncation rule)
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0       # gradient clipping (0 or None: off)
-    eval_batch_size: int = 16
-    seed: int = 0                    # shuffling of the pairs
+    lr_scheduler_type: str = "constant"  # the lr of every step (or "linear" / "cosine" decay after warm-up)
 
     def __post_init__(self):
-        integers(self, 1, "batch_size", "epochs", "eval_batch_size")
-        integers(self, 2, "max_len")
-        integers(self, 0, "seed")
+        super().__post_init__()
         numbers(self, "lr", strict=True)
-        numbers(self, "weight_decay", "max_grad_norm")
 
 
 def ranking_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
@@ -113,63 +145,38 @@ def _pair_scores(rm: RewardModel, batch: dict, device) -> tuple[torch.Tensor, to
 def train_reward_model(rm: RewardModel, tokenizer, pairs: Sequence[dict], cfg: RewardConfig | None = None, *,
                        log: Callable[[dict], None] | None = None, eval_pairs: Sequence[dict] | None = None,
                        progress: bool = True) -> dict:
-    """Train ``rm`` on preference rows ``{prompt, chosen, rejected}`` with the ranking loss.
+    """Train ``rm`` on preference rows ``{prompt, chosen, rejected}`` with the ranking loss, stepping through
+    the stage loop every stage uses (``common.train_loop``: clipping, AdamW, fp32 masters for bf16 weights).
 
-    Logs ``rm/loss``, ``rm/accuracy``, ``rm/margin``, ``rm/epoch`` per step through ``log``; returns the last
-    epoch's means (``rm/loss``, ``rm/accuracy``, ``rm/margin``), ``rm/steps`` and, with ``eval_pairs``, the
+    Logs ``rm/loss``, ``rm/accuracy``, ``rm/margin`` and ``train/*`` every ``logging_steps`` steps through
+    ``log``; returns their means over the run, ``train/steps``, ``rm/loss_last`` and, with ``eval_pairs``, the
     held-out ``rm/eval_accuracy``, ``rm/eval_margin``, ``rm/eval_loss``. A non-finite loss raises
     hbat.trainer.guards.TrainingDiverged.
     """
-    from tqdm.auto import tqdm
-
     cfg = cfg or RewardConfig()
     if not pairs:
         raise ValueError("train_reward_model needs at least one preference pair")
     encoded = encode_preference(tokenizer, pairs, cfg.max_len)
     pad = pad_token_id(tokenizer)
     device = _device(rm)
-    optimizer = torch.optim.AdamW([p for p in rm.parameters() if p.requires_grad], lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    steps_per_epoch = math.ceil(len(encoded) / cfg.batch_size)
-    was_training = rm.training
-    rm.train()
-    step, epoch_stats = 0, {}
-    bar = tqdm(total=cfg.epochs * steps_per_epoch, desc="reward model", disable=not progress, leave=False)
-    try:
-        for epoch in range(cfg.epochs):
-            order = torch.randperm(len(encoded), generator=generator).tolist()
-            sums = {"rm/loss": 0.0, "rm/accuracy": 0.0, "rm/margin": 0.0}
-            for start in range(0, len(order), cfg.batch_size):
-                batch = collate_preference([encoded[i] for i in order[start:start + cfg.batch_size]], pad)
-                chosen, rejected = _pair_scores(rm, batch, device)
-                loss = ranking_loss(chosen, rejected)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(rm.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                step += 1
-                stats = {"rm/loss": loss.item(), "rm/accuracy": (chosen > rejected).float().mean().item(),
-                         "rm/margin": (chosen - rejected).mean().item()}
-                check_values(stats, ("rm/loss",), f"reward model step {step}", " (a smaller reward.lr may help)")
-                for key, value in stats.items():
-                    sums[key] += value
-                if log is not None:
-                    log({**stats, "rm/epoch": epoch + min(start + cfg.batch_size, len(order)) / len(order), "rm/step": step})
-                bar.update(1)
-                bar.set_postfix(loss=f"{stats['rm/loss']:.4f}", acc=f"{stats['rm/accuracy']:.2f}")
-            epoch_stats = {key: value / steps_per_epoch for key, value in sums.items()}
-    finally:
-        bar.close()
-        rm.train(was_training)
-    result = {**epoch_stats, "rm/steps": step}
+
+    def micro_loss(micro, batch):
+        chosen, rejected = _pair_scores(rm, collate_preference([encoded[i] for i in micro], pad), device)
+        loss = ranking_loss(chosen, rejected)
+        share = len(micro) / len(batch)  # weight: the micro-batch's share of the pairs
+        stats = {"rm/loss": loss.detach(), "rm/accuracy": (chosen > rejected).float().mean(),
+                 "rm/margin": (chosen - rejected).detach().mean()}
+        return loss * share, {key: value * share for key, value in stats.items()}
+
+    result = train_loop(rm, len(encoded), cfg, micro_loss, desc="reward", loss_key="rm/loss", log=log,
+                        progress=progress)
     if eval_pairs:
         held_out = evaluate_reward_model(rm, tokenizer, eval_pairs, batch_size=cfg.eval_batch_size,
                                          max_len=cfg.max_len)
-        result.update({key.replace("rm/", "rm/eval_"): value for key, value in held_out.items()})
+        held_out = {key.replace("rm/", "rm/eval_"): value for key, value in held_out.items()}
+        result.update(held_out)
         if log is not None:
-            log({key.replace("rm/", "rm/eval_"): value for key, value in held_out.items()})
+            log(dict(held_out))
     return result
 
 

@@ -53,7 +53,8 @@ def train(config_path, overrides, methods=None, *, resume=False, progress=True, 
     """Run ``methods`` (default: the config's method) with shared data and models; returns their results.
 
     Everything is checked before anything is trained: every method's config, the data against each of them,
-    and the run folders, which are locked for the run (a second run into one of them is refused). A method
+    each method's memory plan against the device (printed), and the run folders, which are locked for the run
+    (a second run into one of them is refused). A method
     whose training diverges gets a result with ``"status": "diverged"`` and its ``"error"``; the others run.
     """
     from .checkpoint import remove_stale_temp_files, write_text_atomic
@@ -61,6 +62,7 @@ def train(config_path, overrides, methods=None, *, resume=False, progress=True, 
     from .guards import TrainingDiverged
     from .lock import run_lock
     from .loop import run_method
+    from .memory import plan_memory
     from .validate import check_data
     from .workspace import load_data, prepare
 
@@ -73,6 +75,9 @@ def train(config_path, overrides, methods=None, *, resume=False, progress=True, 
     data = load_data(base)
     for cfg in configs:
         check_data(data.splits, cfg, data.sources)
+    plans = [plan_memory(cfg) for cfg in configs]  # sized from the models' configs: nothing is loaded yet
+    for plan in plans:
+        plan.check()
     with contextlib.ExitStack() as locks:
         if main_rank:
             for cfg in configs:
@@ -81,6 +86,8 @@ def train(config_path, overrides, methods=None, *, resume=False, progress=True, 
             for cfg in configs:
                 write_text_atomic(dump_config(cfg), os.path.join(cfg.output_dir, f"config-{name or cfg.method}.yaml"))
             print(f"hbat train: {', '.join(methods)} -> {base.output_dir}")
+            for method, plan in zip(methods, plans):
+                print(f"[{method}] {plan.table()}")
         started = time.perf_counter()
         ws = prepare(base, progress=progress, data=data)
         if ws.info and main_rank:
@@ -116,7 +123,7 @@ def train(config_path, overrides, methods=None, *, resume=False, progress=True, 
         write_text_atomic(json.dumps(results, indent=2, default=str), os.path.join(base.output_dir, f"{stem}.json"))
         print("\n" + table)
     if base.deepspeed is not None:
-        from .engine import shutdown_distributed
+        from .procgroup import shutdown_distributed
 
         shutdown_distributed()  # only after every rank finished: a failed rank exits with its error instead
     return results
@@ -162,7 +169,7 @@ def call(prog: str, func, args) -> int:
 
 def main(argv=None) -> int:
     parser = build_parser(argparse.ArgumentParser(prog="hbat train", description=__doc__.splitlines()[0]))
-    from .engine import finish
+    from .procgroup import finish
 
     return finish(call("hbat train", run, parser.parse_args(argv)))
 

@@ -10,7 +10,11 @@
   or the embedded model's): ``sft.max_len``, ``reward.max_len``, ``dpo.max_len``, PPO's prompt plus response,
   and evaluation's prompt (at most ``EVAL_PROMPT_LEN`` tokens) plus ``eval.max_new_tokens``;
 - ``ewc.include`` / ``ewc.exclude`` select a parameter of the model (names from an empty "meta" copy);
-- under DeepSpeed, what the trainer refuses there (``hbat.trainer.engine.check_supported``).
+- your own models: ``model.sft_path`` and ``model.reward_path`` need ``model.path`` and are model folders of
+  the right kind (a causal LM; a sequence classifier with one label) sharing the policy's vocabulary (the
+  reward model may bring its own tokenizer instead); LoRA needs peft and target modules the model has;
+  gradient checkpointing a model that supports it;
+- under DeepSpeed, what the trainer refuses there (``hbat.trainer.ds_config.check_supported``).
 
 ``check_data(splits, cfg, sources)`` checks the data once it is read, before any model is built: each
 training set has at least ``n_parts`` rows.
@@ -33,6 +37,7 @@ def check_config(cfg) -> None:
     from .methods import spec
 
     _check_data_and_model(cfg)
+    _check_models(cfg)
     context, source = model_context(cfg)
     if context is not None:
         _check_context(cfg, context, source)
@@ -40,7 +45,7 @@ def check_config(cfg) -> None:
     if method.regularizer in ("hbat", "freeze") and (cfg.ewc.include or cfg.ewc.exclude):
         _check_selection(cfg)
     if cfg.deepspeed is not None:
-        from .engine import check_supported
+        from .ds_config import check_supported
 
         check_supported(cfg, method.regularizer)
 
@@ -86,6 +91,78 @@ def _check_data_sources(d) -> None:
         if source.lower().endswith(DATA_FILE_SUFFIXES):
             raise ConfigError(f"config.data.{key}", f"is not a file: {source}")
         raise ConfigError(f"config.data.{key}", f"is not a file, a folder or a data set name: {source}")
+
+
+def _config_json(folder: str, key: str) -> dict:
+    """The config.json of a transformers model folder named by config key ``key``."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isdir(folder):
+        raise ConfigError(f"config.{key}", f"is not a folder: {folder}")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            config = json.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config.{key}", f"has no config.json (expected a save_pretrained model folder): "
+                          f"{folder}") from None
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"config.{key}", f"has an unreadable config.json ({path}: {exc})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"config.{key}", f"has a config.json that is not a JSON object: {path}")
+    return config
+
+
+def _vocab(config: dict):
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    return text.get("vocab_size")
+
+
+def _check_models(cfg) -> None:
+    """``model.sft_path`` / ``model.reward_path`` (folders of the right kind, sharing the policy's vocabulary
+    unless the reward model has its own tokenizer), LoRA (peft installed, target modules present) and gradient
+    checkpointing (supported by the model)."""
+    from .models import has_tokenizer
+
+    m = cfg.model
+    for key in ("sft_path", "reward_path"):
+        if getattr(m, key) is not None and m.path is None:
+            raise ConfigError(f"config.model.{key}", "needs model.path (the policy, whose tokenizer it shares): "
+                              "your own models come with your own base model")
+    if m.sft_path is not None or m.reward_path is not None:
+        vocab = _vocab(_config_json(m.path, "model.path"))
+    if m.sft_path is not None:
+        sft_vocab = _vocab(_config_json(m.sft_path, "model.sft_path"))
+        if sft_vocab != vocab:
+            raise ConfigError("config.model.sft_path", f"has a vocabulary of {sft_vocab} tokens but model.path has "
+                              f"{vocab}: the SFT model must share the policy's tokenizer")
+    if m.reward_path is not None:
+        config = _config_json(m.reward_path, "model.reward_path")
+        kinds = [a for a in config.get("architectures") or [] if str(a).endswith("ForSequenceClassification")]
+        labels = len(config.get("id2label") or {0: "LABEL_0", 1: "LABEL_1"})
+        if not kinds or labels != 1:
+            raise ConfigError("config.model.reward_path", f"must be an AutoModelForSequenceClassification saved with "
+                              f"num_labels=1, got architectures {config.get('architectures')} with {labels} labels: "
+                              f"{m.reward_path}")
+        if not has_tokenizer(m.reward_path) and _vocab(config) != vocab:
+            raise ConfigError("config.model.reward_path", f"has a vocabulary of {_vocab(config)} tokens but model.path "
+                              f"has {vocab}, and no tokenizer of its own: save its tokenizer in {m.reward_path}")
+    if m.lora_r:
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            raise ConfigError("config.model.lora_r", "> 0 needs peft: pip install --no-build-isolation "
+                              "'hbat[lora]'") from None
+        from .memory import lora_numel, meta_policy
+
+        try:
+            lora_numel(meta_policy(cfg), m)
+        except ValueError as exc:
+            raise ConfigError("config.model.lora_target_modules", f"= {m.lora_target_modules} does not fit the "
+                              f"model ({' '.join(str(exc).split())[:300]})") from None
+    if m.gradient_checkpointing:
+        from .memory import meta_policy
+
+        if not getattr(meta_policy(cfg), "supports_gradient_checkpointing", False):
+            raise ConfigError("config.model.gradient_checkpointing", "is true but the model does not support it")
 
 
 def model_context(cfg) -> tuple[int | None, str]:
@@ -141,18 +218,9 @@ def _check_selection(cfg) -> None:
 
 def named_parameters(cfg) -> list:
     """(name, parameter) pairs of the run's model, built on the "meta" device: no memory, no weights read."""
-    import torch
+    from .memory import meta_policy
 
-    with torch.device("meta"):
-        if cfg.model.path is None:
-            from ..task import build_model, build_tokenizer
-
-            model = build_model(build_tokenizer(), size=cfg.model.size)
-        else:
-            from transformers import AutoConfig, AutoModelForCausalLM
-
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.model.path))
-    return list(model.named_parameters())
+    return list(meta_policy(cfg).named_parameters())
 
 
 def check_data(splits: dict, cfg, sources: dict[str, str]) -> None:

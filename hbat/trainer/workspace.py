@@ -6,10 +6,14 @@ with checksums, hbat.trainer.checkpoint), so that several methods, and a resumed
 base weights, reward model and data. The data is read and checked against the config before any model is
 built; a cached file that fails its check is an error (never rebuilt silently); a piece whose training diverges
 is not cached (TrainingDiverged).
+
+Models (hbat.trainer.models): every one in ``model.dtype``; ``model.sft_path`` / ``model.reward_path`` are
+loaded instead of trained (and not cached); with LoRA the shared SFT and reward models are trained with
+adapters and merged. Before any model is loaded, the run's memory plan must fit the device
+(hbat.trainer.memory).
 """
 from __future__ import annotations
 
-import copy
 import os
 from dataclasses import dataclass, replace
 from typing import Callable
@@ -20,6 +24,8 @@ from .checkpoint import CheckpointError, load, remove_stale_temp_files, save_ato
 from .checks import ConfigError
 from .config import TrainConfig
 from .guards import TrainingDiverged, check_weights
+from .models import has_tokenizer, load_causal_lm, merge_lora, pick_device, prepare_trainee, resolve_dtype
+from .steppers import drop_master_weights
 from .validate import check_data
 
 
@@ -27,25 +33,20 @@ from .validate import check_data
 class Workspace:
     tokenizer: object
     base_state: dict                  # weights every method starts from (CPU)
-    build: Callable[[], torch.nn.Module]  # a fresh model with base_state, on ``device``
+    build: Callable[[], torch.nn.Module]  # a fresh trainee from base_state on ``device`` (hbat.trainer.models)
     sft_train: list[dict]
     sft_val: list[dict]
     pref_train: list[dict]
     pref_val: list[dict]
     prompts_train: list[dict]
     prompts_val: list[dict]
-    sft_model: torch.nn.Module        # SFT on all SFT data: the KL reference, the reward model's initialisation
-    reward_model: torch.nn.Module     # frozen; judges validation reward (keep-best) and PPO
+    sft_model: torch.nn.Module        # frozen; SFT on all SFT data (or model.sft_path): the KL / win-rate reference,
+    #                                   the reward model's initialisation
+    reward_model: torch.nn.Module     # frozen (or model.reward_path); judges validation reward (keep-best) and PPO
     device: torch.device
     exact_match: Callable | None = None       # the embedded task's exact checks (None for user data)
     preference_score: Callable | None = None
     info: dict | None = None
-
-
-def pick_device() -> torch.device:
-    if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:  # one GPU per rank (torchrun / deepspeed)
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @dataclass
@@ -191,7 +192,8 @@ def prepare(cfg: TrainConfig, *, progress: bool = True, log=None, data: RunData 
     """
     if cfg.deepspeed is None:
         return _prepare(cfg, progress=progress, log=log, data=data)
-    from .engine import barrier, init_distributed, is_main, run_ds_config
+    from .ds_config import run_ds_config
+    from .procgroup import barrier, init_distributed, is_main
 
     init_distributed()
     run_ds_config(cfg)  # a bad DeepSpeed config fails now, not after the shared pieces are trained
@@ -204,45 +206,88 @@ def prepare(cfg: TrainConfig, *, progress: bool = True, log=None, data: RunData 
 
 
 def _prepare(cfg: TrainConfig, *, progress: bool, log, data: RunData | None) -> Workspace:
-    from .reward import RewardModel, train_reward_model
-    from .sft import run_sft
+    from .memory import plan_memory
 
     data = data or load_data(cfg)
     check_data(data.splits, cfg, data.sources)  # before any model is built
+    plan_memory(cfg).check()  # every model and state the run holds, sized from configs: before any is loaded
     shared = os.path.join(cfg.output_dir, "shared", shared_key(cfg))
     os.makedirs(shared, exist_ok=True)
     remove_stale_temp_files(shared)
     device = pick_device()
+    dtype = resolve_dtype(cfg)
     tokenizer, fresh = _embedded_model(cfg) if cfg.model.path is None else _user_model(cfg)
     attach_cached_token_ids(cfg, data, tokenizer, progress=progress)  # before any model: tokenised once, cached
-    base_state = _base_weights(cfg, shared, tokenizer, fresh, data, progress, log)
+    base_state = _base_weights(cfg, shared, tokenizer, fresh, data, dtype, progress, log)
 
-    def build() -> torch.nn.Module:
-        model = fresh()
+    def build_plain() -> torch.nn.Module:
+        model = fresh().to(dtype=dtype)
         model.load_state_dict(base_state)
         return model.to(device)
 
-    sft_model = build()
-    _cached(os.path.join(shared, "sft.pt"), sft_model,
-            lambda: run_sft(sft_model, tokenizer, data.splits["sft_train"], replace(cfg.sft, seed=cfg.seed), log=log,
-                            progress=progress), "the shared SFT reference", "sft.lr")
-    sft_model.eval().requires_grad_(False)
+    def build() -> torch.nn.Module:  # what a method trains: gradient checkpointing and LoRA as configured
+        return prepare_trainee(build_plain(), cfg.model, seed=cfg.seed)
 
-    reward_model = RewardModel.from_causal_lm(sft_model).to(device)
-    reward_model.requires_grad_(True)
-    _cached(os.path.join(shared, "reward_model.pt"), reward_model,
-            lambda: train_reward_model(reward_model, tokenizer, data.splits["pref_train"],
-                                       replace(cfg.reward, seed=cfg.seed), log=log, progress=progress),
-            "the shared reward model", "reward.lr")
-    reward_model.eval().requires_grad_(False)
+    sft_model = _sft_model(cfg, shared, build_plain, tokenizer, data, dtype, device, progress, log)
+    reward_model = _reward_model(cfg, shared, sft_model, tokenizer, data, dtype, device, progress, log)
     return Workspace(tokenizer=tokenizer, base_state=base_state, build=build, sft_model=sft_model,
                      reward_model=reward_model, device=device, exact_match=data.exact_match,
                      preference_score=data.preference_score, info=data.info, **data.splits)
 
 
-def _base_weights(cfg: TrainConfig, shared: str, tokenizer, fresh, data: RunData, progress: bool, log) -> dict:
-    """The weights every method starts from (CPU): the user's model as loaded, or the embedded model pre-trained
-    once and cached like the other pieces."""
+def _sft_model(cfg, shared, build_plain, tokenizer, data, dtype, device, progress, log) -> torch.nn.Module:
+    """``model.sft_path`` loaded, or the base trained on all SFT data once and cached (LoRA: merged)."""
+    from .sft import run_sft
+
+    if cfg.model.sft_path is not None:
+        sft_model = load_causal_lm(cfg.model.sft_path, dtype).to(device)
+    else:
+        sft_model = build_plain()
+
+        def train():
+            trainee = prepare_trainee(sft_model, cfg.model, seed=cfg.seed)
+            run_sft(trainee, tokenizer, data.splits["sft_train"], replace(cfg.sft, seed=cfg.seed), log=log,
+                    progress=progress)
+            merge_lora(trainee)  # sft_model holds the trained weights, plain
+            drop_master_weights(sft_model)
+
+        _cached(os.path.join(shared, "sft.pt"), sft_model, train, "the shared SFT reference", "sft.lr")
+    return sft_model.eval().requires_grad_(False)
+
+
+def _reward_model(cfg, shared, sft_model, tokenizer, data, dtype, device, progress, log) -> torch.nn.Module:
+    """``model.reward_path`` loaded (re-tokenizing with its own tokenizer where it has another one), or a
+    reward model initialised from the SFT model, trained once and cached (LoRA: merged)."""
+    from .reward import RetokenizedRewardModel, RewardModel, train_reward_model
+
+    if cfg.model.reward_path is not None:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        path = cfg.model.reward_path
+        classifier = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(device)
+        reward_model = RewardModel.from_sequence_classifier(classifier)
+        own = AutoTokenizer.from_pretrained(path) if has_tokenizer(path) else None
+        if own is not None and own.get_vocab() != tokenizer.get_vocab():
+            reward_model = RetokenizedRewardModel(reward_model, own, tokenizer, cfg.reward.max_len)
+        return reward_model.eval().requires_grad_(False)
+    reward_model = RewardModel.from_causal_lm(sft_model).to(device)
+    reward_model.requires_grad_(True)
+
+    def train():
+        reward_model.backbone = prepare_trainee(reward_model.backbone, cfg.model, seed=cfg.seed, task_type=None)
+        train_reward_model(reward_model, tokenizer, data.splits["pref_train"], replace(cfg.reward, seed=cfg.seed),
+                           log=log, progress=progress)
+        reward_model.backbone = merge_lora(reward_model.backbone)
+        drop_master_weights(reward_model)
+
+    _cached(os.path.join(shared, "reward_model.pt"), reward_model, train, "the shared reward model", "reward.lr")
+    return reward_model.eval().requires_grad_(False)
+
+
+def _base_weights(cfg: TrainConfig, shared: str, tokenizer, fresh, data: RunData, dtype, progress: bool,
+                  log) -> dict:
+    """The weights every method starts from (CPU, in ``dtype``): the user's model as loaded, or the embedded model
+    pre-trained once (in fp32) and cached like the other pieces."""
     base = fresh()
     if cfg.model.path is None:
 
@@ -255,7 +300,8 @@ def _base_weights(cfg: TrainConfig, shared: str, tokenizer, fresh, data: RunData
                          progress=progress, log=log)
 
         _cached(os.path.join(shared, "base.pt"), base, pretrain_base, "the shared base model", "model.pretrain_lr")
-    return {k: v.detach().cpu().clone() for k, v in base.state_dict().items()}
+    return {k: v.detach().to("cpu", dtype=dtype if v.is_floating_point() else v.dtype).clone()
+            for k, v in base.state_dict().items()}
 
 
 def _embedded_model(cfg: TrainConfig):
@@ -266,12 +312,12 @@ def _embedded_model(cfg: TrainConfig):
 
 
 def _user_model(cfg: TrainConfig):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer, lambda: AutoModelForCausalLM.from_pretrained(cfg.model.path, torch_dtype=torch.float32)
+    return tokenizer, lambda: load_causal_lm(cfg.model.path, resolve_dtype(cfg))
 
 
 def _cached(path: str, module: torch.nn.Module, train: Callable[[], object], what: str, lr_key: str) -> None:
@@ -287,12 +333,9 @@ def _cached(path: str, module: torch.nn.Module, train: Callable[[], object], wha
         return
     try:
         train()
-    except FloatingPointError as exc:  # TrainingDiverged, or pre-training's own
-        raise TrainingDiverged(f"{what}: {exc} (a smaller {lr_key} may help)") from None
+    except FloatingPointError as exc:  # TrainingDiverged (which names the lr to lower), or pre-training's own
+        hint = "" if isinstance(exc, TrainingDiverged) else f" (a smaller {lr_key} may help)"
+        raise TrainingDiverged(f"{what}: {exc}{hint}") from None
     state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
     check_weights(state, what)
     save_atomic(state, path)
-
-
-def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
-    return copy.deepcopy(model).eval().requires_grad_(False)

@@ -18,11 +18,11 @@
 #include "bindings/op_call.h"
 #include "chunking.h"
 #include "ops/adamw_ewc_step.h"
+#include "ops/ewc_penalty_grad.h"
 #include "ops/lerp.h"
-#include "ops/penalty_grad.h"
 #include "ops/scaled_diff.h"
 #include "ops/snapshot.h"
-#include "ops/sum_sq_diff.h"
+#include "ops/squared_change.h"
 
 namespace hbat {
 namespace cpu {

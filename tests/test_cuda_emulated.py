@@ -261,3 +261,22 @@ def test_adamw_ewc_step_bit_identical_for_any_grid(lib, num_sms):
     for name in ("params", "exp_avg", "exp_avg_sq"):
         assert all(torch.equal(x, y) for x, y in zip(getattr(checked, name), getattr(repeated, name))), name
 
+
+def test_hybrid_adamw_on_the_emulated_kernels(emu, monkeypatch):
+    """hbat.optim.HybridAdamW with every op on the emulated CUDA kernels equals torch AdamW + ewc.apply_()."""
+    import hbat.ops
+    from test_optim import STAGES, run_stages, two_setups
+
+    calls = []
+
+    class Recorded:  # the emulator's ops, recording which ran
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(emu, name)
+
+    resolve = hbat.ops.resolve_traceable
+    monkeypatch.setattr(hbat.ops, "resolve_traceable", lambda backend, device: ("cpu", Recorded())
+                        if backend == "reference" else resolve(backend, device))
+    ref, mine = two_setups("reference", "cpu")
+    run_stages([ref[:3], mine[:3]], stages=STAGES[:3], steps=2)
+    assert {"adamw_ewc_step_", "ewc_penalty_grad_", "snapshot_"} <= set(calls)

@@ -34,10 +34,10 @@ LAYOUTS = ("llama", "small")
 #: minimum bytes moved per fp32 element, from the op table (hbat/ops/table.py; ../shared/HBAT.md section 7);
 #: ewc_penalty is forward (read p, a) plus a backward into .grad (read p, a, g; write g)
 MIN_BYTES = {
-    "squared_change": op_table.op("sum_sq_diff").min_bytes,
+    "squared_change": op_table.op("squared_change").min_bytes,
     "snapshot_": op_table.op("snapshot_").min_bytes,
-    "ewc_penalty_grad_": op_table.op("penalty_grad_").min_bytes,
-    "ewc_penalty": op_table.op("sum_sq_diff").min_bytes + op_table.op("penalty_grad_").min_bytes,
+    "ewc_penalty_grad_": op_table.op("ewc_penalty_grad_").min_bytes,
+    "ewc_penalty": op_table.op("squared_change").min_bytes + op_table.op("ewc_penalty_grad_").min_bytes,
     "lerp_": op_table.op("lerp_").min_bytes,
 }
 PENALTY_OPS = ("ewc_penalty_grad_", "ewc_penalty")

@@ -179,3 +179,16 @@ def test_bench_step_precision_part_measures_the_trainer_against_its_plan(tmp_pat
     # LoRA trains adapters only: its planned training state is a small part of full fine-tuning's
     assert float(rows["bf16+lora"]["plan_training_state_mb"]) < 0.1 * float(rows["fp32"]["plan_training_state_mb"])
     assert "## The trainer's memory: fp32, bf16, bf16 + LoRA" in (tmp_path / "cpu-step.md").read_text()
+
+
+def test_bench_optim_script(tmp_path, one_thread):
+    import bench_optim
+
+    bench_optim.main(["--sizes", "2e4", "--repeats", "1", "--threads", "1", "--out", str(tmp_path)])
+    with open(tmp_path / "cpu-optim.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["provider"] for r in rows} == set(bench_optim.BYTES)
+    assert all(math.isfinite(float(r["median_ms"])) and float(r["median_ms"]) > 0 for r in rows)
+    text = (tmp_path / "cpu-optim.md").read_text()
+    assert "## Targets of issue 16" in text and "bench_optim.py --sizes 2e4" in text
+    assert (tmp_path / "cpu-optim.png").stat().st_size > 0

@@ -8,7 +8,7 @@ from . import ops
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "HybridEWC", "__version__"]
+__all__ = ["ops", "HybridEWC", "HybridAdamW", "__version__"]
 
 
 def __getattr__(name):
@@ -17,4 +17,8 @@ def __getattr__(name):
         from .ewc import HybridEWC
 
         return HybridEWC
+    if name == "HybridAdamW":
+        from .optim import HybridAdamW
+
+        return HybridAdamW
     raise AttributeError(f"module 'hbat' has no attribute {name!r}")

@@ -25,7 +25,6 @@ from . import ops
 from ._ewc_state import check_state
 from .importance import DEFAULT_IMPORTANCE_MODE, check_mode, compute_importance, importance_entropy
 from .ops import _validate as V
-from .ops._dispatch import resolve
 from .param_view import LocalParamView, UnboundView, UnitGroups, make_view, module_of, relayout
 
 __all__ = ["HybridEWC"]
@@ -107,6 +106,7 @@ class HybridEWC:
         self.objective: str | None = None
         self.history: list[dict] = []
         self.last_change = torch.zeros(n, dtype=torch.float64)
+        self.apply_count = 0  # apply_() calls so far (hbat.optim.HybridAdamW refuses a step after one)
         self._on_new_view()
         self._set_importance(torch.zeros(n, dtype=torch.float32))
 
@@ -136,17 +136,21 @@ class HybridEWC:
     def _on_new_view(self) -> None:
         params = [] if isinstance(self.view, UnboundView) else self.view.params()
         self.device = params[0].device if params else torch.device("cpu")
-        self._backend_module = resolve(self.backend, self.device)[1]
+        if params and self.backend != "auto":
+            ok, why = ops.backend_status(self.backend, self.device)
+            if not ok:  # refused now, not at the first stage boundary
+                raise RuntimeError(f"backend {self.backend!r} is not available for {self.device} tensors: {why}. "
+                                   f"Available here: {', '.join(ops.available_backends(self.device)) or 'none'}")
 
     def _set_importance(self, F: torch.Tensor) -> None:
         self.importance = F.to(torch.float32).cpu()
         self._active = bool((self.importance != 0).any()) and self.lam != 0
         fragment_group = [self.groups.unit_group[u] for u in self.view.fragment_unit]
-        per_fragment = self.importance[torch.tensor(fragment_group, dtype=torch.long)] if fragment_group \
-            else torch.zeros(0)
-        # lam * F_i per fragment, on the parameters' device once per stage: apply_() then never syncs
-        self._coef = (self.lam * per_fragment.double()).to(torch.float32).to(self.device)
-        self._coef_subset: tuple[tuple[int, ...], torch.Tensor] | None = None
+        self._fragment_importance = self.importance[torch.tensor(fragment_group, dtype=torch.long)] \
+            if fragment_group else torch.zeros(0)
+        # lam * F_i per fragment, checked and put on the parameters' device once per stage: apply_() never syncs
+        self._penalty = ops.EWCPenaltyGrad(self._fragment_importance, self.lam, device=self.device)
+        self._penalty_subset: tuple[tuple[int, ...], ops.EWCPenaltyGrad] | None = None
 
     # ------------------------------------------------------------------ the parameters followed
     def bind(self, target) -> "HybridEWC":
@@ -253,6 +257,7 @@ class HybridEWC:
         partition (a no-op inside a gradient-accumulation window) and all-reduces the one-float penalty value.
         """
         grad_scale = _check_grad_scale(grad_scale)
+        self.apply_count += 1
         zero = torch.zeros((), dtype=torch.float32, device=self.device)
         ready = getattr(self.view, "grads_ready", None)
         if ready is not None and not ready():
@@ -262,32 +267,36 @@ class HybridEWC:
         # ZeRO's fp16 loss scale (view.grad_scale) and a user's GradScaler scale both multiply the gradient
         scale = grad_scale * float(self.view.grad_scale)
         keep = self.view.trainable()
-        params, anchors, coef = self.view.params(), self.anchors, self._coef
+        params, anchors, penalty = self.view.params(), self.anchors, self._penalty
         if keep is None:
             grads = self.view.grads()
         else:  # frozen since the view was built
-            params, anchors, coef = [params[i] for i in keep], [anchors[i] for i in keep], self._coef_of(keep)
+            params, anchors, penalty = [params[i] for i in keep], [anchors[i] for i in keep], self._penalty_of(keep)
             grads = self.view.grads(keep)
-        (params, anchors, grads), _ = V.check_lists(
-            {"params": params, "anchors": anchors, "grads": grads},
-            dtypes=V.REFERENCE_DTYPES if self._backend_module.__name__.endswith("reference") else V.NATIVE_DTYPES,
-            need_contiguous=not self._backend_module.__name__.endswith("reference"), writable=("grads",))
-        scaled = coef if (not isinstance(scale, torch.Tensor) and scale == 1.0) else (coef * scale).to(torch.float32)
-        sums = self._backend_module.penalty_grad_(params, anchors, grads, scaled)
+        per_tensor = penalty(params, anchors, grads, scale=scale, backend=self.backend)
         if hasattr(self.view, "grads_done_"):
             self.view.grads_done_()
-        total = (0.5 * coef.to(sums.dtype) * sums).sum().to(torch.float32).reshape(1)
+        total = per_tensor.sum().to(torch.float32).reshape(1)
         if not isinstance(self.view, LocalParamView):
             self.view.all_reduce_(total)
         return total[0]
 
-    def _coef_of(self, keep: list[int]) -> torch.Tensor:
-        """``lam * F`` of the fragments ``keep``, cached until the set or the importance changes."""
+    def _penalty_of(self, keep: list[int]) -> ops.EWCPenaltyGrad:
+        """The penalty of the fragments ``keep``, cached until the set or the importance changes."""
         key = tuple(keep)
-        if self._coef_subset is None or self._coef_subset[0] != key:
-            index = torch.tensor(keep, dtype=torch.long, device=self._coef.device)
-            self._coef_subset = (key, self._coef.index_select(0, index))
-        return self._coef_subset[1]
+        if self._penalty_subset is None or self._penalty_subset[0] != key:
+            subset = ops.EWCPenaltyGrad(self._fragment_importance[list(keep)], self.lam, device=self.device)
+            self._penalty_subset = (key, subset)
+        return self._penalty_subset[1]
+
+    def fused_terms(self) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, torch.Tensor]:
+        """What an optimizer that adds the penalty gradient inside its step needs (``hbat.optim.HybridAdamW``):
+        the parameters, their anchors (None while the stage is not penalised: no term) and F per parameter
+        (float32, on the host; the gradient coefficient is ``lam * F_i``). Single process only."""
+        if not isinstance(self.view, LocalParamView):
+            raise ValueError("fused_terms() needs a single-process HybridEWC (its parameters, not a sharded "
+                             f"view: {type(self.view).__name__})")
+        return self.view.params(), self.anchors if self._active else None, self._fragment_importance
 
     def penalty(self) -> torch.Tensor:
         """The penalty of eq. (5)/(8) as a differentiable scalar (add it to the loss instead of ``apply_``)."""
@@ -295,8 +304,8 @@ class HybridEWC:
             raise NotImplementedError("penalty() needs the full parameters; on sharded models use apply_()")
         if not self._active:
             return torch.zeros((), dtype=torch.float32, device=self.device)
-        coef = self._coef / self.lam  # = F per fragment
-        return ops.ewc_penalty(self.view.params(), self.anchors, coef, self.lam, backend=self.backend)
+        return ops.ewc_penalty(self.view.params(), self.anchors, self._fragment_importance, self.lam,
+                               backend=self.backend)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:

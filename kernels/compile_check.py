@@ -74,7 +74,7 @@ def chunk_kernel_variants(quick: bool = False):
         for case in DTYPE_CASES[:2] if quick else DTYPE_CASES:
             for aligned in (True,) if quick else (True, False):
                 yield name, list_dtypes(table.op(name), case), aligned, BLOCK
-    for name in ("penalty_grad_",) if quick else OP_NAMES:
+    for name in ("ewc_penalty_grad_",) if quick else OP_NAMES:
         yield name, list_dtypes(table.op(name), DTYPE_CASES[2]), True, 16
 
 

@@ -11,7 +11,7 @@ then adds each tensor's partials in a fixed order, in float64. No atomics: the s
 bit-identical results.
 
 ``call(op, *args)`` runs an op with the arguments of its torch.ops.hbat schema (``table.OpDef.schema``), and
-this module has one function per op of the table with that name (``ewc.penalty_grad_(params, anchors,
+this module has one function per op of the table with that name (``ewc.ewc_penalty_grad_(params, anchors,
 grads, coef)``); ``chunk_size=`` / ``block=`` keywords override the defaults (tests use tiny ones).
 
 Tuning on a GPU (unverified here, no GPU was available when this was written): BLOCK, ITERS_PER_CHUNK
@@ -339,7 +339,7 @@ def _op_function(op: table.OpDef):
     return run
 
 
-# one function per op of the table, e.g. penalty_grad_(params, anchors, grads, coef, **config)
+# one function per op of the table, e.g. ewc_penalty_grad_(params, anchors, grads, coef, **config)
 for _op in table.OPS:
     globals()[_op.name] = _op_function(_op)
 del _op

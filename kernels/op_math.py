@@ -18,7 +18,7 @@ from hbat.ops import table
 
 
 @triton.jit
-def sum_sq_diff(e, v, s):
+def squared_change(e, v, s):
     d = e[0] - e[1]  # params, refs
     return e, d * d
 
@@ -30,7 +30,7 @@ def snapshot_(e, v, s):
 
 
 @triton.jit
-def penalty_grad_(e, v, s):
+def ewc_penalty_grad_(e, v, s):
     d = e[0] - e[1]  # params, anchors, grads; v: coef
     return (e[0], e[1], e[2] + v[0] * d, e[3], e[4]), d * d
 

@@ -7,11 +7,14 @@ import pytest
 import torch
 
 from adamw_steps import BETAS, EPS, check_steps, make_case, run_steps, step_args
+from hbat import ops
 from hbat.ops import cpu_backend, reference
+from ops_cases import backend_cases
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 SIZES = [0, 1, 3, 17, 128, 1000, 4097, 65537, 300_001]
 
+BACKENDS = backend_cases(("reference", "cpu", "triton", "cuda"))
 needs_cpu_kernels = pytest.mark.skipif(bool(cpu_backend.unavailable_reason()), reason=cpu_backend.unavailable_reason())
 
 
@@ -99,3 +102,97 @@ def test_binding_refuses_states_that_are_not_float32():
     case.grads[0][0] = case.grads[0][0].float()
     with pytest.raises(RuntimeError, match=r"grads\[0\] has dtype Float; expected the dtype of params\[0\]"):
         torch.ops.hbat.adamw_ewc_step_(*step_args(case, 0))
+
+
+# ----------------------------------------------------------------------------------------- hbat.ops.adamw_ewc_step_
+def _public_step(backend, case, k, **overrides):
+    """Step k of the case through the public op: F = coef and lam = 1, per-tensor lr / weight decay / step."""
+    kwargs = dict(lr=case.lr.cpu(), weight_decay=case.weight_decay.cpu(), step=case.steps + 1, betas=BETAS, eps=EPS,
+                  backend=backend)
+    kwargs.update(overrides)
+    return ops.adamw_ewc_step_(case.params, case.grads[k], case.exp_avg, case.exp_avg_sq, case.anchors,
+                               case.coef.cpu(), 1.0, **kwargs)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_public_op_is_torch_adamw_with_the_penalty_as_a_loss_term(backend, device):
+    sizes = [0, 1, 3, 17, 130] if backend == "triton" else [0, 1, 3, 17, 1000, 4097]
+    case = make_case(sizes, steps=3, seed=11, device=device)
+    before = [p.detach().cpu().clone() for p in case.params]
+    penalties = []
+    for k in range(3):
+        versions = [p._version for p in case.params]
+        penalties.append(_public_step(backend, case, k))
+        assert all(p._version > v for p, v in zip(case.params, versions)), "params' version counters not bumped"
+        case.steps += 1
+    want_penalty = torch.stack([0.5 * c * (p.double() - a.cpu().double()).square().sum()
+                                for p, a, c in zip(before, case.anchors, case.coef.cpu())]).float()
+    torch.testing.assert_close(penalties[0].cpu(), want_penalty, rtol=1e-5, atol=1e-6)
+    want, _ = torch_adamw_steps(make_case(sizes, steps=3, seed=11).cpu_copy(), 3)
+    for i, (got, p) in enumerate(zip(case.params, want)):
+        torch.testing.assert_close(got.cpu(), p.detach(), rtol=2e-6, atol=1e-6, msg=lambda m: f"params[{i}]: {m}")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_public_op_with_scalar_settings_and_bf16_params(backend, device):
+    case = make_case([3, 40, 7], (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16), steps=1, seed=12,
+                     device=device)
+    expected = case.cpu_copy()
+    got = _public_step(backend, case, 0, lr=0.01, weight_decay=0.1, step=1)
+    want = _public_step("reference", expected, 0, lr=0.01, weight_decay=0.1, step=1)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-6)
+    for name in ("params", "exp_avg", "exp_avg_sq"):
+        for a, e in zip(getattr(case, name), getattr(expected, name)):
+            assert a.dtype == e.dtype
+            torch.testing.assert_close(a.cpu(), e, rtol=1e-5 if a.dtype == torch.float32 else None,
+                                       atol=1e-6 if a.dtype == torch.float32 else None)
+
+
+def test_public_op_empty_lists_and_anchors_that_are_the_params():
+    assert ops.adamw_ewc_step_([], [], [], [], [], [], 1.0, lr=0.1, weight_decay=0.0, step=1).shape == (0,)
+    case = make_case([5], steps=1, seed=13)
+    case.anchors = list(case.params)  # no anchor: d = 0 whatever the importance
+    penalty = _public_step("reference", case, 0)
+    assert penalty.tolist() == [0.0]
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("change,message", [
+    (lambda c: c.exp_avg.__setitem__(1, c.exp_avg[1].bfloat16()), r"exp_avg\[1\] has dtype bfloat16; exp_avg must be float32"),
+    (lambda c: c.grads[0].__setitem__(2, c.grads[0][2].float()),
+     r"grads\[2\] has dtype float32 but params\[2\] has bfloat16; grads must have the dtype of params"),
+    (lambda c: c.exp_avg_sq.__setitem__(2, torch.zeros(4, device=c.coef.device)),
+     r"exp_avg_sq\[2\] has shape \(4,\) but params\[2\] has shape \(7,\)"),
+    (lambda c: c.exp_avg.__setitem__(0, c.params[0]), r"exp_avg\[0\].*params\[0\]|params\[0\].*exp_avg\[0\]"),
+], ids=["state-dtype", "grad-dtype", "shape", "overlap"])
+def test_public_op_refuses_bad_lists_before_writing(backend, device, change, message):
+    case = make_case([3, 5, 7], (torch.float32, torch.float32, torch.bfloat16), steps=1, seed=14, device=device)
+    change(case)
+    before = [t.clone() for t in case.params + case.exp_avg + case.exp_avg_sq]
+    with pytest.raises((TypeError, ValueError), match=message):
+        _public_step(backend, case, 0)
+    assert all(torch.equal(t, b) for t, b in zip(case.params + case.exp_avg + case.exp_avg_sq, before))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(step=torch.tensor([1, 0, 1])), r"step\[1\] is 0; steps are whole numbers >= 1"),
+    (dict(step=[1, 2.5, 1]), r"step\[1\] is 2.5"),
+    (dict(lr=[0.1, 0.1, -0.1]), r"lr\[2\] is -0.1; it must be >= 0"),
+    (dict(lr=[0.1, float("nan"), 0.1]), r"lr\[1\] is nan; every entry must be finite"),
+    (dict(weight_decay=[0.1, 0.1]), r"weight_decay has shape \(2,\) but there are 3 tensors"),
+    (dict(betas=(0.9, 1.0)), r"betas must be in \[0, 1\)"),
+    (dict(eps=-1.0), r"eps must be >= 0"),
+], ids=["step-0", "step-fraction", "lr-negative", "lr-nan", "wd-length", "betas", "eps"])
+def test_public_op_refuses_bad_settings_before_writing(overrides, message):
+    case = make_case([3, 5, 7], steps=1, seed=15)
+    before = [t.clone() for t in case.params + case.exp_avg + case.exp_avg_sq]
+    with pytest.raises(ValueError, match=message):
+        _public_step("reference", case, 0, **overrides)
+    assert all(torch.equal(t, b) for t, b in zip(case.params + case.exp_avg + case.exp_avg_sq, before))
+
+
+def test_public_op_refuses_an_importance_that_overflows():
+    case = make_case([3, 5], steps=1, seed=16)
+    with pytest.raises(ValueError, match=r"lam \* importance\[1\]"):
+        ops.adamw_ewc_step_(case.params, case.grads[0], case.exp_avg, case.exp_avg_sq, case.anchors, [1.0, 3e38],
+                            10.0, lr=0.1, weight_decay=0.0, step=1)

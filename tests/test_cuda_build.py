@@ -33,7 +33,7 @@ def _nvcc():
 
 def test_cuda_sources_exist():
     names = {p.name for p in CUDA_SOURCES}
-    assert {"launch.cu", "penalty_grad.cu", "sum_sq_diff.cu", "snapshot.cu", "scaled_diff.cu", "lerp.cu",
+    assert {"launch.cu", "ewc_penalty_grad.cu", "squared_change.cu", "snapshot.cu", "scaled_diff.cu", "lerp.cu",
             "adamw_ewc_step.cu"} <= names
     plain = CUDA_SOURCES + sorted((ROOT / "csrc" / "cuda").glob("*.h*")) + sorted((ROOT / "csrc").glob("*.h"))
     for source in plain + sorted((ROOT / "csrc" / "ops").glob("*.h")):
@@ -90,7 +90,7 @@ int main() {
       arg(0xa004, 0xb000, 0xc000, 100, F, F, F),                   // incompatible
       arg(0xd000, 0xe000, 0xf000, (int64_t(1) << 31) + 7, H, F, F),
       arg(0x10008, 0x11008, 0x12008, 33, F, F, F)};                // head 2
-  const Plan plan = make_plan(Op::penalty_grad_, ts, 132);
+  const Plan plan = make_plan(Op::ewc_penalty_grad_, ts, 132);
   CHECK(plan.error.empty());
   CHECK(plan.num_lists == 3);
   CHECK(plan.chunk_size == kMaxChunk && plan.chunk_size % 8 == 0);
@@ -118,7 +118,7 @@ int main() {
   for (size_t g = 1; g < plan.groups.size(); ++g) CHECK(plan.groups[g].chunk_begin == plan.groups[g - 1].chunk_end);
   // an op with two lists ignores a third pointer (and its alignment); small calls get small chunks
   std::vector<TensorArg> two = {arg(0x1000, 0x2000, 0x3, 10, F, B, H)};
-  const Plan small = make_plan(Op::sum_sq_diff, two, 132);
+  const Plan small = make_plan(Op::squared_change, two, 132);
   CHECK(small.error.empty() && small.chunk_size == kMinChunk && small.groups.size() == 1 && small.num_lists == 2);
   CHECK(small.table[TableLayout{1, 2}.head()] == 0 && (int64_t)small.table.size() == TableLayout{1, 2}.words());
   // five lists (adamw_ewc_step_): every list's alignment counts for the head
@@ -128,11 +128,11 @@ int main() {
   CHECK(adamw.error.empty() && adamw.num_lists == 5 && adamw.table[TableLayout{1, 5}.head()] == -1);
   // a pointer not aligned to its element size is refused, naming the list
   std::vector<TensorArg> bad = {arg(0x1001, 0x2000, 0, 10, B, B, F)};
-  CHECK(make_plan(Op::sum_sq_diff, bad, 132).error.rfind("params[0]", 0) == 0);
+  CHECK(make_plan(Op::squared_change, bad, 132).error.rfind("params[0]", 0) == 0);
 
   // the plan cache: same tensors hit, any other address, dtype, size or context misses; LRU eviction
   PlanCache<int> cache(2);
-  const PlanKey k1 = plan_key(Op::penalty_grad_, ts, {0, 7, 132});
+  const PlanKey k1 = plan_key(Op::ewc_penalty_grad_, ts, {0, 7, 132});
   CHECK(cache.find(k1) == nullptr);
   cache.insert(k1, 1);
   CHECK(cache.find(k1) != nullptr && *cache.find(k1) == 1 && cache.hits() == 2 && cache.misses() == 1);
@@ -140,13 +140,13 @@ int main() {
   moved[3].ptr[1] += 16;
   std::vector<TensorArg> retyped = ts;
   retyped[0].dtype[2] = B;
-  CHECK(plan_key(Op::penalty_grad_, moved, {0, 7, 132}) != k1 && plan_key(Op::penalty_grad_, retyped, {0, 7, 132}) != k1);
-  CHECK(plan_key(Op::penalty_grad_, ts, {0, 8, 132}) != k1 && plan_key(Op::sum_sq_diff, ts, {0, 7, 132}) != k1);
-  cache.insert(plan_key(Op::penalty_grad_, moved, {0, 7, 132}), 2);
+  CHECK(plan_key(Op::ewc_penalty_grad_, moved, {0, 7, 132}) != k1 && plan_key(Op::ewc_penalty_grad_, retyped, {0, 7, 132}) != k1);
+  CHECK(plan_key(Op::ewc_penalty_grad_, ts, {0, 8, 132}) != k1 && plan_key(Op::squared_change, ts, {0, 7, 132}) != k1);
+  cache.insert(plan_key(Op::ewc_penalty_grad_, moved, {0, 7, 132}), 2);
   CHECK(cache.find(k1) != nullptr);  // now the most recently used
-  cache.insert(plan_key(Op::penalty_grad_, retyped, {0, 7, 132}), 3);  // evicts `moved`
+  cache.insert(plan_key(Op::ewc_penalty_grad_, retyped, {0, 7, 132}), 3);  // evicts `moved`
   CHECK(cache.size() == 2 && cache.find(k1) != nullptr);
-  CHECK(cache.find(plan_key(Op::penalty_grad_, moved, {0, 7, 132})) == nullptr);
+  CHECK(cache.find(plan_key(Op::ewc_penalty_grad_, moved, {0, 7, 132})) == nullptr);
   std::printf("ok\n");
   return 0;
 }

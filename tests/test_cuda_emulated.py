@@ -50,18 +50,18 @@ def _penalty_inputs(sizes, p_dtypes, a_dtypes, g_dtypes, *, seed):
     return params, anchors, grads, _coef(len(sizes), seed + 3)
 
 
-def _reference_penalty_grad(params, anchors, grads, coef):
+def _reference_ewc_penalty_grad(params, anchors, grads, coef):
     """The reference's per-tensor sums and updated grads (on copies: ``grads`` is left as it is)."""
     expected_grads = [g.clone() for g in grads]
-    return reference.penalty_grad_(params, anchors, expected_grads, coef), expected_grads
+    return reference.ewc_penalty_grad_(params, anchors, expected_grads, coef), expected_grads
 
 
 @pytest.mark.parametrize("x_dtypes,y_dtypes", [((torch.float32,), (torch.float32,)), (FLOATS, FLOATS[::-1]),
                                                ((torch.bfloat16,), (torch.float32,))])
-def test_sum_sq_diff(emu, x_dtypes, y_dtypes):
+def test_squared_change(emu, x_dtypes, y_dtypes):
     xs = rand_like_list(SIZES, x_dtypes, "cpu", seed=1)
     ys = perturbed(xs, y_dtypes, seed=2)
-    assert_sums_close(emu.sum_sq_diff(xs, ys), reference.sum_sq_diff(xs, ys))
+    assert_sums_close(emu.squared_change(xs, ys), reference.squared_change(xs, ys))
     assert emu.stats["vector_accesses"] > 0
     if len(x_dtypes) > 1:
         assert emu.stats["groups"] == 3  # one launch per dtype combination present
@@ -71,7 +71,7 @@ def test_sum_sq_diff(emu, x_dtypes, y_dtypes):
 def test_snapshot_refreshes_anchors_exactly(emu, anchor_dtype):
     params = rand_like_list(SIZES, FLOATS, "cpu", seed=3)
     anchors = perturbed(params, (anchor_dtype,), seed=4)
-    expected = reference.sum_sq_diff(params, anchors)
+    expected = reference.squared_change(params, anchors)
     assert_sums_close(emu.snapshot_(params, anchors), expected)
     for i, (p, a) in enumerate(zip(params, anchors)):
         assert torch.equal(a, p.to(anchor_dtype)), f"anchor {i}"
@@ -83,10 +83,10 @@ def test_snapshot_refreshes_anchors_exactly(emu, anchor_dtype):
     ((torch.bfloat16,), (torch.float32,), (torch.float32,)),  # grads in their own dtype (z dispatch)
     ((torch.float16,), (torch.bfloat16,), (torch.bfloat16,)),
 ])
-def test_penalty_grad(emu, p_dtypes, a_dtypes, g_dtypes):
+def test_ewc_penalty_grad(emu, p_dtypes, a_dtypes, g_dtypes):
     params, anchors, grads, coef = _penalty_inputs(SIZES, p_dtypes, a_dtypes, g_dtypes, seed=5)
-    expected, expected_grads = _reference_penalty_grad(params, anchors, grads, coef)
-    assert_sums_close(emu.penalty_grad_(params, anchors, grads, coef), expected)
+    expected, expected_grads = _reference_ewc_penalty_grad(params, anchors, grads, coef)
+    assert_sums_close(emu.ewc_penalty_grad_(params, anchors, grads, coef), expected)
     assert_tensors_close(grads, expected_grads)
 
 
@@ -139,8 +139,8 @@ def test_misaligned_views_use_head_or_scalar_path_within_bounds(emu, same_offset
     g_bufs, grads = _views(torch.bfloat16, sizes, p_off, seed=16)
     guards = [g.clone() for g in g_bufs]
     coef = _coef(len(sizes), 17)
-    expected, expected_grads = _reference_penalty_grad(params, anchors, grads, coef)
-    got = emu.penalty_grad_(params, anchors, grads, coef)  # raises on an out-of-bounds or misaligned access
+    expected, expected_grads = _reference_ewc_penalty_grad(params, anchors, grads, coef)
+    got = emu.ewc_penalty_grad_(params, anchors, grads, coef)  # raises on an out-of-bounds or misaligned access
     assert_sums_close(got, expected)
     assert_tensors_close(grads, expected_grads)
     for i, (buf, before, off, n) in enumerate(zip(g_bufs, guards, p_off, sizes)):
@@ -156,12 +156,12 @@ def test_many_tiny_tensors(emu):
     sizes = torch.randint(0, 40, (1200,), generator=torch.Generator().manual_seed(18)).tolist()
     params = rand_like_list(sizes, FLOATS, "cpu", seed=19)
     refs = perturbed(params, (torch.float32, torch.bfloat16), seed=20)
-    assert_sums_close(emu.sum_sq_diff(params, refs), reference.sum_sq_diff(params, refs))
+    assert_sums_close(emu.squared_change(params, refs), reference.squared_change(params, refs))
 
 
 def test_only_empty_tensors(emu):
     xs = [torch.empty(0), torch.empty(0, 3, dtype=torch.bfloat16)]
-    assert emu.sum_sq_diff(xs, [x.clone() for x in xs]).tolist() == [0.0, 0.0]
+    assert emu.squared_change(xs, [x.clone() for x in xs]).tolist() == [0.0, 0.0]
 
 
 @pytest.mark.parametrize("num_sms", [1, 132])
@@ -169,10 +169,10 @@ def test_bit_identical_repeats_and_any_grid(lib, num_sms):
     emu = emulator.EmulatedCuda(lib, num_sms=num_sms)
     params, anchors, grads, coef = _penalty_inputs(SIZES, FLOATS, (torch.float32,), FLOATS, seed=21)
     g1, g2 = [g.clone() for g in grads], [g.clone() for g in grads]
-    r1 = emu.penalty_grad_(params, anchors, g1, coef)
-    r2 = emu.penalty_grad_(params, anchors, g2, coef)
+    r1 = emu.ewc_penalty_grad_(params, anchors, g1, coef)
+    r2 = emu.ewc_penalty_grad_(params, anchors, g2, coef)
     assert torch.equal(r1, r2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
-    expected, expected_grads = _reference_penalty_grad(params, anchors, grads, coef)
+    expected, expected_grads = _reference_ewc_penalty_grad(params, anchors, grads, coef)
     assert_sums_close(r1, expected)
     assert_tensors_close(g1, expected_grads)
 
@@ -183,17 +183,17 @@ def test_nan_and_inf_propagate(emu):
     params[0][13] = float("nan")
     anchors[1][5] = float("inf")
     grads = [torch.zeros_like(p) for p in params]
-    out = emu.penalty_grad_(params, anchors, grads, torch.ones(3))
+    out = emu.ewc_penalty_grad_(params, anchors, grads, torch.ones(3))
     assert torch.isnan(out[0]) and torch.isinf(out[1]) and out[2].item() == 9.0  # the kernel's raw sum
     assert torch.isnan(grads[0][13]) and torch.isinf(grads[1][5])
 
 
-def test_every_dtype_combination_of_penalty_grad(emu):
+def test_every_dtype_combination_of_ewc_penalty_grad(emu):
     sizes = [1, 33, 4100]
     for dx, dy, dz in itertools.product(FLOATS, repeat=3):
         params, anchors, grads, coef = _penalty_inputs(sizes, (dx,), (dy,), (dz,), seed=25)
-        expected, expected_grads = _reference_penalty_grad(params, anchors, grads, coef)
-        assert_sums_close(emu.penalty_grad_(params, anchors, grads, coef), expected)
+        expected, expected_grads = _reference_ewc_penalty_grad(params, anchors, grads, coef)
+        assert_sums_close(emu.ewc_penalty_grad_(params, anchors, grads, coef), expected)
         assert_tensors_close(grads, expected_grads)
 
 
@@ -260,3 +260,23 @@ def test_adamw_ewc_step_bit_identical_for_any_grid(lib, num_sms):
     run_steps(emu.adamw_ewc_step_, repeated)
     for name in ("params", "exp_avg", "exp_avg_sq"):
         assert all(torch.equal(x, y) for x, y in zip(getattr(checked, name), getattr(repeated, name))), name
+
+
+def test_hybrid_adamw_on_the_emulated_kernels(emu, monkeypatch):
+    """hbat.optim.HybridAdamW with every op on the emulated CUDA kernels equals torch AdamW + ewc.apply_()."""
+    import hbat.ops
+    from test_optim import STAGES, run_stages, two_setups
+
+    calls = []
+
+    class Recorded:  # the emulator's ops, recording which ran
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(emu, name)
+
+    resolve = hbat.ops.resolve_traceable
+    monkeypatch.setattr(hbat.ops, "resolve_traceable", lambda backend, device: ("cpu", Recorded())
+                        if backend == "reference" else resolve(backend, device))
+    ref, mine = two_setups("reference", "cpu")
+    run_stages([ref[:3], mine[:3]], stages=STAGES[:3], steps=2)
+    assert {"adamw_ewc_step_", "ewc_penalty_grad_", "snapshot_"} <= set(calls)

@@ -28,24 +28,29 @@ def _inputs(device, dtypes=(torch.float32, torch.bfloat16, torch.float32), shape
 
 
 def _samples(device):
-    """(op name, args) for every op of the contract, mixed dtypes; sum_sq_diff also with inputs that require grad."""
+    """(op name, args) for every op of the contract, mixed dtypes; squared_change also with inputs that require grad."""
     p, a, g = _inputs(device, seed=1), _inputs(device, seed=2), _inputs(device, seed=3)
     coef = torch.tensor([0.5, 2.0, 1.0], device=device)
     leaves = [t.detach().requires_grad_(True) for t in _inputs(device, dtypes=(torch.float32,) * 3, seed=4)]
     return [
-        ("sum_sq_diff", (p, a)),
-        ("sum_sq_diff", (leaves, a)),
+        ("squared_change", (p, a)),
+        ("squared_change", (leaves, a)),
         ("snapshot_", (p, a)),
-        ("penalty_grad_", (p, a, g, coef)),
+        ("ewc_penalty_grad_", (p, a, g, coef)),
         ("scaled_diff", (p, a, coef)),
         ("lerp_", (g, p, a, coef)),
+        ("adamw_ewc_step_", (p, _inputs(device, seed=5), _inputs(device, dtypes=(torch.float32,) * 3, seed=6),
+                             [m.abs() for m in _inputs(device, dtypes=(torch.float32,) * 3, seed=7)], a,
+                             coef, coef * 0.01, coef * 0.1, coef * 0.1, coef * 0.01, 0.9, 0.999, 1e-8)),
     ]
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_opcheck_passes_for_every_op(backend, device):
     namespace = _namespace(backend, device)
-    for name, args in _samples(device):
+    samples = _samples(device)
+    assert {name for name, _ in samples} == set(_library.SCHEMAS), "every op of the table needs a sample here"
+    for name, args in samples:
         # schema (declared mutations), autograd registration, fake tensor, AOT dispatch with dynamic shapes
         torch.library.opcheck(getattr(namespace, name).default, args)
 
@@ -56,7 +61,7 @@ def test_every_op_has_a_meta_implementation(backend, device):
     p = [torch.empty(3, device="meta"), torch.empty(2, 5, dtype=torch.bfloat16, device="meta")]
     a = [torch.empty(3, device="meta"), torch.empty(2, 5, device="meta")]
     coef = torch.empty(2, device="meta")
-    for name, args in [("sum_sq_diff", (p, a)), ("snapshot_", (p, a)), ("penalty_grad_", (p, a, a, coef))]:
+    for name, args in [("squared_change", (p, a)), ("snapshot_", (p, a)), ("ewc_penalty_grad_", (p, a, a, coef))]:
         out = getattr(namespace, name)(*args)
         assert (out.device.type, out.shape, out.dtype) == ("meta", (2,), torch.float32), name
     diffs = namespace.scaled_diff(p, a, coef)

@@ -141,26 +141,26 @@ DTYPE_CASES = {
 
 
 @pytest.mark.parametrize("case", DTYPE_CASES)
-def test_sum_sq_diff_and_snapshot_match_reference(case):
+def test_squared_change_and_snapshot_match_reference(case):
     p_dt, a_dt, _ = DTYPE_CASES[case]
     params = randn_list(SIZES, p_dt, seed=1)
     anchors = randn_list(SIZES, a_dt, seed=2)
-    assert_sums_close(ewc.sum_sq_diff(params, anchors, **SMALL), reference.sum_sq_diff(cpu(params), cpu(anchors)))
-    expected = reference.sum_sq_diff(cpu(params), cpu(anchors))
+    assert_sums_close(ewc.squared_change(params, anchors, **SMALL), reference.squared_change(cpu(params), cpu(anchors)))
+    expected = reference.squared_change(cpu(params), cpu(anchors))
     assert_sums_close(ewc.snapshot_(params, anchors, **SMALL), expected)
     for i, (p, a) in enumerate(zip(params, anchors)):
         assert torch.equal(a, p.to(a.dtype)), f"anchor {i} was not overwritten with the params"
 
 
 @pytest.mark.parametrize("case", DTYPE_CASES)
-def test_penalty_grad_matches_reference(case):
+def test_ewc_penalty_grad_matches_reference(case):
     p_dt, a_dt, g_dt = DTYPE_CASES[case]
     params, anchors = randn_list(SIZES, p_dt, seed=3), randn_list(SIZES, a_dt, seed=4)
     grads = randn_list(SIZES, g_dt, seed=5)
     coef = torch.linspace(0.5, 3.0, len(SIZES), device=DEVICE)
     expected_grads = [g.clone().cpu() for g in grads]
-    expected = reference.penalty_grad_(cpu(params), cpu(anchors), expected_grads, coef.cpu())
-    assert_sums_close(ewc.penalty_grad_(params, anchors, grads, coef, **SMALL), expected)
+    expected = reference.ewc_penalty_grad_(cpu(params), cpu(anchors), expected_grads, coef.cpu())
+    assert_sums_close(ewc.ewc_penalty_grad_(params, anchors, grads, coef, **SMALL), expected)
     assert_lists_close(grads, expected_grads)
 
 
@@ -200,8 +200,8 @@ def test_default_block_size_matches_reference():
     grads = randn_list(sizes, (torch.float32,), seed=13)
     coef = torch.full((len(sizes),), 0.25, device=DEVICE)
     expected_grads = [g.clone().cpu() for g in grads]
-    expected = reference.penalty_grad_(cpu(params), cpu(anchors), expected_grads, coef.cpu())
-    assert_sums_close(ewc.penalty_grad_(params, anchors, grads, coef), expected)
+    expected = reference.ewc_penalty_grad_(cpu(params), cpu(anchors), expected_grads, coef.cpu())
+    assert_sums_close(ewc.ewc_penalty_grad_(params, anchors, grads, coef), expected)
     assert_lists_close(grads, expected_grads)
 
 
@@ -210,7 +210,7 @@ def test_unaligned_views_use_the_unhinted_kernel_and_stay_correct():
     params, anchors = [storage[1:700]], [storage[701:1400]]  # 4-byte offsets: not 16-byte aligned
     plan = build_plan([params, anchors], chunk_size=256)
     assert not plan.groups[0].aligned
-    assert_sums_close(ewc.sum_sq_diff(params, anchors, **SMALL), reference.sum_sq_diff(cpu(params), cpu(anchors)))
+    assert_sums_close(ewc.squared_change(params, anchors, **SMALL), reference.squared_change(cpu(params), cpu(anchors)))
 
 
 def shifted_plan(lists, shift, chunk_size):
@@ -236,10 +236,10 @@ def test_offsets_beyond_2_31_elements_are_int64():
     grads = randn_list(sizes, (torch.float32,), seed=32)
     coef = torch.tensor([0.5, 2.0], device=DEVICE)
     expected_grads = [g.clone().cpu() for g in grads]
-    expected = reference.penalty_grad_(cpu(params), cpu(anchors), expected_grads, coef.cpu())
+    expected = reference.ewc_penalty_grad_(cpu(params), cpu(anchors), expected_grads, coef.cpu())
     block = 16 if DEVICE == "cpu" else ewc.BLOCK
     plan = shifted_plan([params, anchors, grads], shift, chunk_size=block * 16)
-    assert_sums_close(ewc.launch(table.op("penalty_grad_"), plan, [coef], (), block), expected)
+    assert_sums_close(ewc.launch(table.op("ewc_penalty_grad_"), plan, [coef], (), block), expected)
     assert_lists_close(grads, expected_grads)
 
 
@@ -270,12 +270,12 @@ def test_one_launch_per_dtype_group_plus_one_reduction(launches):
     chunk, partials = launches
     params = randn_list([7] * 1000, (torch.float32,), seed=14)
     anchors = randn_list([7] * 1000, (torch.float32,), seed=15)
-    got = ewc.sum_sq_diff(params, anchors, **SMALL)
+    got = ewc.squared_change(params, anchors, **SMALL)
     assert len(chunk.grids) == 1 and len(partials.grids) == 1
-    assert_sums_close(got, reference.sum_sq_diff(cpu(params), cpu(anchors)))
+    assert_sums_close(got, reference.squared_change(cpu(params), cpu(anchors)))
     chunk.grids.clear(), partials.grids.clear()
     mixed = [p.to(d) for p, d in zip(params[:30], itertools.cycle(FLOATS))]
-    ewc.sum_sq_diff(mixed, anchors[:30], **SMALL)
+    ewc.squared_change(mixed, anchors[:30], **SMALL)
     assert len(chunk.grids) == 3 and len(partials.grids) == 1  # fp32, bf16, fp16 params
     chunk.grids.clear(), partials.grids.clear()
     ewc.lerp_(params[:5], params[:5], anchors[:5], torch.ones(5, device=DEVICE), **SMALL)
@@ -286,15 +286,15 @@ def test_many_tiny_tensors_with_empty_ones():
     gen = torch.Generator().manual_seed(16)
     sizes = torch.randint(0, 20, (1000,), generator=gen).tolist()
     params, anchors = randn_list(sizes, FLOATS, seed=17), randn_list(sizes, (torch.float32, torch.bfloat16), seed=18)
-    got = ewc.sum_sq_diff(params, anchors)
-    assert_sums_close(got, reference.sum_sq_diff(cpu(params), cpu(anchors)))
+    got = ewc.squared_change(params, anchors)
+    assert_sums_close(got, reference.squared_change(cpu(params), cpu(anchors)))
     assert (got[[i for i, n in enumerate(sizes) if n == 0]] == 0).all()
 
 
 def test_only_empty_tensors_give_zeros_without_chunk_launches(launches):
     chunk, partials = launches
     params, anchors = [torch.zeros(0, device=DEVICE)] * 3, [torch.zeros(0, device=DEVICE)] * 3
-    assert ewc.sum_sq_diff(params, anchors).tolist() == [0.0, 0.0, 0.0]
+    assert ewc.squared_change(params, anchors).tolist() == [0.0, 0.0, 0.0]
     assert not chunk.grids and len(partials.grids) == 1
     assert ewc.scaled_diff(params, anchors, torch.ones(3, device=DEVICE))[0].shape == (0,)
 
@@ -305,17 +305,17 @@ def test_results_are_bit_identical_run_to_run():
     grads = randn_list(sizes, (torch.float32,), seed=21)
     coef = torch.rand(len(sizes), generator=torch.Generator().manual_seed(22)).to(DEVICE)
     g1, g2 = [g.clone() for g in grads], [g.clone() for g in grads]
-    r1 = ewc.penalty_grad_(params, anchors, g1, coef, **SMALL)
+    r1 = ewc.ewc_penalty_grad_(params, anchors, g1, coef, **SMALL)
     ewc.PLANS.clear()  # a freshly built table gives the same order too
-    r2 = ewc.penalty_grad_(params, anchors, g2, coef, **SMALL)
+    r2 = ewc.ewc_penalty_grad_(params, anchors, g2, coef, **SMALL)
     assert torch.equal(r1, r2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
 
 
 def test_repeated_calls_reuse_the_cached_table():
     params, anchors = randn_list([33, 5], FLOATS, seed=23), randn_list([33, 5], FLOATS, seed=24)
     ewc.PLANS.clear()
-    ewc.sum_sq_diff(params, anchors, **SMALL)
-    ewc.sum_sq_diff(params, anchors, **SMALL)
+    ewc.squared_change(params, anchors, **SMALL)
+    ewc.squared_change(params, anchors, **SMALL)
     assert (ewc.PLANS.hits, ewc.PLANS.misses) == (1, 1)
 
 
@@ -326,10 +326,10 @@ def test_nan_and_inf_propagate_in_every_op():
     anchors[1][5] = float("inf")
     grads = [torch.zeros_like(p) for p in params]
     coef = torch.ones(3, device=DEVICE)
-    sums = ewc.penalty_grad_(params, anchors, grads, coef, **SMALL)
+    sums = ewc.ewc_penalty_grad_(params, anchors, grads, coef, **SMALL)
     assert torch.isnan(sums[0]) and torch.isinf(sums[1]) and sums[2].item() == 9.0
     assert torch.isnan(grads[0][280]) and torch.isinf(grads[1][5]) and grads[2].eq(1).all()
-    assert torch.isnan(ewc.sum_sq_diff(params, anchors, **SMALL)[0])
+    assert torch.isnan(ewc.squared_change(params, anchors, **SMALL)[0])
     assert torch.isnan(ewc.scaled_diff(params, anchors, coef, **SMALL)[0][280])
     dst = [torch.empty_like(p) for p in params]
     ewc.lerp_(dst, params, anchors, torch.full((3,), 0.5, device=DEVICE), **SMALL)
@@ -339,7 +339,7 @@ def test_nan_and_inf_propagate_in_every_op():
 def test_chunk_size_must_be_a_multiple_of_the_block():
     x = [torch.zeros(4, device=DEVICE)]
     with pytest.raises(ValueError, match=r"chunk_size \(100\) must be a multiple of block \(16\)"):
-        ewc.sum_sq_diff(x, x, chunk_size=100, block=16)
+        ewc.squared_change(x, x, chunk_size=100, block=16)
 
 
 def test_backend_reports_available_here():

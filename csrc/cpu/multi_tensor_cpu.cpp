@@ -18,11 +18,11 @@
 #include "bindings/op_call.h"
 #include "chunking.h"
 #include "ops/adamw_ewc_step.h"
+#include "ops/ewc_penalty_grad.h"
 #include "ops/lerp.h"
-#include "ops/penalty_grad.h"
 #include "ops/scaled_diff.h"
 #include "ops/snapshot.h"
-#include "ops/sum_sq_diff.h"
+#include "ops/squared_change.h"
 
 namespace hbat {
 namespace cpu {
@@ -51,6 +51,8 @@ inline void store(T* p, int64_t i, float v) {
 // Elements [begin, end) of one tensor of every list; returns the chunk's sum (reducing ops) in double.
 // kLanes elements at a time: all their loads, then the math, then all their stores (the compiler needs no
 // aliasing checks to vectorise that, and an exact alias such as lerp_'s dst == a reads before it writes).
+// The block is held list-major (x[list][lane]): the math loop over the lanes then reads and writes unit-stride
+// rows and vectorises (element-major e[lane][list] did not, for the ops with sqrt and division).
 template <Op kOp, typename... Ts, size_t... L>
 double apply_range(void* const* base, int64_t begin, int64_t end, const OpMath<kOp>& math, std::index_sequence<L...>) {
   constexpr int N = sizeof...(Ts);
@@ -58,10 +60,14 @@ double apply_range(void* const* base, int64_t begin, int64_t end, const OpMath<k
   float acc[kLanes] = {0};
   int64_t i = begin;
   for (; i + kLanes <= end; i += kLanes) {
-    float e[kLanes][N];
-    for (int k = 0; k < kLanes; ++k) ((e[k][L] = load<kOp, L>(std::get<L>(ptr), i + k)), ...);
-    for (int k = 0; k < kLanes; ++k) math(e[k], acc[k]);
-    for (int k = 0; k < kLanes; ++k) (store<kOp, L>(std::get<L>(ptr), i + k, e[k][L]), ...);
+    float x[N][kLanes];
+    for (int k = 0; k < kLanes; ++k) ((x[L][k] = load<kOp, L>(std::get<L>(ptr), i + k)), ...);
+    for (int k = 0; k < kLanes; ++k) {
+      float e[N] = {x[L][k]...};
+      math(e, acc[k]);
+      ((x[L][k] = e[L]), ...);
+    }
+    for (int k = 0; k < kLanes; ++k) (store<kOp, L>(std::get<L>(ptr), i + k, x[L][k]), ...);
   }
   for (; i < end; ++i) {
     float e[N] = {load<kOp, L>(std::get<L>(ptr), i)...};

@@ -50,7 +50,7 @@ constexpr int64_t kMaxChunk = 32768;
 constexpr int64_t kMinChunksPerSM = 4;
 
 struct Plan {
-  Op op = Op::sum_sq_diff;
+  Op op = Op::squared_change;
   int32_t num_lists = 0;
   int32_t num_tensors = 0;
   int64_t chunk_size = kMinChunk;

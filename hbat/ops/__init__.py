@@ -11,10 +11,14 @@ returns float32 per-tensor results on the tensors' device. ``backend`` is one of
     EWCPenaltyGrad(F, lam)(params, anchors, grads)    -> [n]  the same, lam * F_i checked once (the per-step path)
     ewc_penalty(params, anchors, F, lam)          -> scalar, differentiable w.r.t. params             eq. (5)/(8)
     lerp_(dst, a, b, weights)                     -> None  dst_i = (1 - w_i) a_i + w_i b_i (model averaging)
+    adamw_ewc_step_(params, grads, exp_avg, exp_avg_sq, anchors, F, lam, lr=, weight_decay=, step=)
+                                                  -> [n]  the penalty before the step; one AdamW step whose
+                                                          gradient is grads + lam F_i (p - a)
 
-Every op checks all of its inputs before it writes anything (_validate.py). Each backend is a namespace of
-torch operators (_library.py): written tensors get their version counters bumped, every op has a fake
-implementation (torch.compile, torch.library.opcheck).
+Every op checks all of its inputs before it writes anything (_validate.py), by the roles and dtype rules of
+its entry in the op table (table.py). Each backend is a namespace of torch operators (_library.py): written
+tensors get their version counters bumped, every op has a fake implementation (torch.compile,
+torch.library.opcheck).
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from typing import Sequence
 import torch
 
 from . import _validate as V
+from . import table
 from ._dispatch import accepted_dtypes, available_backends, backend_status, resolve_traceable
 
 Tensors = Sequence[torch.Tensor]
@@ -34,6 +39,7 @@ __all__ = [
     "ewc_penalty_grad_",
     "ewc_penalty",
     "lerp_",
+    "adamw_ewc_step_",
     "available_backends",
     "backend_status",
     "EWCPenalty",
@@ -43,17 +49,24 @@ __all__ = [
 _REDUCTIONS = ("mean", "sum")
 
 
-def _prepare(backend: str, lists: dict, writable=(), may_alias=None):
-    """Validate parallel lists and pick the backend. Returns (lists, device, module)."""
-    lists = {name: V.as_tensor_list(name, seq) for name, seq in lists.items()}  # read each iterable once
-    lead = next(iter(lists.values()))
-    name, module = resolve_traceable(backend, lead[0].device if lead else None)
+def _prepare(op_name: str, backend: str, *lists):
+    """Validate the tensor lists of op ``op_name`` (its arguments, in the table's order) by the roles and dtype
+    rules of its table entry, and pick the backend. Returns (lists, device, backend module)."""
+    op = table.op(op_name)
+    names = [t.name for t in op.arguments]
+    given = {name: V.as_tensor_list(name, seq) for name, seq in zip(names, lists)}  # read each iterable once
+    lead = given[names[0]]
+    backend_name, module = resolve_traceable(backend, lead[0].device if lead else None)
+    may_alias: dict[str, tuple] = {}
+    for written, reader in op.may_alias:
+        may_alias[written] = may_alias.get(written, ()) + (reader,)
     converted, device = V.check_lists(
-        lists,
-        dtypes=accepted_dtypes(name),
-        need_contiguous=name != "reference",
-        writable=writable,
+        given,
+        dtypes=accepted_dtypes(backend_name),
+        need_contiguous=backend_name != "reference",
+        writable=[t.name for t in op.arguments if t.written_in_place],
         may_alias=may_alias,
+        rules={t.name: t.dtype for t in op.arguments if t.dtype != table.ANY_FLOAT},
     )
     return converted, device, module
 
@@ -81,17 +94,17 @@ def _check_reduction(reduction: str) -> None:
 def squared_change(params: Tensors, refs: Tensors, *, reduction: str = "mean", backend: str = "auto") -> torch.Tensor:
     """Per tensor, the mean (or sum) of ``(p - r)**2``: C_i of eq. (7). The mean of an empty tensor is 0."""
     _check_reduction(reduction)
-    (params, refs), device, be = _prepare(backend, {"params": params, "refs": refs})
+    (params, refs), device, be = _prepare("squared_change", backend, params, refs)
     if not params:
         return _empty(device)
-    return _reduce(be.sum_sq_diff(params, refs), params, reduction)
+    return _reduce(be.squared_change(params, refs), params, reduction)
 
 
 def snapshot_(params: Tensors, anchors: Tensors, *, reduction: str = "mean", backend: str = "auto") -> torch.Tensor:
     """Per-tensor change of ``params`` against the anchors' old values, and ``anchors[i] <- params[i]``
     (cast to the anchor's dtype) in the same pass over the data: the stage boundary of Algorithm 1."""
     _check_reduction(reduction)
-    (params, anchors), device, be = _prepare(backend, {"params": params, "anchors": anchors}, writable=("anchors",))
+    (params, anchors), device, be = _prepare("snapshot_", backend, params, anchors)
     if not params:
         return _empty(device)
     with torch.no_grad():  # an in-place op: its results are values, not a graph
@@ -134,12 +147,12 @@ def _coefficients(importance, lam: float, n: int) -> torch.Tensor:
     return (lam * V.check_vector("importance", importance, n, None, lam=lam).to(torch.float64)).to(torch.float32)
 
 
-def _penalty_grad(be, params, anchors, grads, coef, grad_coef, device) -> torch.Tensor:
+def _ewc_penalty_grad(be, params, anchors, grads, coef, grad_coef, device) -> torch.Tensor:
     """The validated call: ``grads += grad_coef * (p - a)``; returns the per-tensor ``(coef/2) * sum (p - a)^2``."""
     if not params:
         return _empty(device)
     with torch.no_grad():  # an in-place op: its results are values, not a graph
-        sums = be.penalty_grad_(params, anchors, grads, grad_coef)
+        sums = be.ewc_penalty_grad_(params, anchors, grads, grad_coef)
     return (0.5 * coef) * sums
 
 
@@ -154,11 +167,9 @@ def ewc_penalty_grad_(
     is a device tensor. In a loop, build an ``EWCPenaltyGrad`` once per stage instead (checked once).
     """
     lam = V.check_scalar("lam", lam, float32=True)
-    (params, anchors, grads), device, be = _prepare(
-        backend, {"params": params, "anchors": anchors, "grads": grads}, writable=("grads",)
-    )
+    (params, anchors, grads), device, be = _prepare("ewc_penalty_grad_", backend, params, anchors, grads)
     coef = _coefficients(importance, lam, len(params)).to(device)
-    return _penalty_grad(be, params, anchors, grads, coef, coef, device)
+    return _ewc_penalty_grad(be, params, anchors, grads, coef, coef, device)
 
 
 class EWCPenaltyGrad:
@@ -167,8 +178,8 @@ class EWCPenaltyGrad:
     Build it when the importance changes (a stage boundary): ``importance`` and ``lam`` are checked then
     (every ``lam * F_i`` finite and within float32; one host sync if ``importance`` is a device tensor) and
     the coefficients are put on ``device``. A call checks the tensor lists (metadata and addresses: shapes,
-    dtypes, devices, overlaps) and ``scale`` on the host and never synchronises with the device (a tensor
-    ``scale`` is read with ``.item()``: pass a float).
+    dtypes, devices, overlaps) and a float ``scale`` on the host, and never synchronises with the device (a
+    one-element tensor ``scale``, e.g. a GradScaler's, is used as it is: unchecked, never read back).
 
         penalty = ops.EWCPenaltyGrad(F, lam, device=params[0].device)   # once per stage
         per_tensor = penalty(params, anchors, grads)                    # every step, after backward
@@ -189,20 +200,24 @@ class EWCPenaltyGrad:
                  backend: str = "auto") -> torch.Tensor:
         """Per tensor ``(lam/2) F_i sum (p - a)^2``; ``grads[i] += scale * lam * F_i * (p_i - a_i)`` in the same
         pass (``scale``: a loss scale the gradients carry, e.g. a GradScaler's before ``unscale_``)."""
-        scale = V.check_scalar("scale", scale, float32=True)
-        if abs(scale) * self._max > V.FLOAT32_MAX:
-            raise ValueError(f"scale * lam * importance[{self._max_at}] = {scale:g} * {self._max:g} overflows "
-                             f"float32 (+-{V.FLOAT32_MAX:.4g}); the gradient would be inf or NaN")
-        (params, anchors, grads), device, be = _prepare(
-            backend, {"params": params, "anchors": anchors, "grads": grads}, writable=("grads",)
-        )
+        if isinstance(scale, torch.Tensor) and scale.numel() == 1 and scale.is_floating_point():
+            scale = scale.reshape(())  # on the device: multiplied in there, never read back
+        else:
+            scale = V.check_scalar("scale", scale, float32=True)
+            if abs(scale) * self._max > V.FLOAT32_MAX:
+                raise ValueError(f"scale * lam * importance[{self._max_at}] = {scale:g} * {self._max:g} overflows "
+                                 f"float32 (+-{V.FLOAT32_MAX:.4g}); the gradient would be inf or NaN")
+        (params, anchors, grads), device, be = _prepare("ewc_penalty_grad_", backend, params, anchors, grads)
         if len(params) != self.coef.numel():
             raise ValueError(f"params has {len(params)} tensors but importance has {self.coef.numel()} entries")
         if params and self.coef.device != device:
             raise ValueError(f"params[0] is on {device} but the coefficients are on {self.coef.device}; "
                              f"build EWCPenaltyGrad with device={str(device)!r}")
-        grad_coef = self.coef if scale == 1.0 else self.coef * scale
-        return _penalty_grad(be, params, anchors, grads, self.coef, grad_coef, device)
+        if isinstance(scale, torch.Tensor):
+            grad_coef = (self.coef * scale.to(self.coef.device)).to(torch.float32)
+        else:
+            grad_coef = self.coef if scale == 1.0 else self.coef * scale
+        return _ewc_penalty_grad(be, params, anchors, grads, self.coef, grad_coef, device)
 
 
 def ewc_penalty(params: Tensors, anchors: Tensors, importance, lam: float, *, backend: str = "auto") -> torch.Tensor:
@@ -215,14 +230,14 @@ def ewc_penalty(params: Tensors, anchors: Tensors, importance, lam: float, *, ba
     sync; under torch.compile that check is skipped, lam's is not).
     """
     lam = V.check_scalar("lam", lam, float32=True)
-    (params, anchors), device, be = _prepare(backend, {"params": params, "anchors": anchors})
+    (params, anchors), device, be = _prepare("squared_change", backend, params, anchors)
     n = len(params)
     F = V.check_vector("importance", importance, n, device, lam=lam)
     if isinstance(importance, torch.Tensor) and importance.requires_grad:
         F = importance.to(device)  # checked above; gradients flow to it
     if n == 0:
         return torch.zeros((), dtype=torch.float32, device=device if device is not None else "cpu")
-    sums = be.sum_sq_diff(params, [a.detach() for a in anchors])
+    sums = be.squared_change(params, [a.detach() for a in anchors])
     return (0.5 * lam) * (F * sums).sum()
 
 
@@ -233,13 +248,84 @@ def lerp_(dst: Tensors, a: Tensors, b: Tensors, weights, *, backend: str = "auto
     tensor is refused. With theta_pre = a (the SFT model) and theta_post = b (the aligned model), w is the
     paper's alpha: 0 returns the SFT model, 1 the aligned one.
     """
-    (dst, a, b), device, be = _prepare(
-        backend, {"dst": dst, "a": a, "b": b}, writable=("dst",), may_alias={"dst": ("a", "b")}
-    )
+    (dst, a, b), device, be = _prepare("lerp_", backend, dst, a, b)
     w = V.check_vector("weights", weights, len(dst), device)
     if dst:
         with torch.no_grad():
             be.lerp_(dst, a, b, w)
+
+
+def adamw_ewc_step_(params: Tensors, grads: Tensors, exp_avg: Tensors, exp_avg_sq: Tensors, anchors: Tensors,
+                    importance, lam: float, *, lr, weight_decay, step, betas=(0.9, 0.999), eps: float = 1e-8,
+                    backend: str = "auto") -> torch.Tensor:
+    """One ``torch.optim.AdamW`` step of every tensor, with the EWC gradient inside, in one fused pass.
+
+    The gradient of tensor i is ``grads[i] + lam * F_i * (params[i] - anchors[i])``, exactly as if the penalty
+    were a loss term (coupled: it enters both moments); then decoupled weight decay ``p *= 1 - lr_i * wd_i``,
+    the moments and the bias-corrected update, in the order of torch's AdamW (no amsgrad, no maximize).
+    ``grads`` is only read. Returns the per-tensor penalty ``(lam/2) F_i ||p_i - a_i||^2`` before the step.
+
+    ``params`` (float32 / bfloat16 / float16), ``exp_avg`` and ``exp_avg_sq`` (float32) are updated in place;
+    ``grads[i]`` has the dtype of ``params[i]``; ``anchors[i]`` may be ``params[i]`` itself (a tensor without an
+    anchor: give it importance 0). ``lr`` and ``weight_decay`` (>= 0): a float or one value per tensor; ``step``:
+    the step number this call makes (1 on the first step), an int or one per tensor (bias correction
+    ``1 - beta**step``). The per-tensor values are host values (a sequence, a number, a CPU tensor; a device
+    tensor costs a sync), checked on the host and sent to the device as one packed [5, n] tensor per call.
+    """
+    lam = V.check_scalar("lam", lam, float32=True)
+    beta1, beta2 = _check_betas(betas)
+    eps = _nonnegative("eps", V.check_scalar("eps", eps, float32=True))
+    lists, device, be = _prepare("adamw_ewc_step_", backend, params, grads, exp_avg, exp_avg_sq, anchors)
+    n = len(lists[0])
+    coef = _coefficients(importance, lam, n).cpu()
+    lr, weight_decay = _per_tensor("lr", lr, n), _per_tensor("weight_decay", weight_decay, n)
+    steps = _per_tensor("step", step, n)
+    if n and not torch.compiler.is_compiling():
+        for name, vec in (("lr", lr), ("weight_decay", weight_decay)):
+            if bool((vec < 0).any()):
+                bad = int((vec < 0).nonzero()[0, 0])
+                raise ValueError(f"{name}[{bad}] is {vec[bad].item():g}; it must be >= 0")
+        wrong = (steps < 1) | (steps != steps.round())
+        if bool(wrong.any()):
+            bad = int(wrong.nonzero()[0, 0])
+            raise ValueError(f"step[{bad}] is {steps[bad].item():g}; steps are whole numbers >= 1 (the first is 1)")
+    if not n:
+        return _empty(device)
+    packed = torch.stack([coef.double(), lr, weight_decay, 1 - beta1 ** steps, 1 - beta2 ** steps]).to(torch.float32)
+    if device.type == "cuda" and not torch.compiler.is_compiling():
+        packed = packed.pin_memory()  # the copy below is then asynchronous
+    vectors = packed.to(device, non_blocking=True).unbind(0)
+    with torch.no_grad():  # an in-place op: its results are values, not a graph
+        sums = be.adamw_ewc_step_(*lists, *vectors, beta1, beta2, eps)
+    return (0.5 * vectors[0]) * sums
+
+
+def _nonnegative(name: str, value: float) -> float:
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def _check_betas(betas) -> tuple[float, float]:
+    try:
+        beta1, beta2 = betas
+    except (TypeError, ValueError):
+        raise TypeError(f"betas must be a pair of floats, got {betas!r}") from None
+    beta1, beta2 = V.check_scalar("betas[0]", beta1), V.check_scalar("betas[1]", beta2)
+    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+        raise ValueError(f"betas must be in [0, 1), got ({beta1}, {beta2})")
+    return beta1, beta2
+
+
+def _per_tensor(name: str, value, n: int) -> torch.Tensor:
+    """A number (every tensor) or one value per tensor, checked on the host (finite, within float32): float64."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.full((n,), V.check_scalar(name, value, float32=True), dtype=torch.float64)
+    vec = V.as_vector(name, value)
+    if isinstance(vec, torch.Tensor):
+        vec = vec.detach().cpu()
+        vec = vec if vec.is_floating_point() else vec.double()  # integer steps
+    return V.check_vector(name, vec, n, None).double()
 
 
 class EWCPenalty(torch.nn.Module):

@@ -1,16 +1,18 @@
-"""The backend ops as torch operators: one schema per op, the same in every backend's namespace.
+"""The backend ops as torch operators: the schemas of the op table (table.py), the same in every backend's namespace.
 
-    hbat::*            the C++ CPU and CUDA kernels (schemas defined in csrc/bindings/library.cpp)
+    hbat::*            the C++ CPU and CUDA kernels (csrc/bindings/library.cpp defines the table's schemas)
     hbat_reference::*  the float64 reference (reference.py)
     hbat_triton::*     the Triton kernels (triton_backend.py)
 
 Beyond the kernels, ``register`` gives every namespace what the dispatcher needs to treat the ops like
-torch's own: a fake (meta) implementation of each op, so that torch.compile and FakeTensor can trace
-them; the backward of ``sum_sq_diff`` (``ewc_penalty`` is differentiable through it, with no saved
-temporary); and a version-counter bump of every written tensor, so that autograd refuses a backward
-through values an op overwrote, as it does after torch's in-place ops. The Python kernels are defined
-from the same schema strings rather than with ``torch.library.custom_op`` so that all three namespaces get
-these registrations the same way (the C++ ops, defined by the extension, cannot be custom_ops).
+torch's own, all derived from the table: a fake (meta) implementation of each op (per-tensor sums, the new
+tensors of a RETURN list, or nothing), so that torch.compile and FakeTensor can trace them; the backward of
+``squared_change`` (``ewc_penalty`` is differentiable through it, with no saved temporary); and a
+version-counter bump of every written list, so that autograd refuses a backward through values an op
+overwrote, as it does after torch's in-place ops. The Python kernels are defined from the same schema strings
+rather than with ``torch.library.custom_op`` so that all three namespaces get these registrations the same way
+(the C++ ops, defined by the extension, cannot be custom_ops). ``export_ops`` gives a backend module one
+function per op of the table.
 """
 from __future__ import annotations
 
@@ -19,14 +21,10 @@ from functools import lru_cache
 import torch
 from torch.library import Library
 
-#: the backend contract (see reference.py); keep in step with csrc/bindings/library.cpp (a test compares)
-SCHEMAS = {
-    "sum_sq_diff": "sum_sq_diff(Tensor[] params, Tensor[] refs) -> Tensor",
-    "snapshot_": "snapshot_(Tensor[] params, Tensor(a!)[] anchors) -> Tensor",
-    "penalty_grad_": "penalty_grad_(Tensor[] params, Tensor[] anchors, Tensor(a!)[] grads, Tensor coef) -> Tensor",
-    "scaled_diff": "scaled_diff(Tensor[] params, Tensor[] anchors, Tensor coef) -> Tensor[]",
-    "lerp_": "lerp_(Tensor(a!)[] dst, Tensor[] a, Tensor[] b, Tensor weights) -> ()",
-}
+from . import table
+
+#: the backend contract: one schema per op of the table (csrc/bindings/library.cpp registers the same strings)
+SCHEMAS = {op.name: op.schema for op in table.OPS}
 
 # the libraries must stay alive: a registration ends when its Library is garbage collected
 _LIBRARIES: list[Library] = []
@@ -37,22 +35,29 @@ def sums_dtype(*lists) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for ts in lists for t in ts) else torch.float32
 
 
-def _sums_like(*lists) -> torch.Tensor:
-    return torch.empty(len(lists[0]), dtype=sums_dtype(*lists), device=lists[0][0].device)
+def _fake(op: table.OpDef):
+    """The fake (meta) kernel of ``op``: outputs of the right shapes, dtypes and device, from the table."""
+    arguments = [t.name for t in op.arguments]
 
+    def fake(*args):
+        lists = args[:len(arguments)]
+        if op.reduces:
+            return torch.empty(len(lists[0]), dtype=sums_dtype(*lists), device=lists[0][0].device)
+        if op.returned is not None:  # its dtype rule names an argument list (table.OpDef checks it)
+            like = lists[arguments.index(op.returned.dtype)] if op.returned.dtype != table.FLOAT32 else None
+            return [torch.empty(t.shape, dtype=torch.float32 if like is None else like[i].dtype, device=t.device)
+                    for i, t in enumerate(lists[0])]
+        return None
 
-_FAKES = {
-    "sum_sq_diff": lambda params, refs: _sums_like(params, refs),
-    "snapshot_": lambda params, anchors: _sums_like(params, anchors),
-    "penalty_grad_": lambda params, anchors, grads, coef: _sums_like(params, anchors, grads),
-    "scaled_diff": lambda params, anchors, coef: [torch.empty(p.shape, dtype=p.dtype, device=p.device) for p in params],
-    "lerp_": lambda dst, a, b, weights: None,
-}
+    fake.__name__ = f"{op.name}_fake"
+    return fake
 
 
 def define(namespace: str, impls: dict):
-    """Define the ops of ``SCHEMAS`` in ``namespace`` with the Python kernels ``impls`` (name -> function,
-    for any device), register them (see ``register``) and return ``torch.ops.<namespace>``."""
+    """Define every op of the table in ``namespace`` with the Python kernels ``impls`` (op name -> function, for
+    any device), register them (see ``register``) and return ``torch.ops.<namespace>``."""
+    if set(impls) != set(SCHEMAS):
+        raise ValueError(f"{namespace}: kernels for {sorted(impls)}, but the op table has {sorted(SCHEMAS)}")
     lib = Library(namespace, "DEF")
     _LIBRARIES.append(lib)
     for name, schema in SCHEMAS.items():
@@ -64,17 +69,33 @@ def define(namespace: str, impls: dict):
 
 @lru_cache(maxsize=None)
 def register(namespace: str) -> None:
-    """Fakes, the backward of sum_sq_diff and the version bumps for the ops of ``namespace`` (once)."""
+    """Fakes, the backward of squared_change and the version bumps for the ops of ``namespace`` (once)."""
     ops = getattr(torch.ops, namespace)
     lib = Library(namespace, "IMPL")
     _LIBRARIES.append(lib)
-    for name, fake in _FAKES.items():
-        torch.library.register_fake(f"{namespace}::{name}", fake, lib=lib)
-        schema = getattr(ops, name).default._schema
-        written = [i for i, arg in enumerate(schema.arguments) if arg.alias_info is not None and arg.alias_info.is_write]
+    for op in table.OPS:
+        torch.library.register_fake(f"{namespace}::{op.name}", _fake(op), lib=lib)
+        written = [i for i, t in enumerate(op.arguments) if t.written_in_place]
         if written:
-            lib.impl(name, _version_bump(getattr(ops, name).default, written), "ADInplaceOrView", with_keyset=True)
-    _register_sum_sq_diff_backward(lib, namespace, ops.scaled_diff)
+            packet = getattr(ops, op.name).default
+            lib.impl(op.name, _version_bump(packet, written), "ADInplaceOrView", with_keyset=True)
+    _register_squared_change_backward(lib, namespace, ops.scaled_diff)
+
+
+def export_ops(namespace: str, module_globals: dict) -> None:
+    """Give a backend module one function per op of the table, named like the op, that runs
+    ``torch.ops.<namespace>.<op>`` (looked up at call time: the C++ ops exist once the extension is loaded)."""
+    for op in table.OPS:
+        module_globals[op.name] = _forwarder(namespace, op)
+
+
+def _forwarder(namespace: str, op: table.OpDef):
+    def run(*args):
+        return getattr(getattr(torch.ops, namespace), op.name)(*args)
+
+    run.__name__ = run.__qualname__ = op.name
+    run.__doc__ = f"torch.ops.{namespace}.{op.schema}: {op.doc}"
+    return run
 
 
 def _version_bump(op, written: list[int]):
@@ -89,7 +110,7 @@ def _version_bump(op, written: list[int]):
     return bump_then_run
 
 
-def _register_sum_sq_diff_backward(lib: Library, namespace: str, scaled_diff) -> None:
+def _register_squared_change_backward(lib: Library, namespace: str, scaled_diff) -> None:
     """d sum_j (p_ij - r_ij)^2 / d p_i = 2 (p_i - r_i): one fused scaled_diff pass, from the saved inputs."""
 
     def setup_context(ctx, inputs, output):
@@ -108,4 +129,4 @@ def _register_sum_sq_diff_backward(lib: Library, namespace: str, scaled_diff) ->
             grad_refs = [(-d).to(r.dtype) if need else None for d, r, need in zip(diffs, refs, need_refs)]
         return grad_params, grad_refs
 
-    torch.library.register_autograd(f"{namespace}::sum_sq_diff", backward, setup_context=setup_context, lib=lib)
+    torch.library.register_autograd(f"{namespace}::squared_change", backward, setup_context=setup_context, lib=lib)

@@ -45,6 +45,7 @@ def check_lists(
     need_contiguous: bool,
     writable: Sequence[str] = (),
     may_alias: Mapping[str, Sequence[str]] | None = None,
+    rules: Mapping[str, str] | None = None,
 ) -> tuple[list[list[torch.Tensor]], torch.device | None]:
     """Check parallel tensor lists; return them as lists and the common device (None when empty).
 
@@ -52,10 +53,13 @@ def check_lists(
     ``writable`` names the lists that the op updates in place: none of their tensors may share memory
     with itself (an ``expand()``ed view) or with any other tensor of the call, except that ``may_alias``
     (written list -> lists) lets a written tensor BE the tensor at the same index of those lists
-    (``lerp_``'s ``dst`` may be ``a`` or ``b``). Read-only lists may overlap each other freely.
+    (``lerp_``'s ``dst`` may be ``a`` or ``b``). Read-only lists may overlap each other freely. ``rules`` (list
+    name -> "float32" or the name of another list) narrows a list's dtypes: float32 only, or tensor i has the
+    dtype of that list's tensor i (the op table's dtype rules).
     """
     names = list(lists)
     converted = [as_tensor_list(name, lists[name]) for name in names]
+    by_name = dict(zip(names, converted))
     lead_name, lead = names[0], converted[0]
     for name, items in zip(names[1:], converted[1:]):
         if len(items) != len(lead):
@@ -72,6 +76,8 @@ def check_lists(
                     f"{name}[{i}] has {kind} dtype {str(t.dtype).replace('torch.', '')}; "
                     f"this backend accepts {allowed}"
                 )
+            if rules and name in rules:
+                _check_rule(name, i, t, rules[name], by_name)
             if t.shape != ref.shape:
                 raise ValueError(f"{name}[{i}] has shape {_shape(t)} but {lead_name}[{i}] has shape {_shape(ref)}")
             if t.device != device:
@@ -85,8 +91,21 @@ def check_lists(
             if name in writable:
                 _check_writable(name, i, items[i])
     if writable and not torch.compiler.is_compiling():
-        check_no_overlap(dict(zip(names, converted)), writable, may_alias or {})
+        check_no_overlap(by_name, writable, may_alias or {})
     return converted, device
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _check_rule(name: str, i: int, t: torch.Tensor, rule: str, lists) -> None:
+    if rule == "float32":
+        if t.dtype != torch.float32:
+            raise TypeError(f"{name}[{i}] has dtype {_dtype_name(t.dtype)}; {name} must be float32")
+    elif t.dtype != lists[rule][i].dtype:
+        raise TypeError(f"{name}[{i}] has dtype {_dtype_name(t.dtype)} but {rule}[{i}] has "
+                        f"{_dtype_name(lists[rule][i].dtype)}; {name} must have the dtype of {rule}")
 
 
 def _check_writable(name: str, i: int, t: torch.Tensor) -> None:

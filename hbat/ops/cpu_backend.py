@@ -1,8 +1,10 @@
-"""The C++ CPU backend (csrc/cpu): ATen parallel loops, one pass over the data per call."""
+"""The C++ CPU backend (csrc/cpu): ATen parallel loops, one pass over the data per call; one function per op of
+the table, each running torch.ops.hbat.<op>."""
 from __future__ import annotations
 
-from . import _native
-from ._native import adamw_ewc_step_, lerp_, penalty_grad_, scaled_diff, snapshot_, sum_sq_diff  # noqa: F401
+from . import _library, _native
+
+_library.export_ops("hbat", globals())
 
 
 def unavailable_reason() -> str:

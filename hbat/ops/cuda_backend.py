@@ -1,10 +1,12 @@
-"""The CUDA backend (csrc/cuda): multi-tensor kernels registered for the CUDA dispatch key."""
+"""The CUDA backend (csrc/cuda): multi-tensor kernels registered for the CUDA dispatch key; one function per op
+of the table, each running torch.ops.hbat.<op> (the dispatcher picks the CUDA kernel for CUDA tensors)."""
 from __future__ import annotations
 
 import torch
 
-from . import _native
-from ._native import adamw_ewc_step_, lerp_, penalty_grad_, scaled_diff, snapshot_, sum_sq_diff  # noqa: F401
+from . import _library, _native
+
+_library.export_ops("hbat", globals())
 
 
 def unavailable_reason() -> str:

@@ -3,12 +3,14 @@
 This is the ground truth every other backend is tested against. It is written for clarity, not speed:
 it allocates a temporary per tensor. It accepts any floating dtype, float64 included, and any strides.
 
-Backend contract (shared by cpu_backend.py, triton_backend.py, cuda_backend.py): a backend module has the
-five functions below, each a torch operator of the schemas in _library.py (torch.ops.hbat_reference.* here);
-inputs were validated by _validate.py: lists are non-empty and of equal length, a written tensor shares
-no memory with any other tensor of the call (lerp_'s dst may be a or b), ``coef`` / ``weights`` are float32
-vectors on the tensors' device. The per-tensor results (``sum_sq_diff``, ``snapshot_``, ``penalty_grad_``)
-are float32 vectors; only the reference returns float64 when given float64 tensors.
+Backend contract (shared by cpu_backend.py, triton_backend.py, cuda_backend.py): a backend module has one
+function per op of the table (table.py), named like the op, with its schema's arguments (lists, per-tensor
+vectors, scalars); each runs a torch operator of that schema (torch.ops.hbat_reference.* here, see
+_library.py). Inputs were validated by hbat.ops (_validate.py, from the op's table entry): lists are non-empty
+and of equal length, each tensor's dtype follows its list's rule, a written tensor shares no memory with any
+other tensor of the call (except the table's ``may_alias`` pairs: lerp_'s dst may be a or b, adamw_ewc_step_'s
+anchors may be the params), the vectors are float32 [n] on the tensors' device. The per-tensor sums of the
+reducing ops are float32; only the reference returns float64 when given float64 tensors.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ def _sums64(params, refs) -> torch.Tensor:
     return out
 
 
-def _sum_sq_diff(params, refs) -> torch.Tensor:
+def _squared_change(params, refs) -> torch.Tensor:
     return _sums64(params, refs).to(_library.sums_dtype(params, refs))
 
 
@@ -36,7 +38,7 @@ def _snapshot_(params, anchors) -> torch.Tensor:
     return sums.to(_library.sums_dtype(params, anchors))
 
 
-def _penalty_grad_(params, anchors, grads, coef) -> torch.Tensor:
+def _ewc_penalty_grad_(params, anchors, grads, coef) -> torch.Tensor:
     sums = _sums64(params, anchors)
     for i, (p, a, g) in enumerate(zip(params, anchors, grads)):
         diff = p.to(torch.float64) - a.to(torch.float64)
@@ -58,20 +60,8 @@ def _lerp_(dst, a, b, weights) -> None:
         d.copy_((1 - w) * x.to(torch.float64) + w * y.to(torch.float64))
 
 
-_ops = _library.define("hbat_reference", {
-    "sum_sq_diff": _sum_sq_diff, "snapshot_": _snapshot_, "penalty_grad_": _penalty_grad_,
-    "scaled_diff": _scaled_diff, "lerp_": _lerp_,
-})
-sum_sq_diff = _ops.sum_sq_diff
-snapshot_ = _ops.snapshot_
-penalty_grad_ = _ops.penalty_grad_
-scaled_diff = _ops.scaled_diff
-lerp_ = _ops.lerp_
-
-
-# not yet a torch operator of _library.SCHEMAS (issue 16, phase 2 wires it into hbat.ops)
-def adamw_ewc_step_(params, grads, exp_avg, exp_avg_sq, anchors, coef, lr, weight_decay, bias_correction1,
-                    bias_correction2, beta1, beta2, eps) -> torch.Tensor:
+def _adamw_ewc_step_(params, grads, exp_avg, exp_avg_sq, anchors, coef, lr, weight_decay, bias_correction1,
+                     bias_correction2, beta1, beta2, eps) -> torch.Tensor:
     """One ``torch.optim.AdamW`` step (decoupled weight decay, bias correction, no amsgrad) whose gradient is
     ``grads[i] + coef[i] * (params[i] - anchors[i])``, in float64; ``grads`` is not modified. Returns the
     per-tensor sums of ``(params - anchors)**2`` before the step. The order of operations is torch's
@@ -91,4 +81,11 @@ def adamw_ewc_step_(params, grads, exp_avg, exp_avg_sq, anchors, coef, lr, weigh
             p.copy_(p64)
             m.copy_(m64)
             v.copy_(v64)
-    return sums.to(_library.sums_dtype(params, anchors))
+    return sums.to(_library.sums_dtype(params, grads, exp_avg, exp_avg_sq, anchors))
+
+
+_library.define("hbat_reference", {
+    "squared_change": _squared_change, "snapshot_": _snapshot_, "ewc_penalty_grad_": _ewc_penalty_grad_,
+    "scaled_diff": _scaled_diff, "lerp_": _lerp_, "adamw_ewc_step_": _adamw_ewc_step_,
+})
+_library.export_ops("hbat_reference", globals())

@@ -144,7 +144,7 @@ def _lists(*specs) -> tuple:
 
 OPS: tuple = (
     OpDef(
-        "sum_sq_diff",
+        "squared_change",
         _lists(("params", READ), ("refs", READ)),
         reduces=True,
         doc="per tensor sum_j (params - refs)^2",
@@ -156,7 +156,7 @@ OPS: tuple = (
         doc="per tensor sum_j (params - anchors)^2 against the anchors' old values; then anchors <- params",
     ),
     OpDef(
-        "penalty_grad_",
+        "ewc_penalty_grad_",
         _lists(("params", READ), ("anchors", READ), ("grads", UPDATE)),
         reduces=True,
         vectors=("coef",),
@@ -167,7 +167,7 @@ OPS: tuple = (
         _lists(("params", READ), ("anchors", READ), ("out", RETURN, "params")),
         reduces=False,
         vectors=("coef",),
-        doc="new tensors out_i = coef_i (params - anchors) in params' dtype (the backward of ewc_penalty)",
+        doc="new tensors out_i = coef_i (params - anchors) in params' dtype (the backward of squared_change)",
     ),
     OpDef(
         "lerp_",
@@ -189,6 +189,8 @@ OPS: tuple = (
         reduces=True,
         vectors=("coef", "lr", "weight_decay", "bias_correction1", "bias_correction2"),
         scalars=("beta1", "beta2", "eps"),
+        # a tensor without an anchor (not in the HybridEWC, coef 0) passes itself: d = p - p = 0
+        may_alias=(("params", "anchors"),),
         doc="per tensor sum_j (params - anchors)^2 before the step; then one torch.optim.AdamW step with the "
         "gradient grads + coef_i (params - anchors) (grads itself is not modified)",
     ),

@@ -1,5 +1,5 @@
 """The Triton backend: multi-tensor kernels in the repository's kernels/ folder (installed as hbat.kernels),
-as the torch operators torch.ops.hbat_triton.* (see _library.py).
+as the torch operators torch.ops.hbat_triton.* (see _library.py), one per op of the table.
 
 Each op is one kernel launch per dtype combination present in the call (usually one) plus, for the
 per-tensor sums, one small deterministic reduction launch; see kernels/ewc.py. On CPU tensors it runs only
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _library
+from . import _library, table
 from ._dispatch import triton_interpreter_on
 
 
@@ -40,21 +40,13 @@ def _kernels():
     return ewc
 
 
-_ops = _library.define("hbat_triton", {
-    "sum_sq_diff": lambda params, refs: _kernels().sum_sq_diff(params, refs),
-    "snapshot_": lambda params, anchors: _kernels().snapshot_(params, anchors),
-    "penalty_grad_": lambda params, anchors, grads, coef: _kernels().penalty_grad_(params, anchors, grads, coef),
-    "scaled_diff": lambda params, anchors, coef: _kernels().scaled_diff(params, anchors, coef),
-    "lerp_": lambda dst, a, b, weights: _kernels().lerp_(dst, a, b, weights),
-})
-sum_sq_diff = _ops.sum_sq_diff
-snapshot_ = _ops.snapshot_
-penalty_grad_ = _ops.penalty_grad_
-scaled_diff = _ops.scaled_diff
-lerp_ = _ops.lerp_
+def _kernel(name: str):
+    def run(*args):
+        return _kernels().call(name, *args)
+
+    run.__name__ = run.__qualname__ = name
+    return run
 
 
-def adamw_ewc_step_(params, grads, exp_avg, exp_avg_sq, anchors, coef, lr, weight_decay, bias_correction1,
-                    bias_correction2, beta1, beta2, eps) -> torch.Tensor:
-    return _kernels().adamw_ewc_step_(params, grads, exp_avg, exp_avg_sq, anchors, coef, lr, weight_decay,
-                                      bias_correction1, bias_correction2, beta1, beta2, eps)
+_library.define("hbat_triton", {op.name: _kernel(op.name) for op in table.OPS})
+_library.export_ops("hbat_triton", globals())

@@ -80,7 +80,7 @@ def build(out_dir: Path) -> ctypes.CDLL:
 
 
 def huge_tensor_tail(lib: ctypes.CDLL, numel: int, tail_chunks: int, coef: float) -> dict:
-    """penalty_grad_ over the last ``tail_chunks`` chunks of one ``numel``-element tensor (harness.cpp)."""
+    """ewc_penalty_grad_ over the last ``tail_chunks`` chunks of one ``numel``-element tensor (harness.cpp)."""
     got, exact = (ctypes.c_double * tail_chunks)(), (ctypes.c_double * tail_chunks)()
     chunk_size = ctypes.c_int64()
     msg = ctypes.create_string_buffer(1024)
@@ -88,13 +88,13 @@ def huge_tensor_tail(lib: ctypes.CDLL, numel: int, tail_chunks: int, coef: float
     if wrong == -2:
         raise MemoryError(msg.value.decode())  # e.g. vm.overcommit_memory=2 refuses MAP_NORESERVE mappings
     if wrong < 0:
-        raise RuntimeError(f"emulated penalty_grad_ on {numel} elements: {msg.value.decode()}")
+        raise RuntimeError(f"emulated ewc_penalty_grad_ on {numel} elements: {msg.value.decode()}")
     return {"partials": list(got), "exact": list(exact), "wrong_grads": wrong, "chunk_size": chunk_size.value}
 
 
 class EmulatedCuda:
     """The CUDA backend's functions on CPU tensors (contiguous float32 / bfloat16 / float16): one per op of the
-    table, called like the backend modules' (``emu.penalty_grad_(params, anchors, grads, coef)``)."""
+    table, called like the backend modules' (``emu.ewc_penalty_grad_(params, anchors, grads, coef)``)."""
 
     def __init__(self, lib: ctypes.CDLL, num_sms: int = 4):
         self.lib, self.num_sms = lib, num_sms

@@ -8,7 +8,7 @@
 
 #include "cuda/hbat_cuda.h"
 #include "emu_core.h"
-#include "ops/penalty_grad.h"
+#include "ops/ewc_penalty_grad.h"
 
 namespace hbat_emu {
 int num_sms_value() { return num_sms; }
@@ -90,7 +90,7 @@ float pattern(int64_t i, int k) { return static_cast<float>(((i * (7 + k)) % 41)
 
 extern "C" {
 
-// penalty_grad_ on one tensor of `numel` elements (bf16 params and anchors, fp32 grads, each starting 3
+// ewc_penalty_grad_ on one tensor of `numel` elements (bf16 params and anchors, fp32 grads, each starting 3
 // elements into its mapping: a 16-byte head of 5) whose data lies in reserved address space. Only the last
 // `tail_chunks` chunks run (the group is cut there), and only their memory is registered, so a wrong 64-bit
 // offset faults. Writes the kernel's partial sums of those chunks and the exact ones (double), and returns
@@ -114,7 +114,7 @@ int64_t hbat_emu_huge_tail(int64_t numel, int64_t tail_chunks, float coef, doubl
   arg.dtype[0] = arg.dtype[1] = hc::DType::kBFloat16;
   arg.dtype[2] = hc::DType::kFloat32;
   hbat_emu::num_sms = 4;
-  const hc::Plan plan = hc::make_plan(hbat::Op::penalty_grad_, {arg}, 4);
+  const hc::Plan plan = hc::make_plan(hbat::Op::ewc_penalty_grad_, {arg}, 4);
   *chunk_size_out = plan.chunk_size;
   if (!plan.error.empty() || plan.groups.size() != 1 || plan.num_chunks < tail_chunks) {
     std::snprintf(msg, msg_len, "unexpected plan: %s", plan.error.c_str());
@@ -141,8 +141,8 @@ int64_t hbat_emu_huge_tail(int64_t numel, int64_t tail_chunks, float coef, doubl
   buffers.table = table.data();
   buffers.vectors[0] = &coef;
   buffers.partials = partials.data();
-  hc::launch_penalty_grad_(group, 1, plan.chunk_size, buffers, 4, nullptr);
-  const hbat::OpMath<hbat::Op::penalty_grad_> math(&coef, nullptr);  // the expected grads: the same math
+  hc::launch_ewc_penalty_grad_(group, 1, plan.chunk_size, buffers, 4, nullptr);
+  const hbat::OpMath<hbat::Op::ewc_penalty_grad_> math(&coef, nullptr);  // the expected grads: the same math
   int64_t wrong = 0;
   for (int64_t c = 0; c < tail_chunks; ++c) {
     double exact = 0.0;

@@ -1,11 +1,11 @@
-// sum_sq_diff (hbat/ops/table.py): per tensor sum_j (params - refs)^2.
+// squared_change (hbat/ops/table.py): per tensor sum_j (params - refs)^2.
 #pragma once
 
 #include "op_traits.h"
 
 namespace hbat {
 
-template <> struct OpMath<Op::sum_sq_diff> {
+template <> struct OpMath<Op::squared_change> {
   HBAT_HOST_DEVICE OpMath(const float*, const double*) {}
   // e: params, refs
   HBAT_HOST_DEVICE void operator()(float (&e)[2], float& sum) const {

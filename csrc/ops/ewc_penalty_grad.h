@@ -1,4 +1,4 @@
-// penalty_grad_ (hbat/ops/table.py): per tensor sum_j (params - anchors)^2 and, in the same pass,
+// ewc_penalty_grad_ (hbat/ops/table.py): per tensor sum_j (params - anchors)^2 and, in the same pass,
 // grads += coef_i (params - anchors).
 #pragma once
 
@@ -6,7 +6,7 @@
 
 namespace hbat {
 
-template <> struct OpMath<Op::penalty_grad_> {
+template <> struct OpMath<Op::ewc_penalty_grad_> {
   float coef;
   // vectors: coef
   HBAT_HOST_DEVICE OpMath(const float* v, const double*) : coef(v[0]) {}

@@ -1,0 +1,311 @@
+"""hbat.optim.HybridAdamW against torch.optim.AdamW + ewc.apply_() (no clipping), step by step over several stages,
+on every backend that runs here; state_dict round trip and resume; param groups; a scheduler; a transformers
+Trainer run; bad input. (On the emulated CUDA kernels: tests/test_cuda_emulated.py.)"""
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+
+from hbat import HybridAdamW, HybridEWC
+from ops_cases import backend_cases
+
+BACKENDS = backend_cases(("reference", "cpu", "triton", "cuda"))
+STAGES = ("ifa", "hpa", "ifa", "hpa")
+
+
+def tiny_model(seed=0, dtype=torch.float32, device="cpu"):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3), torch.nn.LayerNorm(3))
+    return model.to(device=device, dtype=dtype)
+
+
+def loss_of(model, step):
+    """A fixed batch per step number."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    p = next(model.parameters())
+    x = torch.randn(8, 5, generator=gen).to(p)
+    y = torch.randn(8, 3, generator=gen).to(p)
+    return (model(x) - y).float().square().mean()
+
+
+def apply_then_adamw(model, ewc, optimizer):
+    """The reference step: the penalty gradient added to .grad by apply_(), then the optimizer."""
+    def step(k):
+        loss_of(model, k).backward()
+        ewc.apply_()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def hybrid(model, ewc, optimizer):
+    def step(k):
+        loss_of(model, k).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def run_stages(pairs, stages=STAGES, steps=3, schedulers=()):
+    """Each (model, ewc, step) pair through the same stages and batches; asserts after every step that the
+    params agree (fp32 tolerance)."""
+    k = 0
+    for objective in stages:
+        for _, ewc, _ in pairs:
+            ewc.begin_stage(objective)
+        for _ in range(steps):
+            for _, _, step in pairs:
+                step(k)
+            for scheduler in schedulers:
+                scheduler.step()
+            (want, *_), *others = pairs
+            for model, _, _ in others:
+                for (name, p), q in zip(model.named_parameters(), want.parameters()):
+                    torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m: f"step {k}, {name}: {m}")
+            k += 1
+    assert pairs[0][1].active  # the later stages were penalised
+
+
+def two_setups(backend, device, *, lr=1e-2, weight_decay=0.05, groups=None, f_max=100.0):
+    """(model, ewc, step) with torch AdamW + apply_(), and the same with HybridAdamW, from the same init."""
+    ref_model = tiny_model(device=device)
+    model = copy.deepcopy(ref_model)
+    ref_ewc = HybridEWC(ref_model, f_max=f_max, lam=1.0, backend=backend)
+    ewc = HybridEWC(model, f_max=f_max, lam=1.0, backend=backend)
+    ref_params = groups(ref_model) if groups else ref_model.parameters()
+    params = groups(model) if groups else model.parameters()
+    ref_opt = torch.optim.AdamW(ref_params, lr=lr, weight_decay=weight_decay, foreach=False)
+    opt = HybridAdamW(params, ewc, lr=lr, weight_decay=weight_decay)
+    return (ref_model, ref_ewc, apply_then_adamw(ref_model, ref_ewc, ref_opt), ref_opt), \
+        (model, ewc, hybrid(model, ewc, opt), opt)
+
+
+# ----------------------------------------------------------------------------------------- equals AdamW + apply_()
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_equals_torch_adamw_plus_apply_over_stages(backend, device):
+    ref, mine = two_setups(backend, device)
+    steps = 2 if backend == "triton" else 3  # the interpreter is slow
+    run_stages([ref[:3], mine[:3]], stages=STAGES[:3] if backend == "triton" else STAGES, steps=steps)
+    opt = mine[3]
+    assert float(opt.last_penalty) > 0
+    assert all(s["exp_avg"].dtype == torch.float32 for s in opt.state.values())
+
+
+def test_penalty_matters_so_the_comparison_can_fail():
+    (ref_model, *_), (model, _, step, opt) = two_setups("reference", "cpu")
+    plain_model = copy.deepcopy(model)
+    plain = torch.optim.AdamW(plain_model.parameters(), lr=1e-2, weight_decay=0.05, foreach=False)
+    ewc = opt.ewc
+    for k, objective in enumerate(STAGES[:3]):
+        ewc.begin_stage(objective)
+        for j in range(3):
+            step(3 * k + j)
+            loss_of(plain_model, 3 * k + j).backward()
+            plain.step()
+            plain.zero_grad()
+    with torch.no_grad():
+        moved = max(float((p - q).abs().max()) for p, q in zip(model.parameters(), plain_model.parameters()))
+    assert moved > 1e-3
+
+
+def test_param_groups_with_their_own_lr_and_weight_decay():
+    def groups(model):
+        first, *rest = model.children()
+        return [{"params": first.parameters(), "lr": 3e-2, "weight_decay": 0.2},
+                {"params": [p for m in rest for p in m.parameters()], "lr": 5e-3, "weight_decay": 0.0}]
+
+    ref, mine = two_setups("cpu" if _cpu_ok() else "reference", "cpu", groups=groups)
+    assert [g["lr"] for g in mine[3].param_groups] == [3e-2, 5e-3]
+    run_stages([ref[:3], mine[:3]], stages=STAGES[:3])
+
+
+def test_lr_scheduler():
+    ref, mine = two_setups("reference", "cpu")
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 / (1 + k)) for opt in (ref[3], mine[3])]
+    run_stages([ref[:3], mine[:3]], stages=STAGES[:3], schedulers=schedulers)
+    assert mine[3].param_groups[0]["lr"] == pytest.approx(1e-2 / 10)
+
+
+@pytest.mark.parametrize("backend,device", backend_cases(("reference", "cpu")))
+def test_bf16_params_keep_fp32_moments(backend, device):
+    model = tiny_model(dtype=torch.bfloat16)
+    fp32 = tiny_model()
+    ewc, ewc32 = HybridEWC(model, backend=backend), HybridEWC(fp32, backend=backend)
+    opt = HybridAdamW(model, ewc, lr=1e-2)
+    opt32 = HybridAdamW(fp32, ewc32, lr=1e-2)
+    run_steps = [hybrid(model, ewc, opt), hybrid(fp32, ewc32, opt32)]
+    for k, objective in enumerate(STAGES[:3]):
+        ewc.begin_stage(objective), ewc32.begin_stage(objective)
+        for j in range(2):
+            for step in run_steps:
+                step(2 * k + j)
+    for p, q in zip(model.parameters(), fp32.parameters()):
+        assert p.dtype == torch.bfloat16 and opt.state[p]["exp_avg"].dtype == torch.float32
+        torch.testing.assert_close(p.float(), q, rtol=0.05, atol=0.03)
+
+
+def _cpu_ok():
+    from hbat import ops
+
+    return ops.backend_status("cpu", "cpu")[0]
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+def _round_trip(state):
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_state_dict_round_trip_and_resume_equal_an_uninterrupted_run(dtype):
+    backend = "cpu" if _cpu_ok() else "reference"
+
+    def setup():
+        model = tiny_model(dtype=dtype)
+        ewc = HybridEWC(model, backend=backend)
+        return model, ewc, HybridAdamW(model, ewc, lr=1e-2)
+
+    model, ewc, opt = setup()
+    schedule = [(objective, k) for k, objective in enumerate(("ifa", "hpa", "ifa")) for _ in range(3)]
+    for i, (objective, k) in enumerate(schedule):
+        if i % 3 == 0:
+            ewc.begin_stage(objective)
+        hybrid(model, ewc, opt)(i)
+        if i == 4:  # mid-stage: save everything
+            saved = _round_trip({"model": model.state_dict(), "ewc": ewc.state_dict(), "opt": opt.state_dict()})
+    uninterrupted = [p.detach().clone() for p in model.parameters()]
+
+    model, ewc, opt = setup()
+    model.load_state_dict(saved["model"])
+    ewc.load_state_dict(saved["ewc"])
+    opt.load_state_dict(saved["opt"])
+    for p in model.parameters():
+        state = opt.state[p]
+        assert state["exp_avg"].dtype == torch.float32 and state["step"].device.type == "cpu"
+        assert float(state["step"]) == 5
+    for i, (objective, k) in enumerate(schedule[5:], start=5):
+        if i % 3 == 0:
+            ewc.begin_stage(objective)
+        hybrid(model, ewc, opt)(i)
+    for p, q in zip(model.parameters(), uninterrupted):
+        assert torch.equal(p, q)
+
+
+def test_loads_a_torch_adamw_state():
+    model = tiny_model()
+    torch_opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    loss_of(model, 0).backward()
+    torch_opt.step()
+    opt = HybridAdamW(model, HybridEWC(model), lr=1e-2)
+    opt.load_state_dict(torch_opt.state_dict())
+    for p in model.parameters():
+        assert torch.equal(opt.state[p]["exp_avg"], torch_opt.state[p]["exp_avg"])
+        assert float(opt.state[p]["step"]) == 1
+
+
+# ----------------------------------------------------------------------------------------- bad input
+def test_refuses_a_step_after_apply():
+    model = tiny_model()
+    ewc = HybridEWC(model)
+    opt = HybridAdamW(model, ewc)
+    ewc.begin_stage("ifa")
+    loss_of(model, 0).backward()
+    ewc.apply_()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"apply_\(\) was called since HybridAdamW's last step"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before)) and not opt.state
+
+
+@pytest.mark.parametrize("kwargs,error,message", [
+    (dict(lr=-1.0), ValueError, "Invalid learning rate"),
+    (dict(betas=(0.9, 1.0)), ValueError, "Invalid beta parameter at index 1"),
+    (dict(eps=-1e-8), ValueError, "Invalid epsilon value"),
+    (dict(weight_decay=-0.1), ValueError, "Invalid weight_decay value"),
+    (dict(lr=torch.tensor(0.1)), TypeError, "lr as a float"),
+])
+def test_refuses_bad_hyperparameters(kwargs, error, message):
+    model = tiny_model()
+    with pytest.raises(error, match=message):
+        HybridAdamW(model, HybridEWC(model), **kwargs)
+
+
+def test_refuses_what_is_not_a_hybrid_ewc_and_groups_it_does_not_implement():
+    model = tiny_model()
+    with pytest.raises(TypeError, match="ewc must be a hbat.HybridEWC"):
+        HybridAdamW(model, object())
+    with pytest.raises(ValueError, match="does not implement amsgrad=True"):
+        HybridAdamW([{"params": model.parameters(), "amsgrad": True}], HybridEWC(model))
+
+
+def test_load_state_dict_refuses_a_bad_state_and_changes_nothing():
+    model = tiny_model()
+    opt = HybridAdamW(model, HybridEWC(model), lr=1e-2)
+    loss_of(model, 0).backward()
+    opt.step()
+    good = opt.state_dict()
+    for change, message in [
+        (lambda s: s["state"][1].__setitem__("exp_avg", torch.zeros(3)), r"parameter 1: exp_avg must be a tensor "
+                                                                         r"of the parameter's shape \(7,\)"),
+        (lambda s: s["state"][0].__setitem__("step", torch.tensor(-1.0)), r"parameter 0: step must be a whole"),
+        (lambda s: s["param_groups"][0].__setitem__("maximize", True), r"maximize=True"),
+    ]:
+        bad = copy.deepcopy(good)
+        change(bad)
+        with pytest.raises(ValueError, match=message):
+            opt.load_state_dict(bad)
+        assert opt.state_dict()["state"][1]["exp_avg"].shape == (7,)
+
+
+def test_parameters_outside_the_ewc_get_plain_adamw():
+    model = tiny_model()
+    ewc = HybridEWC(model, exclude=["0.*"])  # the first Linear is not penalised
+    opt = HybridAdamW(model, ewc, lr=1e-2, weight_decay=0.0)
+    plain_first = copy.deepcopy(model[0])
+    plain = torch.optim.AdamW(plain_first.parameters(), lr=1e-2, weight_decay=0.0, foreach=False)
+    for k, objective in enumerate(STAGES[:3]):
+        ewc.begin_stage(objective)
+        for j in range(2):
+            loss_of(model, 2 * k + j).backward()
+            for p, q in zip(plain_first.parameters(), model[0].parameters()):
+                p.grad = q.grad.clone()
+            opt.step(), plain.step()
+            opt.zero_grad(), plain.zero_grad()
+    assert ewc.active
+    for p, q in zip(model[0].parameters(), plain_first.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------- transformers.Trainer
+def test_transformers_trainer_with_hybrid_adamw(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    from test_integrations import PenaltyInLossTrainer, lm_dataset, model_after_ifa, params, training_args
+    from test_reward import char_tokenizer
+    from transformers import Trainer
+
+    tokenizer = char_tokenizer()
+    data = lm_dataset(tokenizer)
+    args = dict(max_grad_norm=0.0, learning_rate=3e-3, weight_decay=0.0)  # no clipping: the two must agree
+
+    model, ewc = model_after_ifa(tokenizer)
+    ewc.begin_stage("hpa")
+    optimizer = HybridAdamW(model, ewc, lr=3e-3, weight_decay=0.0)
+    trainer = Trainer(model=model, args=training_args(tmp_path / "hybrid", **args), train_dataset=data,
+                      optimizers=(optimizer, None))
+    trainer.train()
+    assert float(optimizer.last_penalty) > 0 and ewc.apply_count == 0
+    assert {float(s["step"]) for s in optimizer.state.values()} == {4.0}
+
+    ref_model, ref_ewc = model_after_ifa(tokenizer)
+    ref_ewc.begin_stage("hpa")
+    PenaltyInLossTrainer(model=ref_model, args=training_args(tmp_path / "ref", **args), train_dataset=data,
+                         ewc=ref_ewc).train()
+    got, want = params(model), params(ref_model)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)

@@ -78,8 +78,8 @@ class HybridAdamW(torch.optim.Optimizer):
 
     Use either HybridAdamW or ``ewc.apply_()``, never both: the penalty gradient would be counted twice, so a
     step after any ``ewc.apply_()`` since the previous step (or since the optimizer was built) raises, having
-    changed nothing. ``HybridEWCCallback`` calls ``apply_()``, so do not give it to a trainer whose optimizer is
-    a HybridAdamW: call ``ewc.begin_stage(objective)`` before each ``trainer.train()`` yourself.
+    changed nothing. ``HybridEWCCallback`` recognises a HybridAdamW as its trainer's optimizer and then calls no
+    ``apply_()`` (it keeps the stage boundaries, checkpoints and the logged ``ewc/penalty``).
 
     Args:
         params_or_model: an ``nn.Module`` (its parameters) or what ``torch.optim.AdamW`` takes: an iterable of

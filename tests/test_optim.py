@@ -309,3 +309,45 @@ def test_transformers_trainer_with_hybrid_adamw(tmp_path):
     got, want = params(model), params(ref_model)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_callback_with_hybrid_adamw_keeps_stages_logs_and_checkpoints_but_adds_no_penalty(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    from test_integrations import lm_dataset, model_after_ifa, params, training_args
+    from test_reward import char_tokenizer
+    from transformers import Trainer
+
+    from hbat.integrations.transformers import STATE_FILE, HybridEWCCallback
+
+    tokenizer = char_tokenizer()
+    data = lm_dataset(tokenizer)
+    args = dict(max_grad_norm=0.0, learning_rate=3e-3, weight_decay=0.0, logging_steps=1, save_strategy="steps",
+                save_steps=2)
+
+    def run(folder, callback: bool):
+        model, ewc = model_after_ifa(tokenizer)
+        if not callback:
+            ewc.begin_stage("hpa")
+        optimizer = HybridAdamW(model, ewc, lr=3e-3, weight_decay=0.0)
+        trainer = Trainer(model=model, args=training_args(tmp_path / folder, **args), train_dataset=data,
+                          optimizers=(optimizer, None),
+                          callbacks=[HybridEWCCallback(ewc, objective="hpa")] if callback else [])
+        trainer.train()
+        return model, ewc, trainer
+
+    model, ewc, trainer = run("callback", callback=True)
+    assert ewc.objective == "hpa" and ewc.apply_count == 0  # the callback began the stage and applied nothing
+    logged = [log["ewc/penalty"] for log in trainer.state.log_history if "ewc/penalty" in log]
+    assert len(logged) == 4 and logged[0] == 0 and all(p > 0 for p in logged[1:])  # step 1 starts at the anchor
+    assert (tmp_path / "callback" / "checkpoint-2" / STATE_FILE).is_file()
+
+    by_hand, _, _ = run("by_hand", callback=False)
+    got, want = params(model), params(by_hand)
+    for name in want:  # a penalty gradient counted twice would move the weights differently
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=name)
+
+    other = HybridAdamW(model, model_after_ifa(tokenizer)[1], lr=1e-3)  # another HybridEWC than the callback's
+    with pytest.raises(ValueError, match="another HybridEWC"):
+        Trainer(model=model, args=training_args(tmp_path / "other", **args), train_dataset=data,
+                optimizers=(other, None), callbacks=[HybridEWCCallback(ewc, objective="ifa")]).train()

@@ -43,6 +43,11 @@ the stage-boundary metrics of ``begin_stage`` at the first log. They are added i
 ``state.log_history`` before ``on_log``, and the reporting callbacks (wandb, tensorboard, the printer) run
 their ``on_log`` before a user callback's, so keys added there would reach neither.
 
+With ``Trainer(optimizers=(hbat.HybridAdamW(model, ewc, ...), None))`` the optimizer adds the penalty gradient
+inside its step: the callback then adds none itself (no ``apply_()``), and keeps the stage boundaries, the
+checkpoints and ``ewc/penalty`` (the optimizer's ``last_penalty`` of each step). Single process or DDP only,
+as HybridAdamW is.
+
 If ``train()`` raises, the wrappers stay on that trainer instance until its next ``train()`` with the
 callback. Refused at ``train()`` start, with an error naming the setting: see ``hbat.integrations.accelerate``.
 """
@@ -56,6 +61,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from ..importance import importance_entropy
+from ..optim import HybridAdamW
 from ..param_view import LocalParamView, UnboundView
 from .accelerate import PreparedEWC
 
@@ -134,6 +140,7 @@ class HybridEWCCallback(TrainerCallback):
         self._prepared: PreparedEWC | None = None
         self._pending_load: str | os.PathLike | None = None
         self._applied_step: int | None = None
+        self._fused: HybridAdamW | None = None  # the trainer's optimizer, when it adds the penalty in its step
         self._warned_late = False
         self._reset_window()
         self._stage_metrics: dict[str, float] = {}
@@ -191,10 +198,12 @@ class HybridEWCCallback(TrainerCallback):
     # ------------------------------------------------------------------ the penalty
     def _apply_once(self, grad_scale=None) -> None:
         step = self.trainer.state.global_step
-        if self._applied_step == step:
+        if self._fused is not None or self._applied_step == step:
             return
         self._applied_step = step
-        penalty = self._prepared.apply_(grad_scale=grad_scale).detach()
+        self._add_penalty(self._prepared.apply_(grad_scale=grad_scale).detach())
+
+    def _add_penalty(self, penalty: torch.Tensor) -> None:
         self._penalty_sum = penalty if self._penalty_sum is None else self._penalty_sum + penalty
         self._penalty_steps += 1
 
@@ -277,6 +286,7 @@ class HybridEWCCallback(TrainerCallback):
             elif self._pending_load is not None:
                 self._load_now(self._pending_load)
             self._pending_load = None
+            self._fused = self._fused_optimizer(trainer)
             if self.objective is not None and self.ewc.objective != self.objective:
                 self._stage_metrics = self.ewc.begin_stage(self.objective)
         except BaseException:
@@ -287,8 +297,24 @@ class HybridEWCCallback(TrainerCallback):
         self._install(trainer)
         self._prepared = prepared
 
+    def _fused_optimizer(self, trainer: Trainer) -> HybridAdamW | None:
+        """The trainer's HybridAdamW (under accelerate's wrapper), checked to hold this callback's ewc."""
+        optimizer = getattr(trainer, "optimizer", None)
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
+        if not isinstance(optimizer, HybridAdamW):
+            return None
+        if optimizer.ewc is not self.ewc:
+            raise ValueError("the trainer's HybridAdamW adds the penalty of another HybridEWC than this callback's; "
+                             "build both on the same ewc")
+        optimizer.ewc.fused_terms()  # refuses the HybridEWC the run has sharded (DeepSpeed, FSDP2) now
+        return optimizer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._fused is not None:
+            self._add_penalty(self._fused.last_penalty.detach())
+
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if self._prepared is None or self._applied_step == state.global_step:
+        if self._prepared is None or self._fused is not None or self._applied_step == state.global_step:
             return
         if not self._warned_late:  # a trainer subclass bypassed _clip_grad_norm and _get_grad_norm
             warnings.warn("HybridEWCCallback: the trainer did not call _clip_grad_norm/_get_grad_norm; the penalty "

@@ -17,7 +17,8 @@ Precision (``--precisions``): the same model saved as a user's model (with an SF
 model of its shape, so nothing is trained before the method), then ``hbat train``'s ``prepare`` and
 ``run_method`` of ``no_alternation`` (one SFT and one DPO stage with HybridEWC, two steps each, the step's
 batch) in a fresh child per precision: ``fp32``, ``bf16`` (``model.dtype: bfloat16``, fp32 masters) and
-``bf16+lora`` (+ ``model.lora_r: 16``). Peak memory as above, next to the total of the trainer's memory plan
+``bf16+lora`` (+ ``model.lora_r: 16``). Peak memory as above, with every tensor a mapping of its own on the CPU
+(``TENSOR_MMAP_THRESHOLD``: a freed one leaves the RSS at once), next to the total of the trainer's memory plan
 (hbat.trainer.memory, sized from the configs before anything is loaded).
 Writes ``<out>/<device>-step.{csv,md}``.
 """
@@ -46,6 +47,11 @@ LAM, F_MAX = 1.0, 100.0
 PRECISIONS = {"fp32": ["model.dtype=float32"], "bf16": ["model.dtype=bfloat16"],
               "bf16+lora": ["model.dtype=bfloat16", "model.lora_r=16"]}
 PLAN_TARGET = 0.15  # the memory plan's total within 15% of the measured peak (issue 15)
+#: glibc's mmap threshold in the precision children: bf16 halves every tensor, so many (the 512 x 512 weights,
+#: a layer's hidden states) fall under benchlib's 1 MiB and come from the heap, which keeps them in the RSS once
+#: freed (about 45 MB of the bf16 + LoRA peak here, no tensor alive in it). Every tensor of 64 KiB or more gets
+#: a mapping of its own, unmapped when freed: the peak RSS counts live memory, as max_memory_allocated on a GPU.
+TENSOR_MMAP_THRESHOLD = 64 << 10
 
 
 class Trainer:
@@ -117,6 +123,8 @@ def trainer_overrides(folder: str, files: dict, pairs: int, seq_len: int) -> lis
 
 def child_trainer_memory(overrides: list[str], device: str) -> dict:
     """The trainer's memory plan of ``overrides`` and the peak of its prepare + run_method (a fresh child)."""
+    import ctypes
+
     from hbat.trainer.config import load_config
     from hbat.trainer.loop import run_method
     from hbat.trainer.memory import plan_memory
@@ -124,6 +132,8 @@ def child_trainer_memory(overrides: list[str], device: str) -> dict:
 
     cfg = load_config(None, overrides)
     plan = plan_memory(cfg, device=torch.device(device))
+    if torch.device(device).type == "cpu":
+        ctypes.CDLL("libc.so.6").mallopt(-3, TENSOR_MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
     with B.PeakMemory(device) as peak:
         run_method(prepare(cfg, progress=False), cfg, progress=False)
     return {"peak": float(peak.bytes), "plan": plan.as_dict()}

@@ -6,11 +6,18 @@
 // element loop keeps kLanes independent float accumulators so that it vectorises. A reducing op writes one
 // partial sum per chunk and adds a tensor's partials in chunk order in double: results are bit-identical run
 // to run and for any number of threads.
+//
+// The element loop is compiled twice, for the baseline target (x86-64: SSE, 4 floats a vector, so the wheel
+// runs on any CPU) and for AVX2 (8 floats), and the AVX2 copy runs where the CPU has it (apply_chunk). AVX2
+// without FMA: contracting a * b + c into one rounding would change the results, which must not depend on the
+// CPU. HBAT_CPU_NO_AVX2=1 forces the baseline copy (tests/test_cpu_dispatch.py compares the two bit for bit).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -79,6 +86,41 @@ double apply_range(void* const* base, int64_t begin, int64_t end, const OpMath<k
   return total;
 }
 
+// The two compiled copies of apply_range (flatten: the loop and the op's math inlined into each).
+template <Op kOp, typename... Ts, size_t... L>
+__attribute__((flatten)) double apply_range_baseline(void* const* base, int64_t begin, int64_t end,
+                                                     const OpMath<kOp>& math, std::index_sequence<L...> lists) {
+  return apply_range<kOp, Ts...>(base, begin, end, math, lists);
+}
+
+#if defined(__x86_64__)
+template <Op kOp, typename... Ts, size_t... L>
+__attribute__((target("avx2"), flatten)) double apply_range_avx2(void* const* base, int64_t begin, int64_t end,
+                                                                 const OpMath<kOp>& math,
+                                                                 std::index_sequence<L...> lists) {
+  return apply_range<kOp, Ts...>(base, begin, end, math, lists);
+}
+
+// Decided once per process: the CPU has AVX2 and HBAT_CPU_NO_AVX2 is unset, empty or "0".
+bool use_avx2() {
+  static const bool yes = [] {
+    const char* off = std::getenv("HBAT_CPU_NO_AVX2");
+    return __builtin_cpu_supports("avx2") && !(off && *off && std::strcmp(off, "0") != 0);
+  }();
+  return yes;
+}
+#endif
+
+// Runs elements [begin, end) through the copy of the loop this CPU runs best.
+template <Op kOp, typename... Ts, size_t... L>
+double apply_chunk(void* const* base, int64_t begin, int64_t end, const OpMath<kOp>& math,
+                   std::index_sequence<L...> lists) {
+#if defined(__x86_64__)
+  if (use_avx2()) return apply_range_avx2<kOp, Ts...>(base, begin, end, math, lists);
+#endif
+  return apply_range_baseline<kOp, Ts...>(base, begin, end, math, lists);
+}
+
 // Picks the element type of each list (by its dtype rule and tensor t's dtype), then runs the chunk.
 template <Op kOp, typename... Ts>
 double run_chunk(const OpCall& call, int64_t t, int64_t begin, int64_t end) {
@@ -89,7 +131,7 @@ double run_chunk(const OpCall& call, int64_t t, int64_t begin, int64_t end) {
     float v[kMaxVectors] = {0};
     for (int k = 0; k < OpTraits<kOp>::kNumVectors; ++k) v[k] = call.vectors[k].const_data_ptr<float>()[t];
     const OpMath<kOp> math(v, call.scalars);
-    return apply_range<kOp, Ts...>(base, begin, end, math, std::make_index_sequence<R>());
+    return apply_chunk<kOp, Ts...>(base, begin, end, math, std::make_index_sequence<R>());
   } else {
     constexpr int rule = ListTraits<kOp, R>::kDType;
     if constexpr (rule == kFloat32Only) {

@@ -21,4 +21,8 @@ def __getattr__(name):
         from .optim import HybridAdamW
 
         return HybridAdamW
+    if name == "optim":  # `hbat.optim.HybridAdamW` after a plain `import hbat`
+        import importlib
+
+        return importlib.import_module(".optim", __name__)
     raise AttributeError(f"module 'hbat' has no attribute {name!r}")

@@ -14,6 +14,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("yaml")
 pytest.importorskip("peft")
 datasets = pytest.importorskip("datasets")
+from test_data_sources import offline_cache  # noqa: E402,F401  (the fixture: datasets' cache in tmp_path, offline)
 
 import hf_fixtures as H  # noqa: E402  (tests/ is on sys.path under pytest)
 from hbat.trainer import workspace  # noqa: E402
@@ -71,17 +72,6 @@ def write_models_and_data(root: Path, models: Path, offline_cache: Path, tokeniz
     cache_as_hub_dataset(offline_cache, "my-org/my-prompts",
                          {"train": [{"prompt": [turn("user", r["prompt"])]} for r in task.pref_train[:12]]},
                          root / "scratch")
-
-
-@pytest.fixture
-def offline_cache(tmp_path, monkeypatch):
-    import huggingface_hub.constants
-
-    cache = tmp_path / "hf-datasets"
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    return cache
 
 
 def test_the_readme_config_and_command_run(tmp_path, monkeypatch, capsys, offline_cache):

@@ -1,25 +1,31 @@
-# hbat developer commands. `make demo` and `make test` set up .venv on first use.
+# hbat developer commands. `make demo` and `make test` set up .venv on first use, from the pinned lock.
 PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# re-run the install when the build inputs change
+LOCK   := requirements/lock.txt
+# re-run the install when the build inputs or the lock change
 STAMP  := $(VENV)/.hbat-installed
-BUILD_INPUTS := setup.py $(wildcard csrc/*.h csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
+BUILD_INPUTS := setup.py $(LOCK) requirements/venv.sh $(wildcard csrc/*.h csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 NVCC   ?= $(shell command -v nvcc 2>/dev/null)
+# `make test-latest` / `make test-oldest`: a fast subset that imports and runs every integration (transformers,
+# TRL, accelerate, DeepSpeed, peft, datasets, Triton) and the trainer end to end
+RANGE_TESTS := tests/test_packaging.py tests/test_integrations.py tests/test_examples.py tests/test_data_sources.py \
+	tests/test_trainer_readme.py tests/test_trainer_models.py tests/test_deepspeed.py tests/test_triton_kernels.py \
+	tests/test_ops.py tests/test_optim.py
 
-.PHONY: setup demo compare ops-demo test bench compile-cuda info clean
+.PHONY: setup lock demo compare ops-demo test test-latest test-oldest bench compile-cuda info clean
 
 setup: $(STAMP)
 
 $(STAMP): $(BUILD_INPUTS)
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
-	# the local CPU wheel; never let pip resolve another torch
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet ninja numpy
-	$(BIN)/pip install --quiet --no-build-isolation -e '.[test]'
+	@PYTHON=$(PYTHON) bash requirements/venv.sh locked $(VENV)
 	@touch $(STAMP)
 	@$(BIN)/python -m hbat.info | sed -n '/extensions:/,$$p'
+
+# regenerate the lock from setup.py's ranges and requirements/lock.in (the newest versions today)
+lock: setup
+	CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile --quiet --no-build-isolation --extra test \
+	  --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links -o $(LOCK) setup.py requirements/lock.in
 
 # the main job on the embedded default: two-stage SFT -> DPO and HBAT side by side (CPU, a few minutes)
 demo: setup
@@ -35,6 +41,16 @@ ops-demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+# the newest versions setup.py's ranges allow, in .venv-latest (torch stays the machine's 2.13.0 CPU wheel)
+test-latest:
+	@PYTHON=$(PYTHON) bash requirements/venv.sh latest .venv-latest
+	HBAT_UNLOCKED=1 .venv-latest/bin/python -m pytest -q -p no:cacheprovider $(RANGE_TESTS)
+
+# the lower bounds of those ranges (requirements/bounds.py), in .venv-oldest
+test-oldest:
+	@PYTHON=$(PYTHON) bash requirements/venv.sh oldest .venv-oldest
+	HBAT_UNLOCKED=1 .venv-oldest/bin/python -m pytest -q -p no:cacheprovider $(RANGE_TESTS)
 
 info: setup
 	$(BIN)/python -m hbat.info
@@ -53,4 +69,4 @@ bench: setup
 	$(BIN)/python benchmarks/bench_step.py
 
 clean:
-	rm -rf build *.egg-info hbat/*.so .pytest_cache
+	rm -rf build *.egg-info hbat/*.so .pytest_cache .venv-latest .venv-oldest

@@ -74,19 +74,21 @@ if build_cuda:
 else:
     print(f"hbat: building the CPU extension only ({reason})", file=sys.stderr)
 
+# Ranges for users: lower bounds are what `make test-oldest` installs and tests; an upper bound only where a
+# version is known to break. The exact environment CI tests is requirements/lock.txt (`make lock`).
+INSTALL_REQUIRES = ["torch>=2.4", "numpy>=2.0"]
 EXTRAS = {
-    "triton": ["triton"],
-    "train": ["transformers>=4.45", "tokenizers", "pyyaml", "tqdm", "safetensors", "matplotlib", "datasets"],
-    "trl": ["trl", "datasets", "accelerate"],
-    "deepspeed": ["deepspeed"],
-    "lora": ["peft"],
-    "bench": ["matplotlib", "psutil", "pytest-benchmark"],
+    "triton": ["triton>=3.7"],
+    "train": ["transformers>=5.9", "tokenizers>=0.23.1", "pyyaml>=6.0.2", "tqdm>=4.67", "safetensors>=0.7",
+              "matplotlib>=3.10", "datasets>=4.8"],
+    "trl": ["trl>=1.5.1", "datasets>=4.8", "accelerate>=1.13"],
+    "deepspeed": ["deepspeed>=0.19.1"],
+    "lora": ["peft>=0.19.1"],
+    "bench": ["matplotlib>=3.10", "psutil>=7.0", "pytest-benchmark>=5.2"],
+    "dev": ["pytest>=9.0", "pip-tools>=7.5"],
 }
-EXTRAS["test"] = sorted(
-    {"pytest", "pytest-benchmark", "numpy"}
-    | set(EXTRAS["triton"]) | set(EXTRAS["train"]) | set(EXTRAS["trl"]) | set(EXTRAS["deepspeed"]) | set(EXTRAS["bench"])
-    | set(EXTRAS["lora"])
-)
+EXTRAS["test"] = sorted({req for extra in ("triton", "train", "trl", "deepspeed", "lora", "bench", "dev")
+                         for req in EXTRAS[extra]})
 EXTRAS["all"] = EXTRAS["test"]
 
 setup(
@@ -96,11 +98,13 @@ setup(
     long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    # The repository keeps the Triton kernels in the top-level kernels/ folder; they install as hbat.kernels.
+    # The Triton kernels live in the top-level kernels/ folder (no __init__.py: a regular package named `kernels`
+    # would hide Hugging Face's `kernels` whenever the root is on sys.path); they install as hbat.kernels, a
+    # namespace package. In a checkout or an editable install the link hbat/kernels -> ../kernels finds them.
     packages=find_packages(include=["hbat", "hbat.*"]) + ["hbat.kernels"],
     package_dir={"hbat.kernels": "kernels"},
     package_data={"hbat": ["py.typed"]},
-    install_requires=["torch>=2.4", "numpy"],
+    install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -10,8 +10,8 @@ NVCC   ?= $(shell command -v nvcc 2>/dev/null)
 # `make test-latest` / `make test-oldest`: a fast subset that imports and runs every integration (transformers,
 # TRL, accelerate, DeepSpeed, peft, datasets, Triton) and the trainer end to end
 RANGE_TESTS := tests/test_packaging.py tests/test_integrations.py tests/test_examples.py tests/test_data_sources.py \
-	tests/test_trainer_readme.py tests/test_trainer_models.py tests/test_deepspeed.py tests/test_triton_kernels.py \
-	tests/test_ops.py tests/test_optim.py
+	tests/test_trainer_readme.py tests/test_trainer_models.py tests/test_trainer_deepspeed.py tests/test_ops.py \
+	tests/test_optim.py
 
 .PHONY: setup lock demo compare ops-demo test test-latest test-oldest bench compile-cuda info clean
 

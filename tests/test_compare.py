@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+from faults import NAN_BETA, nan_dpo_env
 
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
@@ -18,11 +19,12 @@ def test_compare_table_plot_and_commands(tmp_path):
     spec = tmp_path / "spec.yaml"
     spec.write_text("set: [" + ", ".join(TINY) + "]\nruns:\n  - two_stage\n"
                     "  - {name: hbat-uniform, method: hbat, set: [ewc.importance_mode=uniform]}\n"
-                    "  - {name: two_stage-nan, method: two_stage, set: [dpo.lr=1e6]}\n"
+                    f"  - {{name: two_stage-nan, method: two_stage, set: [dpo.beta={NAN_BETA}]}}\n"
                     "hma: {pre: hbat-uniform, aligned: two_stage, alphas: [0.0, 1.0]}\n")
     out = tmp_path / "out"
+    env = nan_dpo_env(tmp_path / "faults")  # the DPO loss of the run with dpo.beta=NAN_BETA is NaN
     proc = subprocess.run([sys.executable, "-m", "hbat.cli", "compare", str(spec), "--out", str(out),
-                           "--no-progress"], capture_output=True, text=True, timeout=900)
+                           "--no-progress"], capture_output=True, text=True, timeout=900, env=env)
     # a run that diverged is a row saying so; the comparison carries on and exits 3
     assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = (out / "compare.md").read_text()
@@ -38,7 +40,7 @@ def test_compare_table_plot_and_commands(tmp_path):
     assert (out / "compare.png").stat().st_size > 1000
     # --reuse keeps finished runs with the same config and redoes only the table, the curve and the plot
     again = subprocess.run([sys.executable, "-m", "hbat.cli", "compare", str(spec), "--out", str(out), "--reuse",
-                            "--no-progress"], capture_output=True, text=True, timeout=900)
+                            "--no-progress"], capture_output=True, text=True, timeout=900, env=env)
     assert again.returncode == 3, again.stdout[-3000:] + again.stderr[-3000:]
     assert again.stdout.count("reusing") == 3
     assert list(csv.DictReader(open(out / "compare.csv"))) == rows

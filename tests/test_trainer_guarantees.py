@@ -31,6 +31,7 @@ from hbat.trainer.run import EXIT_DIVERGED, EXIT_ERROR, main  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from faults import nan_loss  # noqa: E402
 from hf_fixtures import TINY, write_user_run  # noqa: E402
 from trainer_ds_worker import tiny_workspace  # noqa: E402
 
@@ -138,9 +139,10 @@ def test_rng_state_round_trips_through_a_weights_only_load(tmp_path):
 
 # --- 2. a diverged run never passes as a result ---------------------------------------------------------------
 
-def test_a_diverged_method_fails_named_and_the_others_still_run(tmp_path, shared_cache, capsys):
+def test_a_diverged_method_fails_named_and_the_others_still_run(tmp_path, shared_cache, capsys, monkeypatch):
     out = out_dir(tmp_path, shared_cache)
-    code, stdout, err = hbat_train(capsys, out, "dpo.lr=1e6", flags=["--methods", "two_stage,sft_only"])
+    nan_loss(monkeypatch, "hbat.trainer.dpo.dpo_loss")  # only two_stage has a DPO stage
+    code, stdout, err = hbat_train(capsys, out, flags=["--methods", "two_stage,sft_only"])
     assert code == EXIT_DIVERGED
     line = one_line_error(err)
     assert "method two_stage, stage 1 (hpa, part 1 of 1)" in line and "training diverged" in line
@@ -180,29 +182,35 @@ def test_a_nan_weight_at_a_stage_end_keeps_the_last_good_checkpoint_and_best(tmp
     assert json.loads((folder / "result.json").read_text())["status"] == "diverged"
 
 
-def test_the_loss_check_names_the_step_without_a_sync_per_step():
+def test_the_loss_check_names_the_step_without_a_sync_per_step(monkeypatch):
     from hbat.trainer.dpo import DPOConfig, run_dpo
 
     ws = tiny_workspace()
-    cfg = DPOConfig(lr=1e6, batch_size=8, max_steps=6, logging_steps=3, max_len=32)
-    with pytest.raises(TrainingDiverged, match=r"steps (1-3|4-6): dpo/loss is nan; training diverged \(a smaller "
+    cfg = DPOConfig(batch_size=8, max_steps=6, logging_steps=3, max_len=32)
+    calls = nan_loss(monkeypatch, "hbat.trainer.dpo.dpo_loss", from_call=5)  # step 5: inside the second interval
+    with pytest.raises(TrainingDiverged, match=r"steps 4-6: dpo/loss is nan; training diverged \(a smaller "
                                                r"dpo\.lr may help\)"):
         run_dpo(ws.build(), None, ws.tokenizer, ws.pref_train, cfg, progress=False)
+    assert calls["n"] == 6  # the check came at the log of step 6, not at the NaN step: no sync per step
 
 
-def test_ppo_divergence_stops_before_the_next_rollout():
+def test_ppo_divergence_stops_before_the_next_rollout(monkeypatch):
     from hbat.trainer.ppo import Critic, PPOConfig, run_ppo
 
     ws = tiny_workspace()
-    cfg = PPOConfig(lr=1e6, critic_lr=1e6, batch_size=4, mini_batch_size=2, max_steps=4, max_new_tokens=4,
-                    cold_start_steps=0)
+    cfg = PPOConfig(batch_size=4, mini_batch_size=2, max_steps=4, max_new_tokens=4, cold_start_steps=0)
     critic = Critic.from_reward_model(ws.reward_model).requires_grad_(True)
-    with pytest.raises(TrainingDiverged, match=r"ppo step \d"):
+    # two mini-batches per PPO epoch: the 3rd value-loss call is in the second PPO step
+    nan_loss(monkeypatch, "hbat.trainer.ppo.value_loss", from_call=cfg.batch_size // cfg.mini_batch_size * cfg.ppo_epochs + 1)
+    rollouts = nan_loss(monkeypatch, "hbat.trainer.ppo.generate", from_call=10**9)  # counts the rollouts only
+    with pytest.raises(TrainingDiverged, match=r"ppo step 2\b.*ppo/value_loss is nan"):
         run_ppo(ws.build(), None, ws.reward_model, critic, ws.tokenizer, ws.prompts_train, cfg, progress=False)
+    assert rollouts["n"] == 2  # no third rollout after the NaN
 
 
-def test_a_diverged_shared_model_is_not_cached(tmp_path, capsys):
-    code, _, err = hbat_train(capsys, tmp_path / "out", "method=sft_only", "reward.lr=1e6", "reward.epochs=2")
+def test_a_diverged_shared_model_is_not_cached(tmp_path, capsys, monkeypatch):
+    nan_loss(monkeypatch, "hbat.trainer.reward.ranking_loss")
+    code, _, err = hbat_train(capsys, tmp_path / "out", "method=sft_only")
     assert code == EXIT_DIVERGED
     assert "the shared reward model: step" in one_line_error(err) and "rm/loss is nan" in one_line_error(err)
     assert not list((tmp_path / "out" / "shared").glob("*/reward_model.pt"))

@@ -7,11 +7,13 @@ LOCK   := requirements/lock.txt
 STAMP  := $(VENV)/.hbat-installed
 BUILD_INPUTS := setup.py $(LOCK) requirements/venv.sh $(wildcard csrc/*.h csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 NVCC   ?= $(shell command -v nvcc 2>/dev/null)
-# `make test-latest` / `make test-oldest`: a fast subset that imports and runs every integration (transformers,
-# TRL, accelerate, DeepSpeed, peft, datasets, Triton) and the trainer end to end
+# `make test-latest` / `make test-oldest`: a subset (about 3 minutes) that imports and runs every integration:
+# transformers and the trainer end to end (README run), TRL and accelerate (callback, examples), peft (LoRA),
+# datasets (data sources), DeepSpeed (hbat train under torchrun), Triton (ops under the interpreter)
 RANGE_TESTS := tests/test_packaging.py tests/test_integrations.py tests/test_examples.py tests/test_data_sources.py \
-	tests/test_trainer_readme.py tests/test_trainer_models.py tests/test_trainer_deepspeed.py tests/test_ops.py \
-	tests/test_optim.py
+	tests/test_trainer_readme.py tests/test_ops.py tests/test_optim.py \
+	tests/test_trainer_models.py::test_lora_trains_only_adapters_against_the_base_and_saves_for_peft \
+	tests/test_trainer_deepspeed.py::test_cli_train_under_torchrun
 
 .PHONY: setup lock demo compare ops-demo test test-latest test-oldest bench compile-cuda info clean
 

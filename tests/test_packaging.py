@@ -99,3 +99,15 @@ def test_the_lock_pins_every_installed_dependency_of_hbat():
                  "numpy", "pytest", "kernels", "huggingface-hub", "setuptools"):
         assert name in pins, f"requirements/lock.txt does not pin {name}"
     assert pins["torch"].startswith("2.13.0")
+
+
+@pytest.mark.skipif(os.environ.get("HBAT_UNLOCKED") == "1", reason="make test-latest / test-oldest: not the lock")
+def test_the_environment_is_the_lock():
+    # `make setup` installed exactly what CI tested: every locked distribution at its locked version
+    pins = _lock_pins()
+    wrong = []
+    for dist in importlib.metadata.distributions():
+        name = re.sub(r"[-_.]+", "-", dist.metadata["Name"] or "").lower()
+        if name in pins and dist.version != pins[name]:
+            wrong.append(f"{name} {dist.version} (lock: {pins[name]})")
+    assert not wrong, "installed versions differ from requirements/lock.txt (run make setup): " + ", ".join(wrong)

@@ -5,6 +5,7 @@ leaves nothing behind, a second run into a folder is refused, and every file hba
 Tiny configs throughout (seconds each). CLI runs are in-process (``hbat.trainer.run.main``) and start from a
 copy of one shared cache (base model, SFT reference, reward model) built once for the module.
 """
+import errno
 import json
 import os
 import re
@@ -216,7 +217,13 @@ def test_a_diverged_shared_model_is_not_cached(tmp_path, capsys):
     ("eval.kl_samples=-1", "config.eval.kl_samples must be >= 0, got -1"),
     ("ewc.f_max=-1", "config.ewc.f_max must be >= 0, got -1.0"),
     ("ewc.lam=nan", "config.ewc.lam must be a finite number, got nan"),
-    ("ewc.lam=1e39", "config.ewc.lam * f_max = 1e+41 overflows float32"),
+    ("ewc.lam=1e37", "config.ewc.lam * f_max = 1e+39 overflows float32"),
+    ("ewc.lam=1e39", "config.ewc.lam must fit float32 (at most 3.403e+38 in size), got 1e+39"),
+    ("dpo.lr=1e38", "config.dpo.lr must be at most 3.403e+37 (AdamW's first step, lr / (1 - beta1) = 1e+39, must "
+                    "fit float32), got 1e+38"),
+    ("ppo.critic_lr=1e38", "config.ppo.critic_lr must be at most 3.403e+37"),
+    ("model.pretrain_lr=1e38", "config.model.pretrain_lr must be at most 3.403e+37"),
+    ("dpo.beta=1e39", "config.dpo.beta must fit float32"),
     ("ewc.importance_mode=bogus", "config.ewc.importance_mode must be one of"),
     ("ewc.importance_scale=0", "config.ewc.importance_scale must be > 0"),
     ("ewc.anchor_dtype=float16", "config.ewc.anchor_dtype must be one of ('float32', 'bfloat16')"),
@@ -286,6 +293,7 @@ def test_every_field_is_checked_and_named(key):
 
 def test_a_bad_setting_fails_before_anything_is_trained(tmp_path, capsys):
     for override, message in (("eval.batch_size=0", "config.eval.batch_size must be >= 1, got 0"),
+                              ("dpo.lr=1e38", "config.dpo.lr must be at most 3.403e+37"),  # not an error at step 1
                               ("n_parts=40", "config.n_parts = 40 needs at least 40 training rows in each data set, "
                                              "but the embedded task (data.task_n_pref // 2 = 24 prompts) has 24")):
         code, _, err = hbat_train(capsys, tmp_path / "out", override)
@@ -522,6 +530,69 @@ def test_a_kill_between_a_file_and_its_checksum_leaves_a_file_that_verifies(tmp_
     monkeypatch.setattr(os, "replace", real_replace)
     assert int(ckpt.load(path)["v"]) == 3
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
+
+
+# --- 7. the config file and the disk ---------------------------------------------------------------------------
+
+def test_a_missing_config_file_is_named(tmp_path, capsys):
+    for path, problem in ((tmp_path / "x.yaml", "no such config file"),
+                          (tmp_path, "cannot read the config file (Is a directory)")):
+        code = main([str(path)])
+        assert code == EXIT_ERROR and one_line_error(capsys.readouterr().err) == f"hbat train: {path}: {problem}"
+
+
+class FullDisk:
+    """A binary file on a disk with room for ``room`` more bytes: a write past it raises ENOSPC, as a full disk."""
+
+    def __init__(self, fh, room: int):
+        self.fh, self.room = fh, room
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.fh.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.fh, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.fh.close()
+
+
+def fill_the_disk(monkeypatch, room: int) -> None:
+    """Every file hbat writes atomically (checkpoint.py opens them with os.fdopen) has room for ``room`` bytes."""
+    real = os.fdopen
+
+    def fdopen(fd, mode="r", *args, **kwargs):
+        fh = real(fd, mode, *args, **kwargs)
+        return FullDisk(fh, room) if "w" in mode and "b" in mode else fh
+
+    monkeypatch.setattr(ckpt.os, "fdopen", fdopen)
+
+
+def test_a_full_disk_is_named_with_the_file_and_leaves_the_old_one(tmp_path, monkeypatch):
+    path = tmp_path / "state.pt"
+    ckpt.save_atomic({"v": torch.tensor(1)}, str(path))
+    fill_the_disk(monkeypatch, room=100)  # torch.save fails inside ("unexpected pos"), its cause is the OSError
+    with pytest.raises(ValueError, match=re.escape(f"no space left on device writing {path}")):
+        ckpt.save_atomic({"v": torch.zeros(1000)}, str(path))
+    with pytest.raises(ValueError, match=re.escape(f"no space left on device writing {tmp_path / 'a.md'}")):
+        ckpt.write_text_atomic("x" * 1000, str(tmp_path / "a.md"))
+    monkeypatch.undo()
+    assert int(ckpt.load(str(path))["v"]) == 1 and sorted(os.listdir(tmp_path)) == ["state.pt", "state.pt.sha256"]
+
+
+def test_a_full_disk_during_a_run_is_one_line_naming_the_file(tmp_path, shared_cache, capsys, monkeypatch):
+    out = out_dir(tmp_path, shared_cache)
+    fill_the_disk(monkeypatch, room=50_000)  # the config and checksums fit, the model's weights do not
+    code, _, err = hbat_train(capsys, out, "method=sft_only")
+    assert code == EXIT_ERROR
+    assert one_line_error(err) == f"hbat train: no space left on device writing {out / 'sft_only' / 'best.pt'}"
+    assert not [p for p in os.listdir(out / "sft_only") if p.startswith(".tmp-")]
 
 
 # --- 8. edge cases ------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from dataclasses import replace
 import torch
 
 from ..data import split_parts
+from ..errors import writing
 from . import checkpoint as ckpt
 from . import procgroup as pg
 from .config import TrainConfig, to_dict
@@ -322,14 +323,16 @@ class _NoLogger:
 def save_model(model, ws: Workspace, cfg: TrainConfig, folder: str) -> None:
     """``save_pretrained`` of the kept model and the tokenizer. A LoRA model saves its adapter, which
     ``peft.PeftModel.from_pretrained(base, folder)`` loads onto the base: ``model.path``, or for the embedded
-    model the base saved beside it in ``<folder>/base``."""
-    if is_lora(model) and cfg.model.path is None:  # the embedded base is on no disk: saved beside (it is tiny)
-        base = os.path.join(folder, "base")
-        copy.deepcopy(model).unload().save_pretrained(base)
-        ws.tokenizer.save_pretrained(base)
-        model.peft_config["default"].base_model_name_or_path = base
-    model.save_pretrained(folder)
-    ws.tokenizer.save_pretrained(folder)
+    model the base saved beside it in ``<folder>/base``. A failed write (a full disk) is a UserError naming the
+    folder."""
+    with writing(folder):
+        if is_lora(model) and cfg.model.path is None:  # the embedded base is on no disk: saved beside (it is tiny)
+            base = os.path.join(folder, "base")
+            copy.deepcopy(model).unload().save_pretrained(base)
+            ws.tokenizer.save_pretrained(base)
+            model.peft_config["default"].base_model_name_or_path = base
+        model.save_pretrained(folder)
+        ws.tokenizer.save_pretrained(folder)
 
 
 def _new_critic(ws: Workspace, cfg: TrainConfig):

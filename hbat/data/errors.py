@@ -1,4 +1,5 @@
-"""The errors of hbat.data: a bad row named by where it came from, a bad field inside one, a missing split."""
+"""The errors of hbat.data: a bad row named by where it came from, a bad field inside one, a missing split, a file
+that cannot be read."""
 from __future__ import annotations
 
 from ..errors import UserError
@@ -41,3 +42,11 @@ class SplitError(UserError):
         self.source, self.split, self.splits = source, split, splits
         super().__init__(f"{source} has no split {split!r}; its splits: {', '.join(map(repr, splits))}")
 
+
+class SourceUnreadable(UserError):
+    """A data file that cannot be read at all (e.g. a damaged parquet file): ``source`` names it, ``problem`` says
+    why (``cannot be read as a parquet file (ArrowInvalid: ...)``)."""
+
+    def __init__(self, source: str, problem: str):
+        self.source, self.problem = source, problem
+        super().__init__(f"{source}: {problem}")

@@ -116,13 +116,15 @@ def data_tokenizer(cfg: TrainConfig):
 
 def _read(loader, key: str, source: str, adapter, split: str, tokenizer) -> list[dict]:
     """The rows of ``source``; a missing data set or split is an error naming the config key."""
-    from ..data import SplitError
+    from ..data import SourceUnreadable, SplitError
 
     try:
         rows = loader(source, adapter=adapter, split=split, tokenizer=tokenizer)
     except SplitError as exc:
         raise ConfigError(f"config.data.{key}_split", f"= {split!r}, but {exc}") from None
-    except (FileNotFoundError, ImportError) as exc:
+    except SourceUnreadable as exc:  # a file the reader cannot read at all (e.g. a corrupt parquet file)
+        raise ConfigError(f"config.data.{key}", f"= {exc}") from None
+    except (OSError, ImportError) as exc:
         raise ConfigError(f"config.data.{key}", f"= {source}: {exc}") from None
     if not rows:
         raise ConfigError(f"config.data.{key}", f"names {'a file' if os.path.isfile(source) else 'a data set'} with "

@@ -43,6 +43,7 @@ from torch import nn
 
 from . import ops
 from .ops import _validate
+from .trainer.models import load_causal_lm
 
 __all__ = [
     "SCOPES",
@@ -533,12 +534,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return parser
 
 
-def _load_lm(path: str):
-    from transformers import AutoModelForCausalLM
-
+def _load_lm(path: str, flag: str):
+    """The causal LM of the folder ``path``, its weights checked against its config.json (no weight at random)."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is not a folder (expected a save_pretrained model folder)")
-    return AutoModelForCausalLM.from_pretrained(path, dtype="auto")
+    return load_causal_lm(path, "auto", key=flag)
 
 
 def _load_tokenizer(*paths: str):
@@ -589,7 +589,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("hbat average: --hma needs --samples FILE (samples of the aligned policy)")
     if args.hma and len(args.alpha) != 1:
         raise SystemExit("hbat average: --hma takes one --alpha (the mean ratio)")
-    pre, post = _load_lm(args.pre), _load_lm(args.post)
+    pre, post = _load_lm(args.pre, "--pre"), _load_lm(args.post, "--post")
     tokenizer = None
     try:
         tokenizer = _load_tokenizer(args.post, args.pre)

@@ -1,6 +1,8 @@
 """The README's "Guarantees" of the trainer: no code runs from a file, a diverged run never passes as a result,
 every setting is checked when the config is loaded, errors are one line naming the key / file / line, a kill
-leaves nothing behind, a second run into a folder is refused, and every file hbat reads back is checked.
+leaves nothing behind, a second run into a folder is refused, every file hbat reads back is checked, a user's
+model folder holds the weights its config.json describes and a vocabulary its tokenizer fits, and a full disk
+is named.
 
 Tiny configs throughout (seconds each). CLI runs are in-process (``hbat.trainer.run.main``) and start from a
 copy of one shared cache (base model, SFT reference, reward model) built once for the module.
@@ -32,7 +34,8 @@ from hbat.trainer.run import EXIT_DIVERGED, EXIT_ERROR, main  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from hf_fixtures import TINY, write_user_run  # noqa: E402
+from hf_fixtures import (TINY, save_causal_lm, save_reward_model, tiny_config, train_tokenizer, user_run,  # noqa: E402
+                         write_user_run)
 from trainer_ds_worker import tiny_workspace  # noqa: E402
 
 TASK = ["data.task_n_sft=64", "data.task_n_pref=48", "data.task_n_val=8"]
@@ -532,7 +535,131 @@ def test_a_kill_between_a_file_and_its_checksum_leaves_a_file_that_verifies(tmp_
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
 
 
-# --- 7. the config file and the disk ---------------------------------------------------------------------------
+# --- 7. a user's model folder, the config file and the disk ----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def user(tmp_path_factory):
+    """A tiny Llama of one's own (``model``), an SFT model and a reward model with the same tokenizer, JSONL data;
+    the overrides of a tiny run on them."""
+    folder = tmp_path_factory.mktemp("user")
+    tokenizer = train_tokenizer()
+    overrides = user_run(folder, tokenizer)
+    save_causal_lm(folder / "sft", tokenizer, seed=1)
+    save_reward_model(folder / "rm", tokenizer)
+    return folder, overrides, tokenizer
+
+
+def edited(source: Path, target: Path, **config) -> Path:
+    """A copy of the model folder ``source`` whose config.json has the ``config`` entries changed."""
+    shutil.copytree(source, target)
+    text = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps({**text, **config}))
+    return target
+
+
+def train_user(capsys, user, out, *extra) -> tuple[int, str, str]:
+    _, overrides, _ = user
+    argv = ["--no-progress"] + [a for o in [*overrides, f"output_dir={out}", "method=sft_only", *extra]
+                                for a in ("--set", o)]
+    capsys.readouterr()
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def nothing_trained(out: Path) -> bool:
+    """No shared model cached, no stage logged: the run stopped before any training."""
+    cached = [p for p in out.glob("shared/*/*.pt") if p.parent.name != "tokens"]  # (not the data's token ids)
+    return not cached and not [p for p in out.glob("*/metrics.jsonl") if p.read_text()]
+
+
+MISSING = "missing from the weights: model.layers.2.input_layernorm.weight, model.layers.2.mlp.down_proj.weight, " \
+          "model.layers.2.mlp.gate_proj.weight and "
+
+
+@pytest.mark.parametrize("key, change, extra, problem", [
+    ("model.path", {"num_hidden_layers": 4}, [], MISSING + "15 more (transformers would initialise these at random)"),
+    ("model.path", {"num_hidden_layers": 4}, ["model.lora_r=4"], MISSING + "15 more"),  # LoRA's base
+    ("model.path", {"num_hidden_layers": 1}, [], "unexpected (not in config.json's model): "
+                                                 "model.layers.1.input_layernorm.weight, "),
+    ("model.path", {"hidden_size": 64, "intermediate_size": 128}, [],  # was a RuntimeError traceback
+     "of another size: lm_head.weight (weights [300, 32], config.json [300, 64]), model.embed_tokens.weight "
+     "(weights [300, 32], config.json [300, 64]), model.layers.0.input_layernorm.weight (weights [32], config.json "
+     "[64]) and 18 more"),
+    ("model.sft_path", {"num_hidden_layers": 4}, [], MISSING + "15 more"),
+    ("model.reward_path", {"num_hidden_layers": 4}, [], MISSING + "15 more"),  # checked before the SFT model trains
+])
+def test_weights_that_do_not_match_the_config_stop_the_run_before_training(tmp_path, capsys, user, key, change, extra,
+                                                                             problem):
+    folder, _, _ = user
+    source = {"model.path": "model", "model.sft_path": "sft", "model.reward_path": "rm"}[key]
+    broken = edited(folder / source, tmp_path / "broken", **change)
+    code, _, err = train_user(capsys, user, tmp_path / "out", f"{key}={broken}", *extra)
+    assert code == EXIT_ERROR
+    line = one_line_error(err)
+    assert line.startswith(f"hbat train: config.{key} = {broken}: the weights do not match its config.json; ")
+    assert problem in line
+    assert nothing_trained(tmp_path / "out")
+
+
+def test_the_heads_hbat_creates_are_said_and_a_matching_folder_trains(tmp_path, capsys, user):
+    code, out, err = train_user(capsys, user, tmp_path / "out")
+    assert code == 0, err[-3000:]
+    assert out.count("reward model: the SFT model with a new score head (created by hbat), trained on "
+                     "data.preference\n") == 1
+    folder, _, _ = user
+    code, out, _ = train_user(capsys, user, tmp_path / "own", f"model.reward_path={folder / 'rm'}")
+    assert code == 0 and "new score head" not in out  # every weight of it comes from the folder
+
+
+def test_a_pickle_as_a_model_weights_file_is_one_line_and_never_runs(tmp_path, capsys, user):
+    folder, _, _ = user
+    planted = tmp_path / "planted"
+    shutil.copytree(folder / "model", planted)
+    (planted / "model.safetensors").unlink()
+    marker = tmp_path / "ran"
+    torch.save({"model.embed_tokens.weight": Plant(marker)}, planted / "pytorch_model.bin")
+    code, _, err = train_user(capsys, user, tmp_path / "out", f"model.path={planted}")
+    assert code == EXIT_ERROR and not marker.exists()
+    assert one_line_error(err) == (
+        f"hbat train: config.model.path = {planted}: cannot be read as a causal LM (a weights file holds objects "
+        "other than tensors, which hbat never loads (no code runs from a file): save the model with safetensors)")
+    assert nothing_trained(tmp_path / "out")
+
+
+def test_a_vocabulary_smaller_than_the_tokenizer_is_refused_when_the_config_is_loaded(tmp_path, capsys, user):
+    from transformers import AutoModelForCausalLM
+
+    folder, overrides, tokenizer = user
+    small = tmp_path / "small"
+    AutoModelForCausalLM.from_config(tiny_config("llama", tokenizer, vocab_size=16)).save_pretrained(small)
+    tokenizer.save_pretrained(small)
+    message = (f"config.model.path has a vocabulary of 16 tokens (vocab_size in {small / 'config.json'}) but its "
+               f"tokenizer ({small}) has {len(tokenizer)}: token ids from 16 on have no embedding")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, overrides + [f"model.path={small}"])
+    code, _, err = train_user(capsys, user, tmp_path / "out", f"model.path={small}")
+    assert code == EXIT_ERROR and message in one_line_error(err)
+    assert not (tmp_path / "out" / "shared").exists()  # before the token cache was written
+    # model.tokenizer is what the policy is checked against
+    with pytest.raises(ConfigError, match=re.escape(f"config.model.path has a vocabulary of {len(tokenizer)} tokens")):
+        load_config(None, overrides + [f"model.tokenizer={bigger_tokenizer(tmp_path / 'bigger')}"])
+    # a reward model with a tokenizer of its own is checked against it
+    rm = save_reward_model(tmp_path / "rm", tokenizer)
+    config = json.loads((rm / "config.json").read_text())
+    (rm / "config.json").write_text(json.dumps({**config, "vocab_size": 16}))
+    with pytest.raises(ConfigError, match=re.escape(f"config.model.reward_path has a vocabulary of 16 tokens (vocab_size "
+                                                    f"in {rm / 'config.json'}) but its tokenizer ({rm}) has")):
+        load_config(None, overrides + [f"model.reward_path={rm}"])
+
+
+def bigger_tokenizer(folder: Path) -> Path:
+    """The fixture's tokenizer with 8 more tokens, saved in ``folder``."""
+    tokenizer = train_tokenizer()
+    tokenizer.add_tokens([f"<extra{i}>" for i in range(8)])
+    tokenizer.save_pretrained(folder)
+    return folder
+
 
 def test_a_missing_config_file_is_named(tmp_path, capsys):
     for path, problem in ((tmp_path / "x.yaml", "no such config file"),

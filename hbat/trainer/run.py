@@ -90,6 +90,8 @@ def train(config_path, overrides, methods=None, *, resume=False, progress=True, 
             print(f"hbat train: {', '.join(methods)} -> {base.output_dir}")
             for method, plan in zip(methods, plans):
                 print(f"[{method}] {plan.table()}")
+            if base.model.path is not None and base.model.reward_path is None:  # no weight of it comes from a file
+                print("reward model: the SFT model with a new score head (created by hbat), trained on data.preference")
         started = time.perf_counter()
         ws = prepare(base, progress=progress, data=data)
         if ws.info and main_rank:

@@ -239,7 +239,9 @@ def test_a_diverged_shared_model_is_not_cached(tmp_path, capsys):
     ("sft.max_len=1", "config.sft.max_len must be >= 2, got 1"),
     ("sft.max_len=300", "config.sft.max_len = 300 tokens exceeds the model's context of 256"),
     ("reward.max_len=257", "config.reward.max_len = 257 tokens exceeds the model's context of 256"),
-    ("eval.max_new_tokens=200", "config.eval.max_new_tokens + 128 (the evaluation's prompt limit) = 328 tokens"),
+    ("eval.max_new_tokens=200", "config.eval.max_prompt_len + eval.max_new_tokens = 328 tokens exceeds the model's "
+                                "context of 256 (the embedded model's context); lower one of them"),
+    ("eval.max_prompt_len=0", "config.eval.max_prompt_len must be >= 1, got 0"),
     ("sft.lr=nan", "config.sft.lr must be a finite number"),
     ("sft.grad_accum_steps=64", "config.sft.grad_accum_steps must be <= batch_size (32), got 64"),
     ("sft.warmup_ratio=1", "config.sft.warmup_ratio must be in [0, 1)"),

@@ -145,11 +145,12 @@ class EWCConfig:
 @dataclass
 class EvalConfig:
     max_new_tokens: int = 12          # greedy decoding length for exact match / reward / preference
+    max_prompt_len: int = 128         # prompt tokens kept (the last ones) for the evaluation's generation
     batch_size: int = 32
     kl_samples: int = 64              # prompts sampled for the KL-to-SFT estimate (0: skip)
 
     def __post_init__(self):
-        integers(self, 1, "max_new_tokens", "batch_size")
+        integers(self, 1, "max_new_tokens", "max_prompt_len", "batch_size")
         integers(self, 0, "kl_samples")
 
 

@@ -53,12 +53,14 @@ def evaluate(ws: Workspace, model, cfg: TrainConfig) -> dict:
     metrics = evaluate_policy(model, ws.tokenizer, sft_rows=ws.sft_val, prompts=ws.prompts_val,
                               reward_model=ws.reward_model, exact_match=ws.exact_match,
                               preference_score=ws.preference_score, max_new_tokens=e.max_new_tokens,
-                              batch_size=e.batch_size, max_len=cfg.sft.max_len, seed=cfg.seed)
+                              max_prompt_len=e.max_prompt_len, batch_size=e.batch_size, max_len=cfg.sft.max_len,
+                              seed=cfg.seed)
     if ws.sft_model is not None and ws.reward_model is not None:
         metrics["eval/win_rate"] = win_rate_vs_sft(ws, model, cfg)
     if e.kl_samples:
         kl = evaluate_policy(model, ws.tokenizer, prompts=ws.prompts_val[: e.kl_samples], ref_model=ws.sft_model,
-                             max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, seed=cfg.seed)
+                             max_new_tokens=e.max_new_tokens, max_prompt_len=e.max_prompt_len,
+                             batch_size=e.batch_size, seed=cfg.seed)
         metrics.update(kl)
     return metrics
 
@@ -74,7 +76,7 @@ def _greedy_scores(ws: Workspace, model, cfg: TrainConfig) -> torch.Tensor:
     with eval_mode(model):
         for start in range(0, len(prompts), cfg.eval.batch_size):
             rollout = greedy_generate(model, ws.tokenizer, prompts[start:start + cfg.eval.batch_size],
-                                      max_new_tokens=cfg.eval.max_new_tokens)
+                                      max_new_tokens=cfg.eval.max_new_tokens, max_prompt_len=cfg.eval.max_prompt_len)
             responses += ws.tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)
     return score_responses(ws.reward_model, ws.tokenizer, prompts, responses, batch_size=cfg.eval.batch_size,
                            max_len=cfg.sft.max_len)
@@ -84,7 +86,7 @@ def win_rate_vs_sft(ws: Workspace, model, cfg: TrainConfig) -> float:
     """Share of validation prompts where the reward model prefers the model's greedy answer to the SFT
     model's (ties count one half), as the paper's win rate against SFT."""
     cache = ws.__dict__.setdefault("_sft_scores", {})
-    key = (cfg.eval.max_new_tokens, cfg.eval.batch_size)
+    key = (cfg.eval.max_new_tokens, cfg.eval.max_prompt_len, cfg.eval.batch_size)
     if key not in cache:
         cache[key] = _greedy_scores(ws, ws.sft_model, cfg)
     mine, theirs = _greedy_scores(ws, model, cfg), cache[key]

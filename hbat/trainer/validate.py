@@ -8,7 +8,7 @@
   ``data.prompts_split`` needs ``data.prompts``;
 - every token budget fits the model's context (``max_position_embeddings`` or the like in its config.json,
   or the embedded model's): ``sft.max_len``, ``reward.max_len``, ``dpo.max_len``, PPO's prompt plus response,
-  and evaluation's prompt (at most ``EVAL_PROMPT_LEN`` tokens) plus ``eval.max_new_tokens``;
+  and the evaluation's ``eval.max_prompt_len`` plus ``eval.max_new_tokens``;
 - ``ewc.include`` / ``ewc.exclude`` select a parameter of the model (names from an empty "meta" copy);
 - your own models: ``model.sft_path`` and ``model.reward_path`` need ``model.path`` and are model folders of
   the right kind (a causal LM; a sequence classifier with one label) sharing the policy's vocabulary (the
@@ -218,7 +218,6 @@ def model_context(cfg) -> tuple[int | None, str]:
 
 
 def _check_context(cfg, context: int, source: str) -> None:
-    from .evaluate import EVAL_PROMPT_LEN
     from .methods import spec
 
     method = spec(cfg.method)
@@ -227,12 +226,11 @@ def _check_context(cfg, context: int, source: str) -> None:
         budgets.append(("ppo.max_prompt_len + ppo.max_new_tokens", cfg.ppo.max_prompt_len + cfg.ppo.max_new_tokens))
     if method.hpa and cfg.hpa == "dpo" or method.mix == "hpa_in_sft":
         budgets.append(("dpo.max_len", cfg.dpo.max_len))
-    budgets.append((f"eval.max_new_tokens + {EVAL_PROMPT_LEN} (the evaluation's prompt limit)",
-                    cfg.eval.max_new_tokens + EVAL_PROMPT_LEN))
+    budgets.append(("eval.max_prompt_len + eval.max_new_tokens", cfg.eval.max_prompt_len + cfg.eval.max_new_tokens))
     for key, tokens in budgets:
         if tokens > context:
             raise ConfigError(f"config.{key}", f"= {tokens} tokens exceeds the model's context of {context} "
-                              f"({source}); lower it")
+                              f"({source}); lower {'one of them' if '+' in key else 'it'}")
 
 
 def _check_selection(cfg) -> None:

@@ -43,7 +43,7 @@ from torch import nn
 
 from . import ops
 from .ops import _validate
-from .trainer.models import load_causal_lm
+from .trainer.models import deepspeed_unimported, load_causal_lm
 
 __all__ = [
     "SCOPES",
@@ -565,7 +565,8 @@ def _save_atomic(model, tokenizer, out_dir: str, info: dict, overwrite: bool) ->
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the output folder gets what mkdir would give
-        model.save_pretrained(tmp)
+        with deepspeed_unimported():
+            model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, "hbat_average.json"), "w") as f:

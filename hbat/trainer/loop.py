@@ -34,7 +34,7 @@ from .lock import run_lock
 from .methods import spec, stage_plan
 from .memory import plan_memory
 from .metrics import MetricsLogger
-from .models import is_lora, prepare_trainee
+from .models import deepspeed_unimported, is_lora, prepare_trainee
 from .steppers import load_master_state, master_state
 from .regularizers import make_regularizer
 from .workspace import Workspace
@@ -327,7 +327,7 @@ def save_model(model, ws: Workspace, cfg: TrainConfig, folder: str) -> None:
     ``peft.PeftModel.from_pretrained(base, folder)`` loads onto the base: ``model.path``, or for the embedded
     model the base saved beside it in ``<folder>/base``. A failed write (a full disk) is a UserError naming the
     folder."""
-    with writing(folder):
+    with writing(folder), deepspeed_unimported():
         if is_lora(model) and cfg.model.path is None:  # the embedded base is on no disk: saved beside (it is tiny)
             base = os.path.join(folder, "base")
             copy.deepcopy(model).unload().save_pretrained(base)

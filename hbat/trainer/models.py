@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 
 import torch
 from torch import nn
@@ -128,6 +129,27 @@ def load_tokenizer(folder: str, *, key: str):
 def tokenizer_size(tokenizer) -> int:
     """How many token ids ``tokenizer`` can produce: its length, or its largest id + 1 if that is more."""
     return max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
+
+
+@contextlib.contextmanager
+def deepspeed_unimported():
+    """``save_pretrained`` inside, without importing DeepSpeed when nothing imported it yet (a run without
+    DeepSpeed): transformers unwraps the model with accelerate's ``extract_model_from_parallel``, which imports
+    DeepSpeed whenever it is installed, only to test ``isinstance(model, DeepSpeedEngine)``, and DeepSpeed's
+    import prints "Setting accelerator to CPU" (and takes seconds). A model no DeepSpeed made is no engine."""
+    try:
+        from accelerate.utils import other
+    except ImportError:
+        other = None
+    if "deepspeed" in sys.modules or other is None or not hasattr(other, "is_deepspeed_available"):
+        yield
+        return
+    available = other.is_deepspeed_available
+    other.is_deepspeed_available = lambda: False
+    try:
+        yield
+    finally:
+        other.is_deepspeed_available = available
 
 
 # --- gradient checkpointing ---------------------------------------------------------------------------------------

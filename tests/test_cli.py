@@ -64,3 +64,11 @@ def test_importing_hbat_and_a_run_without_deepspeed_import_no_deepspeed(tmp_path
     run_python("-c", f"from hbat.trainer.run import main; assert main({argv!r}) == 0" + NOT_IMPORTED, cwd=tmp_path)
     assert (tmp_path / "out" / "sft_only" / "model" / "adapter_config.json").is_file()
 
+
+def test_the_default_comparison_writes_under_runs():
+    """`hbat compare` (`make compare`) without --out writes under runs/, not into the committed results."""
+    from hbat.trainer.compare import load_spec
+    from hbat.trainer.config import load_config
+
+    output_dir = load_config(None, load_spec(None)["set"]).output_dir
+    assert output_dir.startswith("runs/") and "docs" not in output_dir

@@ -43,6 +43,7 @@ from torch import nn
 
 from . import ops
 from .ops import _validate
+from .trainer.models import deepspeed_unimported, load_causal_lm
 
 __all__ = [
     "SCOPES",
@@ -533,12 +534,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return parser
 
 
-def _load_lm(path: str):
-    from transformers import AutoModelForCausalLM
-
+def _load_lm(path: str, flag: str):
+    """The causal LM of the folder ``path``, its weights checked against its config.json (no weight at random)."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is not a folder (expected a save_pretrained model folder)")
-    return AutoModelForCausalLM.from_pretrained(path, dtype="auto")
+    return load_causal_lm(path, "auto", key=flag)
 
 
 def _load_tokenizer(*paths: str):
@@ -565,7 +565,8 @@ def _save_atomic(model, tokenizer, out_dir: str, info: dict, overwrite: bool) ->
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the output folder gets what mkdir would give
-        model.save_pretrained(tmp)
+        with deepspeed_unimported():
+            model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, "hbat_average.json"), "w") as f:
@@ -589,7 +590,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("hbat average: --hma needs --samples FILE (samples of the aligned policy)")
     if args.hma and len(args.alpha) != 1:
         raise SystemExit("hbat average: --hma takes one --alpha (the mean ratio)")
-    pre, post = _load_lm(args.pre), _load_lm(args.post)
+    pre, post = _load_lm(args.pre, "--pre"), _load_lm(args.post, "--post")
     tokenizer = None
     try:
         tokenizer = _load_tokenizer(args.post, args.pre)

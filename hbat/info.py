@@ -1,7 +1,7 @@
 """`python -m hbat.info`: what was built, which backends work here, and the versions (like ds_report)."""
 from __future__ import annotations
 
-import importlib
+import importlib.metadata
 import platform
 import sys
 
@@ -11,10 +11,12 @@ from hbat._ext import load_extension
 from hbat.ops._dispatch import BACKENDS, backend_status
 
 
-def _version(module: str) -> str:
+def _version(distribution: str) -> str:
+    """The installed version of ``distribution``, read from its metadata: nothing is imported (DeepSpeed would
+    print "Setting accelerator to CPU" and TRL would import half of transformers)."""
     try:
-        return getattr(importlib.import_module(module), "__version__", "installed")
-    except Exception:  # noqa: BLE001
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
         return "not installed"
 
 

@@ -256,6 +256,23 @@ def test_cli_uniform_and_sweep(tmp_path):
     assert all(torch.equal(m, b) for m, b in zip(one.parameters(), post.parameters()))
 
 
+def test_cli_refuses_models_whose_weights_do_not_match_their_config(tmp_path, capsys):
+    """Both config.json files say 4 layers, the weights hold 3: transformers would average a random layer."""
+    from hbat.cli import main
+
+    _save_tiny_pair(tmp_path)
+    for name in ("pre", "post"):
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        (tmp_path / name / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 4}))
+    capsys.readouterr()
+    code = main(["average", "--pre", str(tmp_path / "pre"), "--post", str(tmp_path / "post"), "--alpha", "0.5",
+                 "--out", str(tmp_path / "avg")])
+    err = capsys.readouterr().err  # (after transformers' loading bar)
+    assert code == 2 and "Traceback" not in err and not (tmp_path / "avg").exists()
+    assert err.splitlines()[-1].startswith(f"hbat average: --pre = {tmp_path / 'pre'}: the weights do not match its "
+                                           "config.json; missing from the weights: model.layers.3.")
+
+
 def test_cli_hma(tmp_path):
     from hbat.averaging import main
 

@@ -7,8 +7,8 @@ import shutil
 import pytest
 
 from chat_tokenizer import chat_tokenizer
-from hbat.data import (IGNORE_INDEX, DataError, SplitError, encode_preference, encode_prompts, encode_sft,
-                       load_preference, load_prompts, load_sft)
+from hbat.data import (IGNORE_INDEX, DataError, SourceUnreadable, SplitError, encode_preference, encode_prompts,
+                       encode_sft, load_preference, load_prompts, load_sft)
 from hbat.data.sources import looks_like_dataset_name
 
 datasets = pytest.importorskip("datasets")
@@ -65,6 +65,20 @@ def test_parquet_file_with_conversations_and_row_errors(tmp_path):
         load_sft(str(path), tokenizer=tokenizer)
     with pytest.raises(SplitError, match=r"has no split 'test'; its splits: 'train'$"):
         load_sft(path, split="test")  # a file holds one split
+
+
+@pytest.mark.parametrize("damage, reason", [  # its last 208 bytes (a cut download); a footer of zeros
+    (lambda data: data[-208:], "ArrowInvalid: Parquet file size is 208 bytes, smaller than the size reported by "),
+    (lambda data: b"PAR1" + bytes(len(data) - 8) + b"PAR1", "OSError: "),
+])
+def test_a_damaged_parquet_file_is_named(tmp_path, damage, reason):
+    path = tmp_path / "sft.parquet"
+    datasets.Dataset.from_list(SFT_ROWS * 64).to_parquet(str(path))
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(SourceUnreadable) as error:
+        load_sft(str(path))
+    assert str(error.value).startswith(f"{path}: cannot be read as a parquet file ({reason}")
+    assert error.value.source == str(path) and "\n" not in str(error.value)
 
 
 def test_json_file_in_datasets_orient(tmp_path):

@@ -167,3 +167,7 @@ def test_data_errors_of_a_run_come_before_any_model_is_built(tmp_path, capsys):
         "'test', 'train'")
     assert error(f"data.sft={tmp_path / 'pref'}").startswith(
         f"hbat train: {tmp_path / 'pref'} (split 'train'), row 0: missing field 'response'")
+    damaged = tmp_path / "sft.parquet"  # a damaged file: named, with the key (pyarrow's message names neither)
+    damaged.write_bytes(damaged.read_bytes()[-208:])
+    assert error().startswith(f"hbat train: config.data.sft = {damaged}: cannot be read as a parquet file "
+                              "(ArrowInvalid: Parquet file size is 208 bytes, smaller than ")

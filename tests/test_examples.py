@@ -57,3 +57,37 @@ def test_trl_dpo_example_under_deepspeed_zero3(tmp_path):
     assert len(re.findall(r"round 1 (?:sft|dpo):", proc.stdout)) == 2  # printed by rank 0 only
     for rank in (0, 1):  # each rank's anchor partition
         assert (run / "round1-dpo" / "checkpoint-2" / f"hbat_ewc-rank{rank}.pt").is_file()
+
+
+def readme_block(after: str) -> str:
+    """The first ```python block of README.md after the line that starts with ``after``, as written."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index("\n```python\n", text.index("\n" + after)) + len("\n```python\n")
+    return text[start:text.index("\n```\n", start) + 1]
+
+
+# what the README's TRL snippet leaves to the reader: a model, its tokenizer and the N parts of each data set
+TRL_SNIPPET_NAMES = """
+import sys
+sys.path.insert(0, {tests!r})
+from datasets import Dataset
+from hf_fixtures import char_tokenizer, tiny_llama
+tokenizer = char_tokenizer()
+model = tiny_llama(tokenizer)
+sft_parts = [Dataset.from_list([{{"prompt": f"q{{i}}:", "completion": " yes"}} for i in range(8)])] * 2
+pref_parts = [Dataset.from_list([{{"prompt": f"q{{i}}:", "chosen": " a", "rejected": " b"}} for i in range(8)])] * 2
+"""
+
+
+def test_the_readme_trl_snippet_runs_as_written(tmp_path):
+    """On this machine's CPU (TRL's configs default to bf16, which a CPU refuses unless told)."""
+    pytest.importorskip("trl")
+    pytest.importorskip("datasets")
+    snippet = readme_block("With TRL, one trainer run is one stage.")
+    script = TRL_SNIPPET_NAMES.format(tests=str(ROOT / "tests")) + snippet + "print('stages', ewc.stages_done)\n"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "stages {'ifa': 2, 'hpa': 1}" in result.stdout  # the last stage ends with the next begin_stage
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0-dpo", "0-sft", "1-dpo", "1-sft"]

@@ -1,10 +1,13 @@
 """The README's "Guarantees" of the trainer: no code runs from a file, a diverged run never passes as a result,
 every setting is checked when the config is loaded, errors are one line naming the key / file / line, a kill
-leaves nothing behind, a second run into a folder is refused, and every file hbat reads back is checked.
+leaves nothing behind, a second run into a folder is refused, every file hbat reads back is checked, a user's
+model folder holds the weights its config.json describes and a vocabulary its tokenizer fits, and a full disk
+is named.
 
 Tiny configs throughout (seconds each). CLI runs are in-process (``hbat.trainer.run.main``) and start from a
 copy of one shared cache (base model, SFT reference, reward model) built once for the module.
 """
+import errno
 import json
 import os
 import re
@@ -32,7 +35,8 @@ from hbat.trainer.run import EXIT_DIVERGED, EXIT_ERROR, main  # noqa: E402
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from faults import nan_loss  # noqa: E402
-from hf_fixtures import TINY, write_user_run  # noqa: E402
+from hf_fixtures import (TINY, save_causal_lm, save_reward_model, tiny_config, train_tokenizer, user_run,  # noqa: E402
+                         write_user_run)
 from trainer_ds_worker import tiny_workspace  # noqa: E402
 
 TASK = ["data.task_n_sft=64", "data.task_n_pref=48", "data.task_n_val=8"]
@@ -224,7 +228,13 @@ def test_a_diverged_shared_model_is_not_cached(tmp_path, capsys, monkeypatch):
     ("eval.kl_samples=-1", "config.eval.kl_samples must be >= 0, got -1"),
     ("ewc.f_max=-1", "config.ewc.f_max must be >= 0, got -1.0"),
     ("ewc.lam=nan", "config.ewc.lam must be a finite number, got nan"),
-    ("ewc.lam=1e39", "config.ewc.lam * f_max = 1e+41 overflows float32"),
+    ("ewc.lam=1e37", "config.ewc.lam * f_max = 1e+39 overflows float32"),
+    ("ewc.lam=1e39", "config.ewc.lam must fit float32 (at most 3.403e+38 in size), got 1e+39"),
+    ("dpo.lr=1e38", "config.dpo.lr must be at most 3.403e+37 (AdamW's first step, lr / (1 - beta1) = 1e+39, must "
+                    "fit float32), got 1e+38"),
+    ("ppo.critic_lr=1e38", "config.ppo.critic_lr must be at most 3.403e+37"),
+    ("model.pretrain_lr=1e38", "config.model.pretrain_lr must be at most 3.403e+37"),
+    ("dpo.beta=1e39", "config.dpo.beta must fit float32"),
     ("ewc.importance_mode=bogus", "config.ewc.importance_mode must be one of"),
     ("ewc.importance_scale=0", "config.ewc.importance_scale must be > 0"),
     ("ewc.anchor_dtype=float16", "config.ewc.anchor_dtype must be one of ('float32', 'bfloat16')"),
@@ -237,7 +247,9 @@ def test_a_diverged_shared_model_is_not_cached(tmp_path, capsys, monkeypatch):
     ("sft.max_len=1", "config.sft.max_len must be >= 2, got 1"),
     ("sft.max_len=300", "config.sft.max_len = 300 tokens exceeds the model's context of 256"),
     ("reward.max_len=257", "config.reward.max_len = 257 tokens exceeds the model's context of 256"),
-    ("eval.max_new_tokens=200", "config.eval.max_new_tokens + 128 (the evaluation's prompt limit) = 328 tokens"),
+    ("eval.max_new_tokens=200", "config.eval.max_prompt_len + eval.max_new_tokens = 328 tokens exceeds the model's "
+                                "context of 256 (the embedded model's context); lower one of them"),
+    ("eval.max_prompt_len=0", "config.eval.max_prompt_len must be >= 1, got 0"),
     ("sft.lr=nan", "config.sft.lr must be a finite number"),
     ("sft.grad_accum_steps=64", "config.sft.grad_accum_steps must be <= batch_size (32), got 64"),
     ("sft.warmup_ratio=1", "config.sft.warmup_ratio must be in [0, 1)"),
@@ -294,6 +306,7 @@ def test_every_field_is_checked_and_named(key):
 
 def test_a_bad_setting_fails_before_anything_is_trained(tmp_path, capsys):
     for override, message in (("eval.batch_size=0", "config.eval.batch_size must be >= 1, got 0"),
+                              ("dpo.lr=1e38", "config.dpo.lr must be at most 3.403e+37"),  # not an error at step 1
                               ("n_parts=40", "config.n_parts = 40 needs at least 40 training rows in each data set, "
                                              "but the embedded task (data.task_n_pref // 2 = 24 prompts) has 24")):
         code, _, err = hbat_train(capsys, tmp_path / "out", override)
@@ -530,6 +543,193 @@ def test_a_kill_between_a_file_and_its_checksum_leaves_a_file_that_verifies(tmp_
     monkeypatch.setattr(os, "replace", real_replace)
     assert int(ckpt.load(path)["v"]) == 3
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
+
+
+# --- 7. a user's model folder, the config file and the disk ----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def user(tmp_path_factory):
+    """A tiny Llama of one's own (``model``), an SFT model and a reward model with the same tokenizer, JSONL data;
+    the overrides of a tiny run on them."""
+    folder = tmp_path_factory.mktemp("user")
+    tokenizer = train_tokenizer()
+    overrides = user_run(folder, tokenizer)
+    save_causal_lm(folder / "sft", tokenizer, seed=1)
+    save_reward_model(folder / "rm", tokenizer)
+    return folder, overrides, tokenizer
+
+
+def edited(source: Path, target: Path, **config) -> Path:
+    """A copy of the model folder ``source`` whose config.json has the ``config`` entries changed."""
+    shutil.copytree(source, target)
+    text = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps({**text, **config}))
+    return target
+
+
+def train_user(capsys, user, out, *extra) -> tuple[int, str, str]:
+    _, overrides, _ = user
+    argv = ["--no-progress"] + [a for o in [*overrides, f"output_dir={out}", "method=sft_only", *extra]
+                                for a in ("--set", o)]
+    capsys.readouterr()
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def nothing_trained(out: Path) -> bool:
+    """No shared model cached, no stage logged: the run stopped before any training."""
+    cached = [p for p in out.glob("shared/*/*.pt") if p.parent.name != "tokens"]  # (not the data's token ids)
+    return not cached and not [p for p in out.glob("*/metrics.jsonl") if p.read_text()]
+
+
+MISSING = "missing from the weights: model.layers.2.input_layernorm.weight, model.layers.2.mlp.down_proj.weight, " \
+          "model.layers.2.mlp.gate_proj.weight and "
+
+
+@pytest.mark.parametrize("key, change, extra, problem", [
+    ("model.path", {"num_hidden_layers": 4}, [], MISSING + "15 more (transformers would initialise these at random)"),
+    ("model.path", {"num_hidden_layers": 4}, ["model.lora_r=4"], MISSING + "15 more"),  # LoRA's base
+    ("model.path", {"num_hidden_layers": 1}, [], "unexpected (not in config.json's model): "
+                                                 "model.layers.1.input_layernorm.weight, "),
+    ("model.path", {"hidden_size": 64, "intermediate_size": 128}, [],  # was a RuntimeError traceback
+     "of another size: lm_head.weight (weights [300, 32], config.json [300, 64]), model.embed_tokens.weight "
+     "(weights [300, 32], config.json [300, 64]), model.layers.0.input_layernorm.weight (weights [32], config.json "
+     "[64]) and 18 more"),
+    ("model.sft_path", {"num_hidden_layers": 4}, [], MISSING + "15 more"),
+    ("model.reward_path", {"num_hidden_layers": 4}, [], MISSING + "15 more"),  # checked before the SFT model trains
+])
+def test_weights_that_do_not_match_the_config_stop_the_run_before_training(tmp_path, capsys, user, key, change, extra,
+                                                                             problem):
+    folder, _, _ = user
+    source = {"model.path": "model", "model.sft_path": "sft", "model.reward_path": "rm"}[key]
+    broken = edited(folder / source, tmp_path / "broken", **change)
+    code, _, err = train_user(capsys, user, tmp_path / "out", f"{key}={broken}", *extra)
+    assert code == EXIT_ERROR
+    line = one_line_error(err)
+    assert line.startswith(f"hbat train: config.{key} = {broken}: the weights do not match its config.json; ")
+    assert problem in line
+    assert nothing_trained(tmp_path / "out")
+
+
+def test_the_heads_hbat_creates_are_said_and_a_matching_folder_trains(tmp_path, capsys, user):
+    code, out, err = train_user(capsys, user, tmp_path / "out")
+    assert code == 0, err[-3000:]
+    assert out.count("reward model: the SFT model with a new score head (created by hbat), trained on "
+                     "data.preference\n") == 1
+    folder, _, _ = user
+    code, out, _ = train_user(capsys, user, tmp_path / "own", f"model.reward_path={folder / 'rm'}")
+    assert code == 0 and "new score head" not in out  # every weight of it comes from the folder
+
+
+def test_a_pickle_as_a_model_weights_file_is_one_line_and_never_runs(tmp_path, capsys, user):
+    folder, _, _ = user
+    planted = tmp_path / "planted"
+    shutil.copytree(folder / "model", planted)
+    (planted / "model.safetensors").unlink()
+    marker = tmp_path / "ran"
+    torch.save({"model.embed_tokens.weight": Plant(marker)}, planted / "pytorch_model.bin")
+    code, _, err = train_user(capsys, user, tmp_path / "out", f"model.path={planted}")
+    assert code == EXIT_ERROR and not marker.exists()
+    assert one_line_error(err) == (
+        f"hbat train: config.model.path = {planted}: cannot be read as a causal LM (a weights file holds objects "
+        "other than tensors, which hbat never loads (no code runs from a file): save the model with safetensors)")
+    assert nothing_trained(tmp_path / "out")
+
+
+def test_a_vocabulary_smaller_than_the_tokenizer_is_refused_when_the_config_is_loaded(tmp_path, capsys, user):
+    from transformers import AutoModelForCausalLM
+
+    folder, overrides, tokenizer = user
+    small = tmp_path / "small"
+    AutoModelForCausalLM.from_config(tiny_config("llama", tokenizer, vocab_size=16)).save_pretrained(small)
+    tokenizer.save_pretrained(small)
+    message = (f"config.model.path has a vocabulary of 16 tokens (vocab_size in {small / 'config.json'}) but its "
+               f"tokenizer ({small}) has {len(tokenizer)}: token ids from 16 on have no embedding")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, overrides + [f"model.path={small}"])
+    code, _, err = train_user(capsys, user, tmp_path / "out", f"model.path={small}")
+    assert code == EXIT_ERROR and message in one_line_error(err)
+    assert not (tmp_path / "out" / "shared").exists()  # before the token cache was written
+    # model.tokenizer is what the policy is checked against
+    with pytest.raises(ConfigError, match=re.escape(f"config.model.path has a vocabulary of {len(tokenizer)} tokens")):
+        load_config(None, overrides + [f"model.tokenizer={bigger_tokenizer(tmp_path / 'bigger')}"])
+    # a reward model with a tokenizer of its own is checked against it
+    rm = save_reward_model(tmp_path / "rm", tokenizer)
+    config = json.loads((rm / "config.json").read_text())
+    (rm / "config.json").write_text(json.dumps({**config, "vocab_size": 16}))
+    with pytest.raises(ConfigError, match=re.escape(f"config.model.reward_path has a vocabulary of 16 tokens (vocab_size "
+                                                    f"in {rm / 'config.json'}) but its tokenizer ({rm}) has")):
+        load_config(None, overrides + [f"model.reward_path={rm}"])
+
+
+def bigger_tokenizer(folder: Path) -> Path:
+    """The fixture's tokenizer with 8 more tokens, saved in ``folder``."""
+    tokenizer = train_tokenizer()
+    tokenizer.add_tokens([f"<extra{i}>" for i in range(8)])
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_a_missing_config_file_is_named(tmp_path, capsys):
+    for path, problem in ((tmp_path / "x.yaml", "no such config file"),
+                          (tmp_path, "cannot read the config file (Is a directory)")):
+        code = main([str(path)])
+        assert code == EXIT_ERROR and one_line_error(capsys.readouterr().err) == f"hbat train: {path}: {problem}"
+
+
+class FullDisk:
+    """A binary file on a disk with room for ``room`` more bytes: a write past it raises ENOSPC, as a full disk."""
+
+    def __init__(self, fh, room: int):
+        self.fh, self.room = fh, room
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.fh.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.fh, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.fh.close()
+
+
+def fill_the_disk(monkeypatch, room: int) -> None:
+    """Every file hbat writes atomically (checkpoint.py opens them with os.fdopen) has room for ``room`` bytes."""
+    real = os.fdopen
+
+    def fdopen(fd, mode="r", *args, **kwargs):
+        fh = real(fd, mode, *args, **kwargs)
+        return FullDisk(fh, room) if "w" in mode and "b" in mode else fh
+
+    monkeypatch.setattr(ckpt.os, "fdopen", fdopen)
+
+
+def test_a_full_disk_is_named_with_the_file_and_leaves_the_old_one(tmp_path, monkeypatch):
+    path = tmp_path / "state.pt"
+    ckpt.save_atomic({"v": torch.tensor(1)}, str(path))
+    fill_the_disk(monkeypatch, room=100)  # torch.save fails inside ("unexpected pos"), its cause is the OSError
+    with pytest.raises(ValueError, match=re.escape(f"no space left on device writing {path}")):
+        ckpt.save_atomic({"v": torch.zeros(1000)}, str(path))
+    with pytest.raises(ValueError, match=re.escape(f"no space left on device writing {tmp_path / 'a.md'}")):
+        ckpt.write_text_atomic("x" * 1000, str(tmp_path / "a.md"))
+    monkeypatch.undo()
+    assert int(ckpt.load(str(path))["v"]) == 1 and sorted(os.listdir(tmp_path)) == ["state.pt", "state.pt.sha256"]
+
+
+def test_a_full_disk_during_a_run_is_one_line_naming_the_file(tmp_path, shared_cache, capsys, monkeypatch):
+    out = out_dir(tmp_path, shared_cache)
+    fill_the_disk(monkeypatch, room=50_000)  # the config and checksums fit, the model's weights do not
+    code, _, err = hbat_train(capsys, out, "method=sft_only")
+    assert code == EXIT_ERROR
+    assert one_line_error(err) == f"hbat train: no space left on device writing {out / 'sft_only' / 'best.pt'}"
+    assert not [p for p in os.listdir(out / "sft_only") if p.startswith(".tmp-")]
 
 
 # --- 8. edge cases ------------------------------------------------------------------------------------------------

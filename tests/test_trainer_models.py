@@ -7,6 +7,7 @@ stage: seconds per test.
 import copy
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -243,6 +244,33 @@ def test_bad_model_settings_are_refused_when_the_config_is_loaded(user, tmp_path
         config(user, tmp_path, "model.dtype=float16")
     with pytest.raises(ConfigError, match=r"config.model.lora_dropout must be in \[0, 1\)"):
         config(user, tmp_path, "model.lora_dropout=1.0")
+
+
+def test_the_evaluation_prompt_limit_is_a_setting_checked_against_the_context(tmp_path, tokenizer, monkeypatch):
+    """A model with a 128-token context: the default limit (128 prompt tokens + the new ones) does not fit and
+    the error names the keys to lower; a lower eval.max_prompt_len fits, and the evaluation cuts prompts to it."""
+    from transformers import AutoModelForCausalLM
+
+    from hbat.trainer import evaluate, rollout
+
+    short = tmp_path / "short"
+    AutoModelForCausalLM.from_config(H.tiny_config("llama", tokenizer, max_position_embeddings=128)).save_pretrained(short)
+    tokenizer.save_pretrained(short)
+    sft, pref = H.write_user_data(tmp_path, 24)
+    overrides = H.TINY_USER + [f"model.path={short}", f"data.sft={sft}", f"data.preference={pref}",
+                               f"output_dir={tmp_path / 'out'}", "method=sft_only"]
+    with pytest.raises(ConfigError, match=re.escape(
+            "config.eval.max_prompt_len + eval.max_new_tokens = 131 tokens exceeds the model's context of 128 "
+            f"(max_position_embeddings in {short / 'config.json'}); lower one of them")):
+        load_config(None, overrides)
+    cfg = load_config(None, overrides + ["eval.max_prompt_len=64"])
+    limits = []
+    for module in (evaluate, rollout):  # greedy decoding (exact match, reward, win rate) and the KL's sampling
+        monkeypatch.setattr(module, "encode_prompts", lambda tok, prompts, max_len, real=module.encode_prompts:
+                            limits.append(max_len) or real(tok, prompts, max_len))
+    result = loop.run_method(prepare(cfg, progress=False), cfg, progress=False)
+    assert result["status"] == "ok" and math.isfinite(result["eval/reward"])
+    assert limits and set(limits) == {64}
 
 
 # --- the memory plan --------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ for the paper's data sets (hbat.data.adapters): TL;DR SFT and comparisons, Alpac
 preferences. Needs torch alone (``datasets`` / pyarrow only for the sources that need them).
 """
 from .adapters import ADAPTERS, alpaca_prompt, tldr_prompt
-from .errors import DataError, SplitError
+from .errors import DataError, SourceUnreadable, SplitError
 from .formats import load_preference, load_prompts, load_sft, write_jsonl
 from .split import split_parts, train_val_split
 from .tokenization import (IGNORE_INDEX, TOKEN_IDS, attach_token_ids, collate, collate_preference, encode_preference,
@@ -16,7 +16,7 @@ from .tokenization import (IGNORE_INDEX, TOKEN_IDS, attach_token_ids, collate, c
                            token_cache_key, tokenize_rows, truncate_pair)
 
 __all__ = [
-    "ADAPTERS", "DataError", "IGNORE_INDEX", "SplitError", "TOKEN_IDS", "alpaca_prompt", "attach_token_ids", "collate",
+    "ADAPTERS", "DataError", "IGNORE_INDEX", "SourceUnreadable", "SplitError", "TOKEN_IDS", "alpaca_prompt", "attach_token_ids", "collate",
     "collate_preference", "encode_preference", "encode_prompts", "encode_sft", "load_preference", "load_prompts",
     "load_sft", "pad_sequences", "pad_token_id", "position_ids_from_mask", "split_parts", "tldr_prompt",
     "token_cache_key", "tokenize_rows", "train_val_split", "truncate_pair", "write_jsonl",

@@ -1,8 +1,11 @@
-"""The errors of hbat.data: a bad row named by where it came from, a bad field inside one, a missing split."""
+"""The errors of hbat.data: a bad row named by where it came from, a bad field inside one, a missing split, a file
+that cannot be read."""
 from __future__ import annotations
 
+from ..errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError):
     """A row that does not match its format.
 
     The message names the source (file path, folder, data set name, "list" or "dataset"), the place in it
@@ -32,9 +35,18 @@ class FieldProblem(KeyError):
         return self.problem
 
 
-class SplitError(ValueError):
+class SplitError(UserError):
     """The split asked for is not one of the source's (``splits``)."""
 
     def __init__(self, source: str, split: str, splits: list[str]):
         self.source, self.split, self.splits = source, split, splits
         super().__init__(f"{source} has no split {split!r}; its splits: {', '.join(map(repr, splits))}")
+
+
+class SourceUnreadable(UserError):
+    """A data file that cannot be read at all (e.g. a damaged parquet file): ``source`` names it, ``problem`` says
+    why (``cannot be read as a parquet file (ArrowInvalid: ...)``)."""
+
+    def __init__(self, source: str, problem: str):
+        self.source, self.problem = source, problem
+        super().__init__(f"{source}: {problem}")

@@ -26,7 +26,8 @@ import os
 import re
 from typing import Any, Iterator
 
-from .errors import DataError, SplitError
+from ..errors import reason
+from .errors import DataError, SourceUnreadable, SplitError
 
 Place = tuple[str, str, Any]  # (source name, place in it, raw row)
 
@@ -127,9 +128,16 @@ def _iter_parquet(path: str) -> Iterator[Place]:
         import pyarrow.parquet as pq
     except ImportError:
         raise ImportError("reading parquet files needs pyarrow (pip install datasets)") from None
-    index = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-        for row in batch.to_pylist():
+    index, batches = 0, None
+    while True:
+        try:  # pyarrow's errors name no file (e.g. "Parquet file size is 208 bytes, smaller than ..."): add it
+            batches = batches or iter(pq.ParquetFile(path).iter_batches(batch_size=1024))
+            rows = next(batches).to_pylist()
+        except StopIteration:
+            return
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises several kinds for a damaged file
+            raise SourceUnreadable(path, f"cannot be read as a parquet file ({reason(exc)})") from None
+        for row in rows:
             yield path, f"row {index}", row
             index += 1
 

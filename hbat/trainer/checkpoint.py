@@ -22,35 +22,40 @@ import re
 
 import torch
 
+from ..errors import UserError, writing
 from .lock import stale_temp, temp_path
 
 CHECKSUM_SUFFIX = ".sha256"
 _DIGEST_LINE = re.compile(r"^([0-9a-f]{64})  (.+)$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A file hbat wrote that cannot be trusted or read; the message names it and what to do."""
 
 
 def _write_temp(path: str, write) -> str:
-    """``write(binary file)`` into a new temporary file beside ``path``, fsynced; returns its name."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = temp_path(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except BaseException:
-        _unlink(tmp)
-        raise
+    """``write(binary file)`` into a new temporary file beside ``path``, fsynced; returns its name. A failed write
+    (a full disk: an OSError, or torch.save's RuntimeError "unexpected pos" an OSError caused) is a UserError
+    naming ``path`` (hbat.errors.writing); the temporary file is removed."""
+    with writing(path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = temp_path(path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                write(fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except BaseException:
+            _unlink(tmp)
+            raise
     return tmp
 
 
 def _commit(tmp: str, path: str) -> None:
     try:
-        os.replace(tmp, path)
+        with writing(path):
+            os.replace(tmp, path)
     except BaseException:
         _unlink(tmp)
         raise

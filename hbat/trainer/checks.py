@@ -7,8 +7,13 @@ from __future__ import annotations
 
 import math
 
+from ..errors import UserError
 
-class ConfigError(ValueError):
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: the trainer computes in float32
+ADAMW_BETA1 = 0.9  # torch.optim.AdamW's default: its first step moves a weight by up to lr / (1 - beta1)
+
+
+class ConfigError(UserError):
     """A bad config value. ``key`` is what the message names, ``field`` the dataclass field, ``problem`` the rest."""
 
     def __init__(self, key: str, problem: str, field: str | None = None):
@@ -44,17 +49,31 @@ def integers(obj, minimum: int, *names: str, optional: bool = False, maximum: in
 
 def numbers(obj, *names: str, minimum: float = 0.0, strict: bool = False, maximum: float | None = None,
             optional: bool = False) -> None:
-    """Each field is a finite number >= minimum (> minimum when ``strict``) and <= maximum."""
+    """Each field is a finite number that fits float32, >= minimum (> minimum when ``strict``) and <= maximum."""
     for name in names:
         value = getattr(obj, name)
         if optional and value is None:
             continue
         if not _is_number(value) or not math.isfinite(value):
             fail(obj, name, f"must be a finite number{' or null' if optional else ''}, got {value!r}")
+        if abs(value) > FLOAT32_MAX:
+            fail(obj, name, f"must fit float32 (at most {FLOAT32_MAX:.4g} in size), got {value!r}")
         if value < minimum or strict and value == minimum:
             fail(obj, name, f"must be {'>' if strict else '>='} {minimum:g}, got {value!r}")
         if maximum is not None and value > maximum:
             fail(obj, name, f"must be <= {maximum:g}, got {value!r}")
+
+
+def learning_rates(obj, *names: str) -> None:
+    """Each field (a number, checked by ``numbers``) is an AdamW learning rate whose first step, lr / (1 - beta1),
+    fits float32: a larger one is refused here rather than by torch at the first step ("value cannot be
+    converted to type float without overflow")."""
+    limit = FLOAT32_MAX * (1 - ADAMW_BETA1)
+    for name in names:
+        value = getattr(obj, name)
+        if value > limit:
+            fail(obj, name, f"must be at most {limit:.4g} (AdamW's first step, lr / (1 - beta1) = "
+                            f"{value / (1 - ADAMW_BETA1):.4g}, must fit float32), got {value!r}")
 
 
 def booleans(obj, *names: str) -> None:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import IGNORE_INDEX, position_ids_from_mask
-from .checks import choice, fail, integers, numbers
+from .checks import choice, fail, integers, learning_rates, numbers
 from .guards import check_values
 from .steppers import make_stepper
 
@@ -57,6 +57,7 @@ class StageConfig:
         if self.grad_accum_steps > self.batch_size:
             fail(self, "grad_accum_steps", f"must be <= batch_size ({self.batch_size}), got {self.grad_accum_steps}")
         numbers(self, "lr", "weight_decay")
+        learning_rates(self, "lr")
         numbers(self, "max_grad_norm", optional=True)
         numbers(self, "warmup_ratio", maximum=1.0)
         if self.warmup_ratio == 1.0:

@@ -33,7 +33,7 @@ import time
 from .run import DIVERGED, EXIT_DIVERGED
 
 DEFAULT_SPEC = {
-    "set": ["output_dir=docs/results/compare-run"],
+    "set": ["output_dir=runs/compare"],
     "runs": ["sft_only", "two_stage", "rlhf_pt", "sft_hpa", "no_ewc", "no_alternation", "hbat",
              {"name": "hbat-paper", "method": "hbat", "set": ["ewc.importance_mode=paper"]},
              {"name": "hbat-released", "method": "hbat", "set": ["ewc.importance_mode=released"]},

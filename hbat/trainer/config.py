@@ -14,9 +14,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
-import torch
-
-from .checks import ConfigError, booleans, choice, fail, integers, numbers, paths, patterns
+from ..errors import UserError
+from .checks import (FLOAT32_MAX, ConfigError, booleans, choice, fail, integers, learning_rates, numbers, paths,
+                     patterns)
 from .dpo import DPOConfig
 from .ppo import PPOConfig
 from .reward import RewardConfig
@@ -29,7 +29,6 @@ DPO_REFERENCES = ("stage", "sft")
 ANCHOR_DTYPES = ("float32", "bfloat16")
 MODEL_DTYPES = ("float32", "bfloat16", "auto")
 GROUP_BY = ("layer",)
-FLOAT32_MAX = torch.finfo(torch.float32).max
 SEED_LIMIT = 2**32  # stage seeds are seed * 1000 + stage: they stay in every RNG's range
 
 
@@ -64,6 +63,7 @@ class ModelConfig:
         integers(self, 0, "pretrain_steps", "lora_r")
         integers(self, 1, "pretrain_batch_size")
         numbers(self, "pretrain_lr", "lora_alpha", strict=True)
+        learning_rates(self, "pretrain_lr")
         numbers(self, "lora_dropout")
         if self.lora_dropout >= 1:
             fail(self, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
@@ -145,11 +145,12 @@ class EWCConfig:
 @dataclass
 class EvalConfig:
     max_new_tokens: int = 12          # greedy decoding length for exact match / reward / preference
+    max_prompt_len: int = 128         # prompt tokens kept (the last ones) for the evaluation's generation
     batch_size: int = 32
     kl_samples: int = 64              # prompts sampled for the KL-to-SFT estimate (0: skip)
 
     def __post_init__(self):
-        integers(self, 1, "max_new_tokens", "batch_size")
+        integers(self, 1, "max_new_tokens", "max_prompt_len", "batch_size")
         integers(self, 0, "kl_samples")
 
 
@@ -273,8 +274,13 @@ def read_yaml(text: str, source: str):
 
 
 def read_yaml_file(path: str):
-    with open(path, "rb") as fh:
-        data = fh.read()
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such config file") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the config file ({exc.strerror or exc})") from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:

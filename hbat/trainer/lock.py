@@ -26,13 +26,15 @@ import secrets
 import socket
 import time
 
+from ..errors import UserError, writing
+
 LOCK_NAME = "hbat.lock"
 HOST = socket.gethostname()
 _HELD: set[str] = set()  # run folders this process holds
 _TEMP_NAME = re.compile(r"^\.tmp-(\d+)-[0-9a-f]{8}@(.+?)~")
 
 
-class FolderLocked(ValueError):
+class FolderLocked(UserError):
     """Another live hbat process writes the run folder."""
 
 
@@ -112,7 +114,7 @@ def _acquire(path: str) -> None:
 def _create(path: str, text: str) -> bool:
     """Create ``path`` holding ``text`` if it does not exist, atomically (never half-written); False if it does."""
     tmp = temp_path(path)
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with writing(path), open(tmp, "w", encoding="utf-8") as fh:
         fh.write(text)
     try:
         os.link(tmp, path)  # fails if path exists

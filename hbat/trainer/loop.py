@@ -23,6 +23,7 @@ from dataclasses import replace
 import torch
 
 from ..data import split_parts
+from ..errors import writing
 from . import checkpoint as ckpt
 from . import procgroup as pg
 from .config import TrainConfig, to_dict
@@ -33,7 +34,7 @@ from .lock import run_lock
 from .methods import spec, stage_plan
 from .memory import plan_memory
 from .metrics import MetricsLogger
-from .models import is_lora, prepare_trainee
+from .models import deepspeed_unimported, is_lora, prepare_trainee
 from .steppers import load_master_state, master_state
 from .regularizers import make_regularizer
 from .workspace import Workspace
@@ -52,12 +53,14 @@ def evaluate(ws: Workspace, model, cfg: TrainConfig) -> dict:
     metrics = evaluate_policy(model, ws.tokenizer, sft_rows=ws.sft_val, prompts=ws.prompts_val,
                               reward_model=ws.reward_model, exact_match=ws.exact_match,
                               preference_score=ws.preference_score, max_new_tokens=e.max_new_tokens,
-                              batch_size=e.batch_size, max_len=cfg.sft.max_len, seed=cfg.seed)
+                              max_prompt_len=e.max_prompt_len, batch_size=e.batch_size, max_len=cfg.sft.max_len,
+                              seed=cfg.seed)
     if ws.sft_model is not None and ws.reward_model is not None:
         metrics["eval/win_rate"] = win_rate_vs_sft(ws, model, cfg)
     if e.kl_samples:
         kl = evaluate_policy(model, ws.tokenizer, prompts=ws.prompts_val[: e.kl_samples], ref_model=ws.sft_model,
-                             max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, seed=cfg.seed)
+                             max_new_tokens=e.max_new_tokens, max_prompt_len=e.max_prompt_len,
+                             batch_size=e.batch_size, seed=cfg.seed)
         metrics.update(kl)
     return metrics
 
@@ -73,7 +76,7 @@ def _greedy_scores(ws: Workspace, model, cfg: TrainConfig) -> torch.Tensor:
     with eval_mode(model):
         for start in range(0, len(prompts), cfg.eval.batch_size):
             rollout = greedy_generate(model, ws.tokenizer, prompts[start:start + cfg.eval.batch_size],
-                                      max_new_tokens=cfg.eval.max_new_tokens)
+                                      max_new_tokens=cfg.eval.max_new_tokens, max_prompt_len=cfg.eval.max_prompt_len)
             responses += ws.tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)
     return score_responses(ws.reward_model, ws.tokenizer, prompts, responses, batch_size=cfg.eval.batch_size,
                            max_len=cfg.sft.max_len)
@@ -83,7 +86,7 @@ def win_rate_vs_sft(ws: Workspace, model, cfg: TrainConfig) -> float:
     """Share of validation prompts where the reward model prefers the model's greedy answer to the SFT
     model's (ties count one half), as the paper's win rate against SFT."""
     cache = ws.__dict__.setdefault("_sft_scores", {})
-    key = (cfg.eval.max_new_tokens, cfg.eval.batch_size)
+    key = (cfg.eval.max_new_tokens, cfg.eval.max_prompt_len, cfg.eval.batch_size)
     if key not in cache:
         cache[key] = _greedy_scores(ws, ws.sft_model, cfg)
     mine, theirs = _greedy_scores(ws, model, cfg), cache[key]
@@ -322,14 +325,16 @@ class _NoLogger:
 def save_model(model, ws: Workspace, cfg: TrainConfig, folder: str) -> None:
     """``save_pretrained`` of the kept model and the tokenizer. A LoRA model saves its adapter, which
     ``peft.PeftModel.from_pretrained(base, folder)`` loads onto the base: ``model.path``, or for the embedded
-    model the base saved beside it in ``<folder>/base``."""
-    if is_lora(model) and cfg.model.path is None:  # the embedded base is on no disk: saved beside (it is tiny)
-        base = os.path.join(folder, "base")
-        copy.deepcopy(model).unload().save_pretrained(base)
-        ws.tokenizer.save_pretrained(base)
-        model.peft_config["default"].base_model_name_or_path = base
-    model.save_pretrained(folder)
-    ws.tokenizer.save_pretrained(folder)
+    model the base saved beside it in ``<folder>/base``. A failed write (a full disk) is a UserError naming the
+    folder."""
+    with writing(folder), deepspeed_unimported():
+        if is_lora(model) and cfg.model.path is None:  # the embedded base is on no disk: saved beside (it is tiny)
+            base = os.path.join(folder, "base")
+            copy.deepcopy(model).unload().save_pretrained(base)
+            ws.tokenizer.save_pretrained(base)
+            model.peft_config["default"].base_model_name_or_path = base
+        model.save_pretrained(folder)
+        ws.tokenizer.save_pretrained(folder)
 
 
 def _new_critic(ws: Workspace, cfg: TrainConfig):

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..errors import UserError, reading
 from .models import pick_device, resolve_dtype
 
 GIB = 1024 ** 3
@@ -33,7 +34,7 @@ LOGIT_BYTES = 16              # per token and vocabulary entry, training (beside
 LOGIT_BYTES_FORWARD = 8       # the same in a forward without gradients (logits' fp32 copy, log-softmax)
 
 
-class MemoryPlanError(ValueError):
+class MemoryPlanError(UserError):
     """The memory plan does not fit the device; the message names the biggest items and what shrinks them."""
 
 
@@ -121,15 +122,13 @@ def meta_policy(cfg):
             from ..task import build_model, build_tokenizer
 
             return build_model(build_tokenizer(), size=cfg.model.size)
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.model.path))
+    return _meta_from(cfg.model.path, "AutoModelForCausalLM", "config.model.path")
 
 
-def _meta_from(path: str, auto_class: str) -> object:
+def _meta_from(path: str, auto_class: str, key: str) -> object:
     import transformers
 
-    with torch.device("meta"):
+    with torch.device("meta"), reading(f"a transformers model config ({auto_class})", path, key):
         return getattr(transformers, auto_class).from_config(transformers.AutoConfig.from_pretrained(path))
 
 
@@ -187,10 +186,12 @@ def plan_memory(cfg, *, device: torch.device | None = None, world: int | None = 
                    lora_hint if not m.lora_r else "", zero_hint, deepspeed=cfg.deepspeed is not None)
 
     # the frozen models every method holds: the SFT model (KL / win-rate reference) and the reward model
-    sft_params = _count(_meta_from(m.sft_path, "AutoModelForCausalLM")) if m.sft_path else shape.params
+    sft_params = shape.params
+    if m.sft_path:
+        sft_params = _count(_meta_from(m.sft_path, "AutoModelForCausalLM", "config.model.sft_path"))
     plan.add("SFT model (frozen)", dtype, sft_params, shrink=half_hint)
     if m.reward_path:
-        reward = _count(_meta_from(m.reward_path, "AutoModelForSequenceClassification"))
+        reward = _count(_meta_from(m.reward_path, "AutoModelForSequenceClassification", "config.model.reward_path"))
     else:
         reward = shape.backbone + shape.hidden + 1
     plan.add("reward model (frozen)", dtype, reward, shrink=half_hint)

@@ -6,6 +6,8 @@ import math
 import os
 import time
 
+from ..errors import writing
+
 
 def _plain(value):
     if hasattr(value, "item"):
@@ -47,7 +49,7 @@ class MetricsLogger:
         self.step += 1
         record = {"time": round(time.time(), 3), "step": self.step, **self.context,
                   **{k: _plain(v) for k, v in metrics.items()}}
-        with open(self.path, "a", encoding="utf-8") as fh:
+        with writing(self.path), open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
         if self.writer is not None:
             for key, value in record.items():

@@ -16,17 +16,28 @@ when the base is bf16), and only the adapters train, so the EWC units are the ad
 the model. The shared SFT model and reward model are trained with adapters too, then merged
 (``merge_and_unload``); the PPO critic trains adapters on a copy of the reward model's backbone (its head
 trains whole). The saved result is the adapter (``PeftModel.from_pretrained`` loads it onto the base).
+
+Loading (``load_pretrained``): a user's model folder must hold exactly the weights its config.json describes.
+transformers would initialise a missing or size-mismatched weight at random and only log it; here any missing,
+unexpected or size-mismatched weight stops the run before anything trains, naming the keys. The heads the
+trainer adds itself (the reward model's score head on the SFT model, a PPO critic's value head) are built in
+Python on a loaded model (hbat.trainer.reward, hbat.trainer.ppo), never left to transformers to invent.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import sys
 
 import torch
 from torch import nn
 
+from ..errors import UserError, reading
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+NAMED_KEYS = 3  # keys a weight-mismatch error names, then a count
 
 
 def pick_device() -> torch.device:
@@ -47,14 +58,98 @@ def resolve_dtype(cfg) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
 
 
-def load_causal_lm(path: str, dtype: torch.dtype) -> nn.Module:
-    from transformers import AutoModelForCausalLM
+def load_causal_lm(path: str, dtype, *, key: str = "model.path") -> nn.Module:
+    """The causal LM of the folder ``path`` (named ``key`` in errors), its weights checked (``load_pretrained``)."""
+    return load_pretrained("AutoModelForCausalLM", path, dtype, key=key, what="a causal LM")
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+
+def load_pretrained(auto_class: str, path: str, dtype, *, key: str, what: str) -> nn.Module:
+    """``transformers.<auto_class>.from_pretrained(path, dtype=dtype)``, whose weights must match its config.json.
+
+    Anything transformers cannot load (a pickle that is not weights, a broken config.json, a truncated file) and
+    any missing, unexpected or size-mismatched weight (read from transformers' ``output_loading_info``) is a
+    UserError naming ``key``, ``path`` and the first keys of each kind (then their count), before any training.
+    transformers' own loading report (a table on stderr) is not printed: the error says what it would.
+    """
+    import transformers
+
+    with reading(what, path, key), _quiet("transformers.modeling_utils"):
+        model, info = getattr(transformers, auto_class).from_pretrained(
+            path, dtype=dtype, ignore_mismatched_sizes=True, output_loading_info=True)  # mismatches: in ``info``
+    problems = []
+    for kind, keys in (("missing from the weights", sorted(info.get("missing_keys") or ())),
+                       ("unexpected (not in config.json's model)", sorted(info.get("unexpected_keys") or ()))):
+        if keys:
+            problems.append(f"{kind}: {_some(keys)}")
+    mismatched = sorted(info.get("mismatched_keys") or ())
+    if mismatched:
+        problems.append("of another size: " + _some([f"{name} (weights {list(saved)}, config.json {list(wanted)})"
+                                                     for name, saved, wanted in mismatched]))
+    if problems:
+        raise UserError(f"{key} = {path}: the weights do not match its config.json; {'; '.join(problems)} "
+                        "(transformers would initialise these at random); use the config.json the weights were "
+                        "saved with")
+    return model
+
+
+def _some(items: list[str]) -> str:
+    """The first ``NAMED_KEYS`` items, then how many more."""
+    named = ", ".join(items[:NAMED_KEYS])
+    return named + (f" and {len(items) - NAMED_KEYS} more" if len(items) > NAMED_KEYS else "")
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    """No record below ERROR from the logger ``logger_name`` inside. A filter, not a level: transformers reads its
+    logger's level to decide what else to check and log (``verify_tp_plan`` runs when it is WARNING or more)."""
+    logger = logging.getLogger(logger_name)
+
+    def errors_only(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+    logger.addFilter(errors_only)
+    try:
+        yield
+    finally:
+        logger.removeFilter(errors_only)
 
 
 def has_tokenizer(folder: str) -> bool:
     return any(os.path.isfile(os.path.join(folder, name)) for name in TOKENIZER_FILES)
+
+
+def load_tokenizer(folder: str, *, key: str):
+    """``AutoTokenizer.from_pretrained(folder)``; whatever fails is a UserError naming ``key`` and the folder."""
+    from transformers import AutoTokenizer
+
+    with reading("a tokenizer", folder, key):
+        return AutoTokenizer.from_pretrained(folder)
+
+
+def tokenizer_size(tokenizer) -> int:
+    """How many token ids ``tokenizer`` can produce: its length, or its largest id + 1 if that is more."""
+    return max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
+
+
+@contextlib.contextmanager
+def deepspeed_unimported():
+    """``save_pretrained`` inside, without importing DeepSpeed when nothing imported it yet (a run without
+    DeepSpeed): transformers unwraps the model with accelerate's ``extract_model_from_parallel``, which imports
+    DeepSpeed whenever it is installed, only to test ``isinstance(model, DeepSpeedEngine)``, and DeepSpeed's
+    import prints "Setting accelerator to CPU" (and takes seconds). A model no DeepSpeed made is no engine."""
+    try:
+        from accelerate.utils import other
+    except ImportError:
+        other = None
+    if "deepspeed" in sys.modules or other is None or not hasattr(other, "is_deepspeed_available"):
+        yield
+        return
+    available = other.is_deepspeed_available
+    other.is_deepspeed_available = lambda: False
+    try:
+        yield
+    finally:
+        other.is_deepspeed_available = available
 
 
 # --- gradient checkpointing ---------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from ..data import position_ids_from_mask
-from .checks import booleans, choice, fail, integers, numbers
+from .checks import booleans, choice, fail, integers, learning_rates, numbers
 from .common import StageConfig, read_scalars
 from .guards import check_values, check_weights
 from .models import base_of, frozen_copy, no_dropout
@@ -85,6 +85,7 @@ class PPOConfig:
         if self.mini_batch_size > self.batch_size:
             fail(self, "mini_batch_size", f"must be <= batch_size ({self.batch_size}), got {self.mini_batch_size}")
         numbers(self, "lr", "critic_lr", "kl_coef", "max_grad_norm", "weight_decay")
+        learning_rates(self, "lr", "critic_lr")
         numbers(self, "clip_range", "value_clip", "temperature", strict=True)
         numbers(self, "top_p", strict=True, maximum=1.0)
         numbers(self, "gamma", "gae_lambda", maximum=1.0)

@@ -15,6 +15,8 @@ import os
 import sys
 import time
 
+from ..errors import UserError
+
 SUMMARY_COLUMNS = ["method", "eval/exact_match", "eval/sft_loss", "eval/preference", "eval/reward",
                    "eval/win_rate", "eval/kl_to_sft", "train_seconds"]
 DEFAULT_METHODS = ("two_stage", "hbat")
@@ -88,6 +90,8 @@ def train(config_path, overrides, methods=None, *, resume=False, progress=True, 
             print(f"hbat train: {', '.join(methods)} -> {base.output_dir}")
             for method, plan in zip(methods, plans):
                 print(f"[{method}] {plan.table()}")
+            if base.model.path is not None and base.model.reward_path is None:  # no weight of it comes from a file
+                print("reward model: the SFT model with a new score head (created by hbat), trained on data.preference")
         started = time.perf_counter()
         ws = prepare(base, progress=progress, data=data)
         if ws.info and main_rank:
@@ -147,14 +151,36 @@ def run(args) -> int:
         for m in methods:
             print(f"# method {m}\n" + dump_config(load_config(args.config, list(args.overrides) + [f"method={m}"])))
         return 0
-    results = train(args.config, args.overrides, methods, resume=args.resume, progress=not args.no_progress,
-                    name=args.name)
+    with contextlib.ExitStack() as stack:
+        if args.no_progress:
+            stack.enter_context(_no_transformers_bars())
+        results = train(args.config, args.overrides, methods, resume=args.resume, progress=not args.no_progress,
+                        name=args.name)
     return EXIT_DIVERGED if any(r["status"] == "diverged" for r in results) else 0
+
+
+@contextlib.contextmanager
+def _no_transformers_bars():
+    """transformers' own progress bars ("Loading weights") off inside, as hbat's are with --no-progress."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def call(prog: str, func, args) -> int:
     """``func(args)`` as a command: its exit code, or one line ``prog: message`` on stderr and EXIT_ERROR (bad
-    input, a file, a setting) or EXIT_DIVERGED (training diverged)."""
+    input, a file, a setting, the disk) or EXIT_DIVERGED (training diverged).
+
+    The user's input and machine raise ``hbat.errors.UserError`` where hbat reads or writes their files (config,
+    model folder, tokenizer, data, checkpoints: hbat.errors.reading / writing turn third-party exceptions into
+    it), a ValueError of an argument check, or an OSError naming its file. Any other exception is a bug of
+    hbat and keeps its traceback."""
     from .guards import TrainingDiverged
 
     try:
@@ -162,8 +188,10 @@ def call(prog: str, func, args) -> int:
     except TrainingDiverged as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return EXIT_DIVERGED
-    except (ValueError, OSError, KeyError, NotImplementedError) as exc:
-        print(f"{prog}: {f'missing key {exc}' if type(exc) is KeyError else exc}", file=sys.stderr)
+    except (UserError, ValueError, OSError, KeyError, NotImplementedError) as exc:
+        message = f"missing key {exc}" if type(exc) is KeyError else " ".join(
+            line.strip() for line in str(exc).splitlines() if line.strip())  # one line, whatever raised it
+        print(f"{prog}: {message}", file=sys.stderr)
         return EXIT_ERROR
 
 

@@ -8,12 +8,13 @@
   ``data.prompts_split`` needs ``data.prompts``;
 - every token budget fits the model's context (``max_position_embeddings`` or the like in its config.json,
   or the embedded model's): ``sft.max_len``, ``reward.max_len``, ``dpo.max_len``, PPO's prompt plus response,
-  and evaluation's prompt (at most ``EVAL_PROMPT_LEN`` tokens) plus ``eval.max_new_tokens``;
+  and the evaluation's ``eval.max_prompt_len`` plus ``eval.max_new_tokens``;
 - ``ewc.include`` / ``ewc.exclude`` select a parameter of the model (names from an empty "meta" copy);
 - your own models: ``model.sft_path`` and ``model.reward_path`` need ``model.path`` and are model folders of
   the right kind (a causal LM; a sequence classifier with one label) sharing the policy's vocabulary (the
-  reward model may bring its own tokenizer instead); LoRA needs peft and target modules the model has;
-  gradient checkpointing a model that supports it;
+  reward model may bring its own tokenizer instead); the policy's vocabulary (``vocab_size`` of its
+  config.json) holds every id of its tokenizer, and so does a reward model's with a tokenizer of its own;
+  LoRA needs peft and target modules the model has; gradient checkpointing a model that supports it;
 - under DeepSpeed, what the trainer refuses there (``hbat.trainer.ds_config.check_supported``).
 
 ``check_data(splits, cfg, sources)`` checks the data once it is read, before any model is built: each
@@ -25,6 +26,7 @@ import json
 import os
 
 from .checks import ConfigError
+from .models import has_tokenizer, load_tokenizer, tokenizer_size
 
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 DATA_FILES = ("sft", "preference", "prompts")
@@ -118,10 +120,8 @@ def _vocab(config: dict):
 
 def _check_models(cfg) -> None:
     """``model.sft_path`` / ``model.reward_path`` (folders of the right kind, sharing the policy's vocabulary
-    unless the reward model has its own tokenizer), LoRA (peft installed, target modules present) and gradient
-    checkpointing (supported by the model)."""
-    from .models import has_tokenizer
-
+    unless the reward model has its own tokenizer), the vocabularies against the tokenizers, LoRA (peft
+    installed, target modules present) and gradient checkpointing (supported by the model)."""
     m = cfg.model
     for key in ("sft_path", "reward_path"):
         if getattr(m, key) is not None and m.path is None:
@@ -145,6 +145,11 @@ def _check_models(cfg) -> None:
         if not has_tokenizer(m.reward_path) and _vocab(config) != vocab:
             raise ConfigError("config.model.reward_path", f"has a vocabulary of {_vocab(config)} tokens but model.path "
                               f"has {vocab}, and no tokenizer of its own: save its tokenizer in {m.reward_path}")
+    if m.path is not None:
+        tokenizer_key = "model.tokenizer" if m.tokenizer is not None else "model.path"
+        _check_vocabulary("model.path", m.path, m.tokenizer or m.path, tokenizer_key)
+    if m.reward_path is not None and has_tokenizer(m.reward_path):
+        _check_vocabulary("model.reward_path", m.reward_path, m.reward_path, "model.reward_path")
     if m.lora_r:
         try:
             import peft  # noqa: F401
@@ -163,6 +168,32 @@ def _check_models(cfg) -> None:
 
         if not getattr(meta_policy(cfg), "supports_gradient_checkpointing", False):
             raise ConfigError("config.model.gradient_checkpointing", "is true but the model does not support it")
+
+
+def _check_vocabulary(key: str, folder: str, tokenizer_folder: str, tokenizer_key: str) -> None:
+    """The model of ``folder`` has an embedding for every id of the tokenizer in ``tokenizer_folder`` (a folder
+    without a tokenizer is left to the data loading, which names it)."""
+    vocab = _vocab(_config_json(folder, key))
+    if not isinstance(vocab, int) or isinstance(vocab, bool) or not has_tokenizer(tokenizer_folder):
+        return
+    size = _tokenizer_size(tokenizer_folder, tokenizer_key)
+    if size > vocab:
+        raise ConfigError(f"config.{key}", f"has a vocabulary of {vocab} tokens (vocab_size in "
+                          f"{os.path.join(folder, 'config.json')}) but its tokenizer ({tokenizer_folder}) has {size}: "
+                          f"token ids from {vocab} on have no embedding; use the tokenizer the model was trained with, "
+                          "or resize its embeddings (resize_token_embeddings) and save it again")
+
+
+_TOKENIZER_SIZES: dict = {}  # (folder, its files' sizes and times) -> ids of the tokenizer there; load_config runs
+#                              once per method and per command, the tokenizer is read once
+
+
+def _tokenizer_size(folder: str, key: str) -> int:
+    files = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(folder) if e.is_file())
+    cache_key = (os.path.abspath(folder), tuple(files))
+    if cache_key not in _TOKENIZER_SIZES:
+        _TOKENIZER_SIZES[cache_key] = tokenizer_size(load_tokenizer(folder, key=f"config.{key}"))
+    return _TOKENIZER_SIZES[cache_key]
 
 
 def model_context(cfg) -> tuple[int | None, str]:
@@ -187,7 +218,6 @@ def model_context(cfg) -> tuple[int | None, str]:
 
 
 def _check_context(cfg, context: int, source: str) -> None:
-    from .evaluate import EVAL_PROMPT_LEN
     from .methods import spec
 
     method = spec(cfg.method)
@@ -196,12 +226,11 @@ def _check_context(cfg, context: int, source: str) -> None:
         budgets.append(("ppo.max_prompt_len + ppo.max_new_tokens", cfg.ppo.max_prompt_len + cfg.ppo.max_new_tokens))
     if method.hpa and cfg.hpa == "dpo" or method.mix == "hpa_in_sft":
         budgets.append(("dpo.max_len", cfg.dpo.max_len))
-    budgets.append((f"eval.max_new_tokens + {EVAL_PROMPT_LEN} (the evaluation's prompt limit)",
-                    cfg.eval.max_new_tokens + EVAL_PROMPT_LEN))
+    budgets.append(("eval.max_prompt_len + eval.max_new_tokens", cfg.eval.max_prompt_len + cfg.eval.max_new_tokens))
     for key, tokens in budgets:
         if tokens > context:
             raise ConfigError(f"config.{key}", f"= {tokens} tokens exceeds the model's context of {context} "
-                              f"({source}); lower it")
+                              f"({source}); lower {'one of them' if '+' in key else 'it'}")
 
 
 def _check_selection(cfg) -> None:

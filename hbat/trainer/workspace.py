@@ -10,7 +10,8 @@ is not cached (TrainingDiverged).
 Models (hbat.trainer.models): every one in ``model.dtype``; ``model.sft_path`` / ``model.reward_path`` are
 loaded instead of trained (and not cached); with LoRA the shared SFT and reward models are trained with
 adapters and merged. Before any model is loaded, the run's memory plan must fit the device
-(hbat.trainer.memory).
+(hbat.trainer.memory); the user's models are all loaded, their weights checked against their config.json
+(``load_pretrained``), before anything trains.
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from .checkpoint import CheckpointError, load, remove_stale_temp_files, save_ato
 from .checks import ConfigError
 from .config import TrainConfig
 from .guards import TrainingDiverged, check_weights
-from .models import has_tokenizer, load_causal_lm, merge_lora, pick_device, prepare_trainee, resolve_dtype
+from .models import (has_tokenizer, load_causal_lm, load_pretrained, load_tokenizer, merge_lora, pick_device,
+                     prepare_trainee, resolve_dtype)
 from .steppers import drop_master_weights
 from .validate import check_data
 
@@ -109,20 +111,22 @@ def _user_data(cfg: TrainConfig) -> RunData:
 
 def data_tokenizer(cfg: TrainConfig):
     """The tokenizer of the user's model (``model.tokenizer``, else ``model.path``)."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path)
+    if cfg.model.tokenizer is not None:
+        return load_tokenizer(cfg.model.tokenizer, key="config.model.tokenizer")
+    return load_tokenizer(cfg.model.path, key="config.model.path")
 
 
 def _read(loader, key: str, source: str, adapter, split: str, tokenizer) -> list[dict]:
     """The rows of ``source``; a missing data set or split is an error naming the config key."""
-    from ..data import SplitError
+    from ..data import SourceUnreadable, SplitError
 
     try:
         rows = loader(source, adapter=adapter, split=split, tokenizer=tokenizer)
     except SplitError as exc:
         raise ConfigError(f"config.data.{key}_split", f"= {split!r}, but {exc}") from None
-    except (FileNotFoundError, ImportError) as exc:
+    except SourceUnreadable as exc:  # a file the reader cannot read at all (e.g. a corrupt parquet file)
+        raise ConfigError(f"config.data.{key}", f"= {exc}") from None
+    except (OSError, ImportError) as exc:
         raise ConfigError(f"config.data.{key}", f"= {source}: {exc}") from None
     if not rows:
         raise ConfigError(f"config.data.{key}", f"names {'a file' if os.path.isfile(source) else 'a data set'} with "
@@ -218,6 +222,10 @@ def _prepare(cfg: TrainConfig, *, progress: bool, log, data: RunData | None) -> 
     dtype = resolve_dtype(cfg)
     tokenizer, fresh = _embedded_model(cfg) if cfg.model.path is None else _user_model(cfg)
     attach_cached_token_ids(cfg, data, tokenizer, progress=progress)  # before any model: tokenised once, cached
+    # the user's models are loaded (their weights checked against their config.json) before anything trains
+    own_sft = None if cfg.model.sft_path is None else load_causal_lm(cfg.model.sft_path, dtype,
+                                                                     key="config.model.sft_path")
+    own_reward = None if cfg.model.reward_path is None else _load_reward_model(cfg, tokenizer, dtype)
     base_state = _base_weights(cfg, shared, tokenizer, fresh, data, dtype, progress, log)
 
     def build_plain() -> torch.nn.Module:
@@ -228,19 +236,19 @@ def _prepare(cfg: TrainConfig, *, progress: bool, log, data: RunData | None) -> 
     def build() -> torch.nn.Module:  # what a method trains: gradient checkpointing and LoRA as configured
         return prepare_trainee(build_plain(), cfg.model, seed=cfg.seed)
 
-    sft_model = _sft_model(cfg, shared, build_plain, tokenizer, data, dtype, device, progress, log)
-    reward_model = _reward_model(cfg, shared, sft_model, tokenizer, data, dtype, device, progress, log)
+    sft_model = _sft_model(cfg, shared, build_plain, tokenizer, data, own_sft, device, progress, log)
+    reward_model = _reward_model(cfg, shared, sft_model, tokenizer, data, own_reward, device, progress, log)
     return Workspace(tokenizer=tokenizer, base_state=base_state, build=build, sft_model=sft_model,
                      reward_model=reward_model, device=device, exact_match=data.exact_match,
                      preference_score=data.preference_score, info=data.info, **data.splits)
 
 
-def _sft_model(cfg, shared, build_plain, tokenizer, data, dtype, device, progress, log) -> torch.nn.Module:
-    """``model.sft_path`` loaded, or the base trained on all SFT data once and cached (LoRA: merged)."""
+def _sft_model(cfg, shared, build_plain, tokenizer, data, own_sft, device, progress, log) -> torch.nn.Module:
+    """``model.sft_path`` (``own_sft``, loaded), or the base trained on all SFT data once and cached (LoRA: merged)."""
     from .sft import run_sft
 
-    if cfg.model.sft_path is not None:
-        sft_model = load_causal_lm(cfg.model.sft_path, dtype).to(device)
+    if own_sft is not None:
+        sft_model = own_sft.to(device)
     else:
         sft_model = build_plain()
 
@@ -255,21 +263,28 @@ def _sft_model(cfg, shared, build_plain, tokenizer, data, dtype, device, progres
     return sft_model.eval().requires_grad_(False)
 
 
-def _reward_model(cfg, shared, sft_model, tokenizer, data, dtype, device, progress, log) -> torch.nn.Module:
-    """``model.reward_path`` loaded (re-tokenizing with its own tokenizer where it has another one), or a
-    reward model initialised from the SFT model, trained once and cached (LoRA: merged)."""
-    from .reward import RetokenizedRewardModel, RewardModel, train_reward_model
+def _load_reward_model(cfg, tokenizer, dtype) -> torch.nn.Module:
+    """``model.reward_path`` loaded (its weights checked), re-tokenizing with its own tokenizer where it has
+    another one (on the CPU)."""
+    from .reward import RetokenizedRewardModel, RewardModel
 
-    if cfg.model.reward_path is not None:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    path = cfg.model.reward_path
+    classifier = load_pretrained("AutoModelForSequenceClassification", path, dtype, key="config.model.reward_path",
+                                 what="a sequence classifier (reward model)")
+    reward_model = RewardModel.from_sequence_classifier(classifier)
+    own = load_tokenizer(path, key="config.model.reward_path") if has_tokenizer(path) else None
+    if own is not None and own.get_vocab() != tokenizer.get_vocab():
+        reward_model = RetokenizedRewardModel(reward_model, own, tokenizer, cfg.reward.max_len)
+    return reward_model
 
-        path = cfg.model.reward_path
-        classifier = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(device)
-        reward_model = RewardModel.from_sequence_classifier(classifier)
-        own = AutoTokenizer.from_pretrained(path) if has_tokenizer(path) else None
-        if own is not None and own.get_vocab() != tokenizer.get_vocab():
-            reward_model = RetokenizedRewardModel(reward_model, own, tokenizer, cfg.reward.max_len)
-        return reward_model.eval().requires_grad_(False)
+
+def _reward_model(cfg, shared, sft_model, tokenizer, data, own_reward, device, progress, log) -> torch.nn.Module:
+    """``model.reward_path`` (``own_reward``, loaded), or a reward model initialised from the SFT model (a new
+    score head on its backbone), trained once and cached (LoRA: merged)."""
+    from .reward import RewardModel, train_reward_model
+
+    if own_reward is not None:
+        return own_reward.to(device).eval().requires_grad_(False)
     reward_model = RewardModel.from_causal_lm(sft_model).to(device)
     reward_model.requires_grad_(True)
 
@@ -312,12 +327,10 @@ def _embedded_model(cfg: TrainConfig):
 
 
 def _user_model(cfg: TrainConfig):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path)
+    tokenizer = data_tokenizer(cfg)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer, lambda: load_causal_lm(cfg.model.path, resolve_dtype(cfg))
+    return tokenizer, lambda: load_causal_lm(cfg.model.path, resolve_dtype(cfg), key="config.model.path")
 
 
 def _cached(path: str, module: torch.nn.Module, train: Callable[[], object], what: str, lr_key: str) -> None:

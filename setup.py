@@ -79,10 +79,10 @@ else:
 INSTALL_REQUIRES = ["torch>=2.4", "numpy>=2.0"]
 EXTRAS = {
     "triton": ["triton>=3.7"],
-    "train": ["transformers>=5.9", "tokenizers>=0.23.1", "pyyaml>=6.0.2", "tqdm>=4.67", "safetensors>=0.7",
+    "train": ["transformers>=5.9", "tokenizers>=0.22.2", "pyyaml>=6.0.2", "tqdm>=4.67", "safetensors>=0.7",
               "matplotlib>=3.10", "datasets>=4.8"],
     "trl": ["trl>=1.5.1", "datasets>=4.8", "accelerate>=1.13"],
-    "deepspeed": ["deepspeed>=0.19.1"],
+    "deepspeed": ["deepspeed>=0.19.3"],
     "lora": ["peft>=0.19.1"],
     "bench": ["matplotlib>=3.10", "psutil>=7.0", "pytest-benchmark>=5.2"],
     "dev": ["pytest>=9.0", "pip-tools>=7.5"],

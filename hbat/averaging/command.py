@@ -1,10 +1,21 @@
-"""``hbat average``: save_pretrained folders in, one averaged folder out (uniform, a list of alphas, or learned HMA).
+"""``hbat average``: save_pretrained folders in, one averaged folder out (uniform, a list of alphas, or learned
+HMA); with ``--sweep`` a ratio sweep evaluated in memory, written as a table, a Pareto front and a plot.
 
     hbat average --pre sft/ --post dpo/ --alpha 0.5 --out avg/
+    hbat average --pre sft/ --post dpo/ --sweep --alpha 0,0.25,0.5,0.75,1,1.25 --ratios 0.2:0.5:0.9 \
+        --eval-data new=dpo_prompts.jsonl --eval-data old=sft_heldout.jsonl --out sweep/
+
+The sweep averages the aligned model in place with the SFT model (``hbat.averaging.InPlaceAverager``, one
+fused pass per ratio), evaluates, and restores it exactly: no checkpoint per ratio. Each ``--eval-data
+NAME=FILE`` gives the metric ``NAME/loss`` (mean LM loss on the file's samples, minimised), ``--eval
+MODULE:FUNCTION`` adds ``FUNCTION(model, tokenizer) -> dict of numbers``. ``--out`` receives sweep.json (the
+table so far, written after every ratio: an interrupted sweep run again with the same arguments reuses its
+rows), sweep_result.json (table, objectives, Pareto front) and sweep.png.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -14,10 +25,13 @@ import tempfile
 from dataclasses import asdict
 from typing import Sequence
 
+from ..trainer.checkpoint import write_text_atomic
 from .hma import HMAConfig, learn_hma
+from .inplace import InPlaceAverager
 from .merge import ModelAverager
 from .plan import NON_LAYER, SCOPES
 from .samples import encode_samples, load_samples, sample_responses
+from .sweep import run_sweep
 
 __all__ = ["build_parser", "run", "main"]
 
@@ -30,9 +44,26 @@ def _parse_alphas(text: str) -> list[float]:
     if not values:
         raise argparse.ArgumentTypeError("--alpha is empty")
     for a in values:
-        if not 0.0 <= a <= 1.0 or math.isnan(a):
-            raise argparse.ArgumentTypeError(f"--alpha {a} is outside [0, 1]")
+        if not math.isfinite(a) or a < 0:
+            raise argparse.ArgumentTypeError(f"--alpha {a} must be a finite number >= 0")
+    return values  # [0, 1] unless --sweep (where above 1 extrapolates, ExPO): checked in run()
+
+
+def _ratio_vector(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(":")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--ratios takes one ratio per block separated by ':', got {text!r}") from None
+    if not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"--ratios {text!r} holds a non-finite ratio")
     return values
+
+
+def _eval_data(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--eval-data takes NAME=FILE, got {text!r}")
+    return name, path
 
 
 def _blocks_arg(text: str):
@@ -54,7 +85,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                     "on the aligned model, or per layer block with learned ratios of mean alpha (--hma).")
     parser.add_argument("--pre", required=True, help="save_pretrained folder of the model before RLHF (SFT)")
     parser.add_argument("--post", required=True, help="save_pretrained folder of the aligned model")
-    parser.add_argument("--alpha", required=True, type=_parse_alphas,
+    parser.add_argument("--alpha", type=_parse_alphas,
                         help="weight of the ALIGNED model in [0, 1] (released HMA code: ratio = 1 - alpha); "
                              "a comma-separated list writes one folder per value under --out (a sweep); "
                              "with --hma it is the mean ratio")
@@ -77,6 +108,17 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backend", default="auto", help="hbat.ops backend")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    sweep = parser.add_argument_group("sweep (--sweep): evaluate ratios in memory, no model written")
+    sweep.add_argument("--sweep", action="store_true", help="evaluate every --alpha (above 1: extrapolation, ExPO) and "
+                                                            "--ratios vector; --out gets the table, front and plot")
+    sweep.add_argument("--ratios", type=_ratio_vector, action="append", default=[],
+                       help="one HMA ratio per --blocks block, ':'-separated (repeatable)")
+    sweep.add_argument("--eval-data", type=_eval_data, action="append", default=[],
+                       help="NAME=FILE (samples as for --samples): metric NAME/loss, the mean LM loss (repeatable)")
+    sweep.add_argument("--eval", dest="eval_fn", help="MODULE:FUNCTION, called as FUNCTION(model, tokenizer) -> dict")
+    sweep.add_argument("--maximize", action="append", default=[], help="an objective to maximise (repeatable)")
+    sweep.add_argument("--minimize", action="append", default=[],
+                       help="an objective to minimise (repeatable; default: every NAME/loss)")
     return parser
 
 
@@ -132,6 +174,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``hbat average`` on arguments parsed by a parser that ``build_parser`` filled."""
+    if args.sweep:
+        return _run_sweep(args)
+    if not args.alpha:
+        raise SystemExit("hbat average: --alpha is required (a number or a comma-separated list in [0, 1])")
+    outside = [a for a in args.alpha if a > 1]
+    if outside:
+        raise SystemExit(f"hbat average: --alpha {outside[0]:g} is outside [0, 1] (extrapolation only with --sweep)")
     if args.hma and not args.samples:
         raise SystemExit("hbat average: --hma needs --samples FILE (samples of the aligned policy)")
     if args.hma and len(args.alpha) != 1:
@@ -172,4 +221,61 @@ def run(args: argparse.Namespace) -> int:
     for name, ratio in zip(result.block_names, result.ratios):
         print(f"{name}: alpha={ratio:.4f}")
     print(f"mean alpha={sum(result.ratios) / len(result.ratios):.4f} -> {args.out}")
+    return 0
+
+
+def _loss_metric(batches: list[dict]):
+    def metric(model) -> float:
+        return sum(float(model(**batch).loss) for batch in batches) / len(batches)
+
+    return metric
+
+
+def _user_eval(spec: str):
+    module_name, _, name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise SystemExit(f"hbat average: --eval {spec!r}: cannot import it ({type(exc).__name__}: {exc})") from None
+    if not callable(fn):
+        raise SystemExit(f"hbat average: --eval {spec!r} is not callable")
+    return fn
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    ratios = list(args.alpha or []) + list(args.ratios)
+    if not ratios:
+        raise SystemExit("hbat average --sweep: give the ratios with --alpha (a list) and/or --ratios")
+    if not args.eval_data and not args.eval_fn:
+        raise SystemExit("hbat average --sweep: give what to evaluate: --eval-data NAME=FILE and/or --eval MODULE:FN")
+    for name, path in args.eval_data:
+        if not os.path.isfile(path):
+            raise SystemExit(f"hbat average --sweep: --eval-data {name}={path}: no such file")
+    user = _user_eval(args.eval_fn) if args.eval_fn else None
+    pre, post = _load_lm(args.pre), _load_lm(args.post)
+    tokenizer = _load_tokenizer(args.post, args.pre) if args.eval_data or user else None
+    metrics = {f"{name}/loss": _loss_metric(encode_samples(tokenizer, load_samples(path), max_length=args.max_length,
+                                                           batch_size=args.batch_size))
+               for name, path in args.eval_data}
+
+    def evaluate(model, share):
+        out = {key: fn(model) for key, fn in metrics.items()}
+        if user is not None:
+            out.update(user(model, tokenizer))
+        return out
+
+    minimize = args.minimize or ([k for k in metrics if k not in args.maximize])
+    averager = InPlaceAverager(post, scope=args.scope, blocks=args.blocks if args.ratios else None,
+                               non_layer=args.non_layer, start_from=pre, backend=args.backend)
+    del pre  # its tensors are the start copy now
+    os.makedirs(args.out, exist_ok=True)
+    result = run_sweep(averager, ratios, evaluate, maximize=args.maximize, minimize=minimize,
+                       table=os.path.join(args.out, "sweep.json"), plot=os.path.join(args.out, "sweep.png"),
+                       log=lambda row: print(json.dumps(row), flush=True))
+    info = {**result.to_dict(), "pre": os.path.abspath(args.pre), "post": os.path.abspath(args.post),
+            "convention": "theta = (1 - ratio) * theta_pre + ratio * theta_post; above 1: extrapolation (ExPO)"}
+    write_text_atomic(json.dumps(info, indent=1), os.path.join(args.out, "sweep_result.json"))
+    if result.reused:
+        print(f"reused {result.reused} rows of {os.path.join(args.out, 'sweep.json')}", file=sys.stderr)
+    print("Pareto front: " + ", ".join(str(result.rows[i]["ratio"]) for i in result.front))
     return 0

@@ -246,3 +246,30 @@ def test_prepare_averaging_in_an_accelerate_loop(tokenizer, rows, heldout, tmp_p
     assert avg.save(tmp_path) == os.path.join(tmp_path, STATE_FILE)
     assert avg.load(tmp_path) and avg.averaged_steps == [2]
     avg.close()
+
+
+def test_trl_dpo_trainer_with_the_callback(tokenizer, tmp_path):
+    pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    from trl import DPOConfig, DPOTrainer
+
+    rows = [{"prompt": f"q{i}:", "chosen": " " + "a" * (1 + i % 3), "rejected": " " + "b" * (1 + i % 4)}
+            for i in range(16)]
+    heldout = tokenizer(["q1: aa", "q2: a"], padding="max_length", max_length=8, return_tensors="pt")
+    final = {}
+    for callbacks in ([AveragingCallback("uniform", 0.5, kl_batch=dict(heldout), kl_every=2)], []):
+        model = tiny_llama(tokenizer, seed=0)
+        start = params(model)
+        config = DPOConfig(output_dir=str(tmp_path / str(len(callbacks))), per_device_train_batch_size=4, max_steps=4,
+                           learning_rate=3e-3, logging_steps=2, save_strategy="no", report_to="none", use_cpu=True,
+                           disable_tqdm=True, max_length=32, beta=0.1, seed=0)
+        trainer = DPOTrainer(model=model, ref_model=tiny_llama(tokenizer, seed=0), args=config,
+                             train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer,
+                             callbacks=callbacks)
+        trainer.train()
+        final[len(callbacks)] = params(model)
+        if callbacks:
+            logs = [e for e in trainer.state.log_history if "loss" in e]
+            assert len(logs) == 2 and all(e["ewc/kl_to_start"] > 0 for e in logs)
+    want = lerp(start, final[0], lambda n: 0.5)
+    assert all(torch.equal(final[1][n], want[n]) for n in want)

@@ -216,9 +216,16 @@ class WeightShards:
 
     @torch.no_grad()
     def swap_(self) -> None:
-        """Exchange the slots with the start copy (exact: same dtypes); a second call swaps them back."""
+        """Exchange the slots with the start copy (exact: same dtypes); a second call swaps them back. One
+        temporary of the largest slot's size per device and dtype, reused for every slot."""
+        buffers: dict[tuple, torch.Tensor] = {}
         for slot, start in zip(self.slots(), self.start):
-            held = slot.clone()
+            key = (slot.device, slot.dtype)
+            if key not in buffers:
+                size = max(t.numel() for t in self.start if (t.dtype == slot.dtype))
+                buffers[key] = torch.empty(size, dtype=slot.dtype, device=slot.device)
+            held = buffers[key][:slot.numel()].view(slot.shape)
+            held.copy_(slot)
             slot.copy_(start)
             start.copy_(held)
         self._after_write()

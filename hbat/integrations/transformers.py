@@ -309,6 +309,9 @@ class HybridEWCCallback(TrainerCallback):
                 self._load_now(self._pending_load)
             self._pending_load = None
             self._fused = self._fused_optimizer(trainer)
+            # the forgetting meter's start: a copy of this rank's share of the weights at this train()
+            kl_shards = None if self._kl_options[1] is None else \
+                WeightShards(trainer.model_wrapped, start_device=self._kl_options[2])
             if self.objective is not None and self.ewc.objective != self.objective:
                 self._stage_metrics = self.ewc.begin_stage(self.objective)
         except BaseException:
@@ -317,9 +320,7 @@ class HybridEWCCallback(TrainerCallback):
         self._applied_step = None
         self._reset_window()
         self._install(trainer)
-        self._prepared = prepared
-        if self._kl_options[1] is not None:  # the start of this train(): a copy of this rank's share
-            self._kl_shards = WeightShards(trainer.model_wrapped, start_device=self._kl_options[2])
+        self._prepared, self._kl_shards = prepared, kl_shards
 
     def _fused_optimizer(self, trainer: Trainer) -> HybridAdamW | None:
         """The trainer's HybridAdamW (under accelerate's wrapper), checked to hold this callback's ewc."""

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from hbat import HybridEWC
+from hbat import HybridAdamW, HybridEWC
 from hbat.averaging import InPlaceAverager, WeightShards, kl_to_start, pareto_front, run_sweep, token_kl
 
 
@@ -307,3 +307,28 @@ def test_l2sp_is_hybrid_ewc_with_uniform_decay_from_the_first_stage():
     assert not uniform.active  # "uniform" has no penalty in the first stage, unlike L2-SP
     with pytest.raises(ValueError, match="l2sp"):
         HybridEWC(model, importance_mode="l2-sp")
+
+
+def test_l2sp_inside_hybrid_adamw_is_adamw_on_the_decayed_gradient():
+    torch.manual_seed(0)
+    model = TinyLM()
+    ref = copy.deepcopy(model)
+    ewc = HybridEWC(model, lam=0.5, importance_mode="l2sp")
+    ewc.begin_stage("ifa")
+    theta0 = params(model)
+    optimizer = HybridAdamW(model, ewc, lr=1e-2, weight_decay=0.0)
+    reference = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.0)
+    ids = torch.randint(0, 13, (2, 6), generator=torch.Generator().manual_seed(3))
+    for _ in range(3):  # from the second step on theta != theta_0: the decay term matters
+        for net, opt in ((model, optimizer), (ref, reference)):
+            net(ids).logsumexp(-1).mean().backward()
+        with torch.no_grad():
+            for (name, p) in ref.named_parameters():
+                p.grad.add_(0.5 * (p - theta0[name]))
+        optimizer.step()
+        reference.step()
+        optimizer.zero_grad()
+        reference.zero_grad()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    assert max(float((p.detach() - theta0[n]).abs().max()) for n, p in model.named_parameters()) > 1e-3

@@ -123,7 +123,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def _load_lm(path: str):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # optional dependency (hbat[train]): only the CLI loads models
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is not a folder (expected a save_pretrained model folder)")
@@ -131,7 +131,7 @@ def _load_lm(path: str):
 
 
 def _load_tokenizer(*paths: str):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # optional dependency (hbat[train])
 
     errors = []
     for path in paths:

@@ -111,13 +111,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     sweep = parser.add_argument_group("sweep (--sweep): evaluate ratios in memory, no model written")
     sweep.add_argument("--sweep", action="store_true", help="evaluate every --alpha (above 1: extrapolation, ExPO) and "
                                                             "--ratios vector; --out gets the table, front and plot")
-    sweep.add_argument("--ratios", type=_ratio_vector, action="append", default=[],
+    sweep.add_argument("--ratios", type=_ratio_vector, action="append", default=[], metavar="R1:R2:...",
                        help="one HMA ratio per --blocks block, ':'-separated (repeatable)")
-    sweep.add_argument("--eval-data", type=_eval_data, action="append", default=[],
+    sweep.add_argument("--eval-data", type=_eval_data, action="append", default=[], metavar="NAME=FILE",
                        help="NAME=FILE (samples as for --samples): metric NAME/loss, the mean LM loss (repeatable)")
-    sweep.add_argument("--eval", dest="eval_fn", help="MODULE:FUNCTION, called as FUNCTION(model, tokenizer) -> dict")
-    sweep.add_argument("--maximize", action="append", default=[], help="an objective to maximise (repeatable)")
-    sweep.add_argument("--minimize", action="append", default=[],
+    sweep.add_argument("--eval", dest="eval_fn", metavar="MODULE:FUNCTION", help="MODULE:FUNCTION, called as FUNCTION(model, tokenizer) -> dict")
+    sweep.add_argument("--maximize", action="append", default=[], metavar="METRIC", help="an objective to maximise (repeatable)")
+    sweep.add_argument("--minimize", action="append", default=[], metavar="METRIC",
                        help="an objective to minimise (repeatable; default: every NAME/loss)")
     return parser
 

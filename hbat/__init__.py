@@ -8,7 +8,7 @@ from . import ops
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "HybridEWC", "HybridAdamW", "__version__"]
+__all__ = ["ops", "HybridEWC", "HybridAdamW", "AveragingCallback", "__version__"]
 
 
 def __getattr__(name):
@@ -17,6 +17,10 @@ def __getattr__(name):
         from .ewc import HybridEWC
 
         return HybridEWC
+    if name == "AveragingCallback":  # imports transformers
+        from .integrations.averaging_callback import AveragingCallback
+
+        return AveragingCallback
     if name == "HybridAdamW":
         from .optim import HybridAdamW
 

@@ -23,13 +23,14 @@ import torch
 
 from . import ops
 from ._ewc_state import check_state
-from .importance import DEFAULT_IMPORTANCE_MODE, check_mode, compute_importance, importance_entropy
+from .importance import DEFAULT_IMPORTANCE_MODE, IMPORTANCE_MODES, compute_importance, importance_entropy
 from .ops import _validate as V
 from .param_view import LocalParamView, UnboundView, UnitGroups, make_view, module_of, relayout
 
-__all__ = ["HybridEWC"]
+__all__ = ["HybridEWC", "L2SP"]
 
 STATE_VERSION = 1
+L2SP = "l2sp"  # importance_mode: F_i = 1 for every unit from the first stage on (decay toward the anchor)
 
 UNBOUND = (
     "this HybridEWC is not bound to live parameters: the DeepSpeed engine it followed finished training "
@@ -64,7 +65,10 @@ class HybridEWC:
         lam: lambda of eq. (5)/(8); penalty = sum_i lam/2 * F_i * ||p_i - anchor_i||^2.
         importance_mode: "normalized" (default), "paper", "released", "proportional" or "uniform"; see
             ``hbat.importance``. The default is scale-invariant, unlike the paper's literal formula (nearly
-            uniform) and the released code (one-hot).
+            uniform) and the released code (one-hot). "l2sp": F_i = 1 for every unit in every stage, the first
+            included, so the penalty is ``lam/2 * ||theta - anchor||^2`` and its gradient ``lam * (theta -
+            anchor)``: L2-SP (decay toward the start model) when the anchor is the start, i.e. in one stage.
+            ``f_max`` is not used. ("uniform" differs: f_max / n per unit, and no penalty in the first stage.)
         importance_scale: temperature of the mode (larger = more peaked).
         anchor_dtype: float32 (default) or bfloat16 (half the memory; the anchor rounding then counts as change).
         include, exclude: fnmatch globs (or compiled regexes) on parameter names. Only parameters with
@@ -84,7 +88,9 @@ class HybridEWC:
         self.lam = V.check_scalar("lam", lam)
         if self.f_max < 0 or self.lam < 0:
             raise ValueError(f"f_max and lam must be >= 0, got f_max={self.f_max}, lam={self.lam}")
-        self.importance_mode = check_mode(importance_mode)
+        if importance_mode != L2SP and importance_mode not in IMPORTANCE_MODES:
+            raise ValueError(f"importance_mode must be one of {IMPORTANCE_MODES + (L2SP,)}, got {importance_mode!r}")
+        self.importance_mode = importance_mode
         self.importance_scale = V.check_scalar("importance_scale", importance_scale)
         if anchor_dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"anchor_dtype must be torch.float32, torch.bfloat16 or torch.float16, got {anchor_dtype}")
@@ -211,7 +217,9 @@ class HybridEWC:
             self.stages_done[ended] += 1
             self.last_change = change
         others = [o for o in self.objectives if o != objective and self.stages_done[o] > 0]
-        if others:
+        if self.importance_mode == L2SP:  # no importance: the same decay toward the anchor for every element
+            F = torch.ones(len(self.groups), dtype=torch.float32)
+        elif others:
             acc = sum(self.accumulated[o] for o in others)
             F = compute_importance(acc, self.f_max, self.importance_mode, self.importance_scale)
         else:

@@ -310,3 +310,42 @@ def test_hma_with_a_custom_loss_on_a_plain_torch_model():
     assert len(result.ratios) == 4 and abs(sum(result.ratios) / 4 - 0.3) < 1e-6
     assert max(abs(r - 0.3) for r in result.ratios) > 1e-2
     assert torch.equal(result.model.embed.weight, pre.embed.weight)  # non_layer="pre": copied, not merged
+
+
+def test_cli_sweep_on_saved_models_evaluates_in_memory_and_resumes(tmp_path, capsys):
+    from hbat.averaging import ModelAverager, main
+
+    pre, post = _save_tiny_pair(tmp_path)
+    new = tmp_path / "new.jsonl"
+    new.write_text("\n".join(json.dumps(r) for r in [{"prompt": "reply : yes", "response": "the dog ran"},
+                                                       {"text": "a dog ran in the park"}]) + "\n")
+    old = tmp_path / "old.txt"
+    old.write_text("the cat sat on the mat\nsummarize : the cat sat\n")
+    out = tmp_path / "sweep"
+    argv = ["--pre", str(tmp_path / "pre"), "--post", str(tmp_path / "post"), "--sweep", "--alpha", "0,0.5,1,1.5",
+            "--ratios", "0.2:0.5:0.8", "--eval-data", f"new={new}", "--eval-data", f"old={old}", "--out", str(out)]
+    assert main(argv) == 0
+    result = json.loads((out / "sweep_result.json").read_text())
+    assert [r["ratio"] for r in result["rows"]] == [0.0, 0.5, 1.0, 1.5, [0.2, 0.5, 0.8]]
+    assert result["objectives"] == {"new/loss": "min", "old/loss": "min"} and result["front"]
+    assert (out / "sweep.png").stat().st_size > 1000 and not any(out.glob("alpha_*"))  # no model written
+    # ratio 0 is the SFT model, 1 the aligned one: their losses computed directly
+    from transformers import AutoTokenizer
+
+    from hbat.averaging import encode_samples, load_samples
+
+    batches = encode_samples(AutoTokenizer.from_pretrained(tmp_path / "post"), load_samples(str(old)))
+    with torch.no_grad():
+        for alpha, row in ((0.0, result["rows"][0]), (1.0, result["rows"][2]), (0.5, result["rows"][1])):
+            model = ModelAverager(pre, post).average_(alpha)
+            want = sum(float(model(**b).loss) for b in batches) / len(batches)
+            assert row["old/loss"] == pytest.approx(want, rel=1e-5), alpha
+    # run again: every row comes from the table (an interrupted sweep would finish the missing ones)
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "reused 5 rows" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="outside"):
+        main(["--pre", str(tmp_path / "pre"), "--post", str(tmp_path / "post"), "--alpha", "1.5", "--out",
+              str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="what to evaluate"):
+        main(argv[:-6] + ["--out", str(out)])

@@ -43,6 +43,12 @@ the stage-boundary metrics of ``begin_stage`` at the first log. They are added i
 ``state.log_history`` before ``on_log``, and the reporting callbacks (wandb, tensorboard, the printer) run
 their ``on_log`` before a user callback's, so keys added there would reach neither.
 
+The forgetting meter (``kl_batch``, ``kl_every``): every ``kl_every`` optimizer steps, ``ewc/kl_to_start`` and
+``ewc/kl_to_start_reverse`` (``hbat.averaging.kl``: the exact token-level KL between the start model of this
+``train()`` and the current one on a fixed held-out batch of the task's data) join the next training log. The
+start weights are a copy of this rank's share taken when ``train()`` starts (``kl_start_device="cpu"`` keeps it
+in host memory), swapped into the live model for one forward and back, exactly; nothing is gathered.
+
 With ``Trainer(optimizers=(hbat.HybridAdamW(model, ewc, ...), None))`` the optimizer adds the penalty gradient
 inside its step: the callback then adds none itself (no ``apply_()``), and keeps the stage boundaries, the
 checkpoints and ``ewc/penalty`` (the optimizer's ``last_penalty`` of each step). Single process or DDP only,
@@ -60,6 +66,8 @@ import warnings
 import torch
 from transformers import Trainer, TrainerCallback
 
+from ..averaging.kl import kl_to_start
+from ..averaging.shards import WeightShards
 from ..importance import importance_entropy
 from ..optim import HybridAdamW
 from ..param_view import LocalParamView, UnboundView
@@ -89,7 +97,11 @@ def release_trainer(trainer: Trainer) -> None:
     accelerate's process-wide state (its ``AcceleratorState._reset_state``, which accelerate's own tests use for
     this). The model keeps its trained weights (under ZeRO-3 still partitioned, for the next engine). Call it
     after you are done with ``trainer`` (e.g. after ``trainer.save_model()``); a no-op beyond freeing otherwise.
+    An ``AveragingCallback`` of the trainer lets go of the model and its start copy here too.
     """
+    for callback in trainer.callback_handler.callbacks:
+        if getattr(callback, "_hbat_releases_with_trainer", False):
+            callback.close()
     deepspeed = bool(getattr(trainer, "is_deepspeed_enabled", False))
     trainer.accelerator.free_memory()
     trainer.model_wrapped, trainer.optimizer, trainer.lr_scheduler = trainer.model, None, None
@@ -124,16 +136,23 @@ class HybridEWCCallback(TrainerCallback):
         objective: if given, ``ewc.begin_stage(objective)`` runs at the start of training (unless ``ewc`` is
             already in that stage, e.g. restored from a checkpoint or continued by a second ``train()``), so
             one ``Trainer`` run is one stage of Algorithm 1. Without it the stages are the caller's business.
+        kl_batch / kl_every / kl_start_device: the forgetting meter (module docstring): a fixed batch (a dict
+            of tensors, rows split over the ranks), its period in optimizer steps, where the start copy lives.
     """
 
-    def __init__(self, ewc, objective: str | None = None):
+    def __init__(self, ewc, objective: str | None = None, *, kl_batch=None, kl_every: int | None = None,
+                 kl_start_device=None):
         for attr in ("apply_", "begin_stage", "bind", "state_dict", "load_state_dict", "objectives"):
             if not hasattr(ewc, attr):
                 raise TypeError(f"ewc must be a hbat.HybridEWC (it has no {attr!r}), got {type(ewc).__name__}")
         if objective is not None and objective not in ewc.objectives:
             raise ValueError(f"unknown objective {objective!r}; this HybridEWC has objectives {ewc.objectives}")
+        if (kl_batch is None) != (kl_every is None) or (kl_every is not None and (
+                isinstance(kl_every, bool) or not isinstance(kl_every, int) or kl_every < 1)):
+            raise ValueError("the forgetting meter needs kl_batch (a dict of tensors) and kl_every (a positive int)")
         self.ewc = ewc
         self.objective = objective
+        self._kl_options, self._kl_shards, self._kl_metrics = (kl_batch, kl_every, kl_start_device), None, {}
         self.trainer: Trainer | None = None
         self._bound_explicitly = False
         self._originals: dict[str, object] = {}
@@ -180,6 +199,7 @@ class HybridEWCCallback(TrainerCallback):
         self.trainer = trainer
 
     def _uninstall(self) -> None:
+        self._kl_shards = None
         if self._prepared is not None:
             self._prepared.close()
             self._prepared = None
@@ -218,6 +238,8 @@ class HybridEWCCallback(TrainerCallback):
         if self._penalty_steps:
             out["ewc/penalty"] = float(self._penalty_sum) / self._penalty_steps  # one host sync per log
         out["ewc/importance_entropy"] = importance_entropy(self.ewc.importance)
+        out.update(self._kl_metrics)
+        self._kl_metrics = {}
         self._reset_window()
         return out
 
@@ -287,6 +309,9 @@ class HybridEWCCallback(TrainerCallback):
                 self._load_now(self._pending_load)
             self._pending_load = None
             self._fused = self._fused_optimizer(trainer)
+            # the forgetting meter's start: a copy of this rank's share of the weights at this train()
+            kl_shards = None if self._kl_options[1] is None else \
+                WeightShards(trainer.model_wrapped, start_device=self._kl_options[2])
             if self.objective is not None and self.ewc.objective != self.objective:
                 self._stage_metrics = self.ewc.begin_stage(self.objective)
         except BaseException:
@@ -295,7 +320,7 @@ class HybridEWCCallback(TrainerCallback):
         self._applied_step = None
         self._reset_window()
         self._install(trainer)
-        self._prepared = prepared
+        self._prepared, self._kl_shards = prepared, kl_shards
 
     def _fused_optimizer(self, trainer: Trainer) -> HybridAdamW | None:
         """The trainer's HybridAdamW (under accelerate's wrapper), checked to hold this callback's ewc."""
@@ -312,6 +337,10 @@ class HybridEWCCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self._fused is not None:
             self._add_penalty(self._fused.last_penalty.detach())
+        batch, every, _ = self._kl_options
+        if self._kl_shards is not None and state.global_step % every == 0:
+            kl = kl_to_start(self._kl_shards, batch)
+            self._kl_metrics = {"ewc/kl_to_start": kl["kl_to_start"], "ewc/kl_to_start_reverse": kl["kl_to_start_reverse"]}
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self._prepared is None or self._fused is not None or self._applied_step == state.global_step:

@@ -8,12 +8,13 @@ Also: iterables (generators) are read once, and ops.importance is finite at ever
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import torch
 
 from hbat import ops
-from hbat.ops import cpu_backend, reference
+from hbat.ops import cpu_backend, reference, table
 from ops_cases import backend_cases
 
 BACKENDS = backend_cases()
@@ -150,6 +151,66 @@ def test_written_view_that_overlaps_itself_is_refused_before_any_write(backend, 
     # read-only expanded views are fine on the reference
     if backend == "reference":
         assert ops.squared_change(params, [torch.zeros(1).expand(12)] * 3, backend=backend).shape == (3,)
+
+
+def _random_call(rng: random.Random, op):
+    """Argument lists for ``op`` that are valid or broken in one of the ways check_lists refuses: a wrong dtype,
+    shape or rule, a non-contiguous or expanded tensor, a leaf requiring grad in a written list, tensors cut from
+    one shared buffer (overlapping or touching), a tensor repeated at the same or another index, a non-tensor."""
+    n = rng.randint(1, 6)
+    shapes = [(rng.randint(1, 4), rng.randint(1, 5)) for _ in range(n)]
+    buffer = torch.zeros(64, dtype=torch.float32)
+    lists = []
+    for j, spec in enumerate(op.arguments):
+        items = []
+        for i in range(n):
+            dtype = rng.choice((torch.float32, torch.bfloat16, torch.float16))
+            if spec.dtype == table.FLOAT32:
+                dtype = torch.float32
+            elif spec.dtype != table.ANY_FLOAT:  # the dtype of an earlier list's tensor i (if that is a tensor)
+                dtype = getattr(lists[op.arguments.index(op.tensor_list(spec.dtype))][i], "dtype", dtype)
+            t = torch.rand(shapes[i]).to(dtype)
+            fault = rng.random()
+            if fault < 0.04:
+                t = torch.rand(shapes[i], dtype=torch.float64)
+            elif fault < 0.08:
+                t = torch.rand(shapes[i][1], shapes[i][0]).to(dtype).t()  # non-contiguous (unless a vector)
+            elif fault < 0.12:
+                t = torch.rand(shapes[i][0] + 1, shapes[i][1]).to(dtype)
+            elif fault < 0.3:
+                start = rng.randint(0, 30)  # float32 views of one buffer: overlapping or touching each other
+                t = buffer[start:start + shapes[i][0] * shapes[i][1]].view(shapes[i])
+            elif fault < 0.4 and lists:
+                t = rng.choice(lists)[rng.choice((i, rng.randrange(n)))]  # the very same tensor again
+            elif fault < 0.43:
+                t = torch.rand(shapes[i]).to(dtype).requires_grad_(True)
+            elif fault < 0.45:
+                t = torch.zeros(1, dtype=dtype).expand(shapes[i])
+            elif fault < 0.46:
+                t = 1.0
+            items.append(t)
+        lists.append(items)
+    return lists
+
+
+@pytest.mark.skipif(not ops.backend_status("cpu", "cpu")[0], reason="the C++ extension is not built")
+def test_the_extensions_list_check_passes_exactly_what_python_passes():
+    # the native backends ask hbat._C.lists_pass first and skip the Python checks on yes: it must never say yes
+    # to what check_lists refuses (and should say yes to what it accepts, or every call pays the Python checks)
+    rng = random.Random(0)
+    outcomes = {True: 0, False: 0}
+    for trial in range(3000):
+        op = table.OPS[trial % len(table.OPS)]
+        lists = _random_call(rng, op)
+        try:
+            ops._check_in_python(op, "cpu", {t.name: ops._validate.as_tensor_list(t.name, items)
+                                             for t, items in zip(op.arguments, lists)})
+            python_passes = True
+        except (TypeError, ValueError):
+            python_passes = False
+        assert ops._lists_pass()(lists, *ops._list_rules(op.name)) == python_passes, (op.name, trial, lists)
+        outcomes[python_passes] += 1
+    assert min(outcomes.values()) > 500, outcomes
 
 
 def test_check_lists_refuses_overlaps_for_hybrid_ewc():

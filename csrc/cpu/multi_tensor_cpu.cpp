@@ -222,7 +222,8 @@ at::Tensor run(const OpCall& call) {
 
 template <Op kOp>
 void boxed_kernel(const c10::OperatorHandle& handle, torch::jit::Stack* stack) {
-  OpCall call = pop_call(kOp, handle, stack, at::kCPU, "cpu");
+  OpCall call;
+  read_call(call, kOp, handle, stack, at::kCPU, "cpu");
   const at::Tensor sums = run<kOp>(call);
   push_result(call, sums, stack);
 }

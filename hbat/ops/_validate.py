@@ -24,14 +24,21 @@ def _shape(t: torch.Tensor) -> str:
     return str(tuple(t.shape))
 
 
-def as_tensor_list(name: str, seq) -> list[torch.Tensor]:
-    """``seq`` (any iterable, a generator too: it is read once) as a list of tensors."""
+def as_list(name: str, seq) -> list:
+    """``seq`` (any iterable, a generator too: it is read once) as a list; a list as it is (never modified)."""
     if isinstance(seq, torch.Tensor):
         raise TypeError(f"{name} must be a sequence of tensors (a list or tuple), not a single tensor")
+    if type(seq) is list:
+        return seq
     try:
-        items = list(seq)
+        return list(seq)
     except TypeError:
         raise TypeError(f"{name} must be a sequence of tensors, not {type(seq).__name__}") from None
+
+
+def as_tensor_list(name: str, seq) -> list[torch.Tensor]:
+    """``seq`` (any iterable, a generator too: it is read once) as a list of tensors."""
+    items = list(as_list(name, seq))
     for i, t in enumerate(items):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}[{i}] is a {type(t).__name__}, not a torch.Tensor")

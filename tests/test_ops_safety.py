@@ -144,7 +144,7 @@ def test_written_view_that_overlaps_itself_is_refused_before_any_write(backend, 
     anchors[2] = torch.zeros(1, device=device).expand(12)
     before = _snapshot(anchors)
     message = r"anchors\[2\] \(shape \(12,\), strides \(0,\)\) " + (
-        r"has elements that share memory" if backend == "reference" else r"is not contiguous")
+        r"has elements that share memory" if backend == "reference" else r"is not dense in memory")
     with pytest.raises(ValueError, match=message):
         ops.snapshot_(params, anchors, backend=backend)
     assert _unchanged(anchors, before), "anchors 0 and 1 were written before the bad anchor 2 was refused"
@@ -196,7 +196,8 @@ def _random_call(rng: random.Random, op):
 @pytest.mark.skipif(not ops.backend_status("cpu", "cpu")[0], reason="the C++ extension is not built")
 def test_the_extensions_list_check_passes_exactly_what_python_passes():
     # the native backends ask hbat._C.lists_pass first and skip the Python checks on yes: it must never say yes
-    # to what check_lists refuses (and should say yes to what it accepts, or every call pays the Python checks)
+    # to what check_lists refuses, and should say yes to what it accepts (or every call pays the Python checks),
+    # except calls with a non-contiguous tensor, which Python turns into contiguous views
     rng = random.Random(0)
     outcomes = {True: 0, False: 0}
     for trial in range(3000):
@@ -208,9 +209,45 @@ def test_the_extensions_list_check_passes_exactly_what_python_passes():
             python_passes = True
         except (TypeError, ValueError):
             python_passes = False
-        assert ops._lists_pass()(lists, *ops._list_rules(op.name)) == python_passes, (op.name, trial, lists)
-        outcomes[python_passes] += 1
+        contiguous = all(t.is_contiguous() for items in lists for t in items if isinstance(t, torch.Tensor))
+        fast_passes = ops._lists_pass()(lists, *ops._list_rules(op.name))
+        assert fast_passes == (python_passes and contiguous), (op.name, trial, lists)
+        outcomes[fast_passes] += 1
     assert min(outcomes.values()) > 500, outcomes
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_dense_tensors_laid_out_alike_run_as_they_are_other_layouts_are_refused(backend, device):
+    # channels_last and transposed tensors (what torch's optimizers step in place) run without copies when the
+    # tensors at an index share the layout; the native backends stream over memory, so they refuse a mismatch
+    gen = torch.Generator().manual_seed(0)
+
+    def lists():
+        conv = [torch.randn(2, 3, 4, 5, generator=gen).to(device).to(memory_format=torch.channels_last)
+                for _ in range(3)]
+        matrix = [torch.randn(5, 3, generator=gen).to(device).t() for _ in range(3)]
+        return [[c, m] for c, m in zip(conv, matrix)]
+
+    params, anchors, grads = lists()
+    want_grads = [g.contiguous() for g in grads]
+    want = ops.ewc_penalty_grad_([p.contiguous() for p in params], [a.contiguous() for a in anchors], want_grads,
+                                 [1.0, 2.0], 0.5, backend="reference")
+    got = ops.ewc_penalty_grad_(params, anchors, grads, [1.0, 2.0], 0.5, backend=backend)
+    torch.testing.assert_close(got.cpu(), want.cpu(), rtol=1e-5, atol=1e-6)
+    assert grads[0].is_contiguous(memory_format=torch.channels_last) and grads[1].stride() == (1, 3)  # in place
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g.cpu(), w.cpu(), rtol=1e-5, atol=1e-6)
+    ops.snapshot_(params, anchors, backend=backend)
+    assert all(torch.equal(a, p) for a, p in zip(anchors, params))
+    anchors[1] = anchors[1].contiguous()  # another layout than params[1]
+    before = _snapshot(grads)
+    if backend == "reference":
+        ops.ewc_penalty_grad_(params, anchors, grads, [1.0, 2.0], 0.5, backend=backend)
+    else:
+        with pytest.raises(ValueError, match=r"anchors\[1\] \(strides \(5, 1\)\) is laid out unlike params\[1\] "
+                                             r"\(strides \(1, 3\)\).*one memory layout"):
+            ops.ewc_penalty_grad_(params, anchors, grads, [1.0, 2.0], 0.5, backend=backend)
+        assert _unchanged(grads, before)
 
 
 def test_check_lists_refuses_overlaps_for_hybrid_ewc():
@@ -218,7 +255,7 @@ def test_check_lists_refuses_overlaps_for_hybrid_ewc():
     params, anchors, grads = _case("cpu")
     with pytest.raises(ValueError, match=r"grads\[0\] and grads\[1\] are the same tensor"):
         ops._validate.check_lists({"params": params, "anchors": anchors, "grads": [grads[0], grads[0], grads[2]]},
-                                  dtypes=ops._validate.NATIVE_DTYPES, need_contiguous=True, writable=("grads",))
+                                  dtypes=ops._validate.NATIVE_DTYPES, need_dense=True, writable=("grads",))
 
 
 # ----------------------------------------------------------------------------------------- scalars

@@ -2,8 +2,9 @@
 // check of hbat/ops/_validate.py check_lists for a native backend, answered in C++ in one pass over the
 // tensors (about 20x faster than the Python loop on a few hundred tensors, which made an op's per-call cost
 // twice 7786d55's once the overlap checks came). It only says yes or no: on no, or on anything unusual (a
-// tensor subclass, a meta tensor, an empty list), Python runs its own checks, which word the error. So it may
-// refuse more than Python does, never less (tests/test_ops_safety.py runs every refusal through both).
+// tensor subclass, a meta tensor, an empty list, a non-contiguous tensor, which Python may pass as a
+// contiguous view), Python runs its own checks, which word the error. So it may refuse more than Python does,
+// never less (tests/test_ops_safety.py holds the two to that on random calls).
 //
 //   lists      the op's argument lists, in order (Python lists; any item that is not a tensor: no)
 //   rules      per list: -1 float32 / bfloat16 / float16, -2 float32 only, i >= 0 the dtype of list i's tensor

@@ -85,7 +85,7 @@ def _check_in_python(op: table.OpDef, backend_name: str, given: dict):
     return V.check_lists(
         given,
         dtypes=accepted_dtypes(backend_name),
-        need_contiguous=backend_name != "reference",
+        need_dense=backend_name != "reference",
         writable=[t.name for t in op.arguments if t.written_in_place],
         may_alias=may_alias,
         rules={t.name: t.dtype for t in op.arguments if t.dtype != table.ANY_FLOAT},
@@ -334,9 +334,25 @@ def adamw_ewc_step_(params: Tensors, grads: Tensors, exp_avg: Tensors, exp_avg_s
     if device.type == "cuda" and not torch.compiler.is_compiling():
         packed = packed.pin_memory()  # the copy below is then asynchronous
     vectors = packed.to(device, non_blocking=True).unbind(0)
+    return _adamw_ewc_step(be, lists, vectors, beta1, beta2, eps)
+
+
+def _adamw_ewc_step(be, lists, vectors, beta1: float, beta2: float, eps: float) -> torch.Tensor:
     with torch.no_grad():  # an in-place op: its results are values, not a graph
         sums = be.adamw_ewc_step_(*lists, *vectors, beta1, beta2, eps)
     return (0.5 * vectors[0]) * sums
+
+
+def _adamw_ewc_step_vectors(params: Tensors, grads: Tensors, exp_avg: Tensors, exp_avg_sq: Tensors, anchors: Tensors,
+                            vectors: Sequence[torch.Tensor], *, betas: tuple[float, float], eps: float,
+                            backend: str = "auto") -> torch.Tensor:
+    """``adamw_ewc_step_`` given its five per-tensor vectors (coef = lam F_i, lr, weight_decay, 1 - beta1**step,
+    1 - beta2**step: float32 [n] on the tensors' device) and betas / eps, all checked by the caller
+    (hbat.optim.HybridAdamW, once per stage or change); the tensor lists are checked here, as by every op."""
+    lists, device, be = _prepare("adamw_ewc_step_", backend, params, grads, exp_avg, exp_avg_sq, anchors)
+    if not lists[0]:
+        return _empty(device)
+    return _adamw_ewc_step(be, lists, vectors, betas[0], betas[1], eps)
 
 
 def _nonnegative(name: str, value: float) -> float:

@@ -43,6 +43,10 @@ namespace {
 
 constexpr int64_t kChunk = 1 << 16;  // elements per chunk: large enough to amortise scheduling
 constexpr int kLanes = 16;           // elements per block: independent accumulators, whole vectors of any width
+// Each list is prefetched this many elements ahead (2 KB of fp32). One thread streaming five lists (adamw_ewc_step_)
+// keeps too few cache misses in flight on its own: the prefetches took it from 2.6x to 2.1x a copy_'s time of the
+// same elements (ewc_penalty_grad_, lerp_: 6-7% faster; benchmarks/results/cpu-regression.md). No effect on results.
+constexpr int64_t kPrefetch = 512;
 
 template <int I, typename... Ts>
 using Nth = std::tuple_element_t<I, std::tuple<Ts...>>;
@@ -107,6 +111,7 @@ double apply_range(void* const* base, int64_t begin, int64_t end, const OpMath<k
   for (int j = 0; j < J; ++j) acc[j] = V{};
   int64_t i = begin;
   for (; i + kLanes <= end; i += kLanes) {
+    if (i + kPrefetch < end) (__builtin_prefetch(std::get<L>(ptr) + i + kPrefetch, 0, 3), ...);
     for (int j = 0; j < J; ++j) {
       V x[N] = {load_vec<kOp, L, V>(std::get<L>(ptr) + i + j * W)...};
       math(x, acc[j]);

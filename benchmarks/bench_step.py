@@ -31,7 +31,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
 
@@ -103,20 +102,20 @@ class Trainer:
             loss = loss + self.penalty_loss(variant)
         loss.backward()
         if variant == "dpo+hbat":
-            start = time.perf_counter()
+            start = B.now()
             ops.ewc_penalty_grad_(self.params, self.anchors, [p.grad for p in self.params], self.importance, LAM)
             B.synchronize(self.device)
-            self.hbat_call_s.append(time.perf_counter() - start)
+            self.hbat_call_s.append(B.now() - start)
 
     def step(self, variant: str) -> None:
         self.backward(variant)
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         optimizer = self.hybrid if variant == "dpo+hybridadamw" else self.optimizer
-        start = time.perf_counter()
+        start = B.now()
         optimizer.step()
         B.synchronize(self.device)
         if variant in self.optimizer_s:
-            self.optimizer_s[variant].append(time.perf_counter() - start)
+            self.optimizer_s[variant].append(B.now() - start)
         optimizer.zero_grad(set_to_none=True)
 
 

@@ -269,6 +269,11 @@ def set_clock(name: str, threads: int) -> None:
     _CLOCK["now"] = time.thread_time if name == "cpu" else time.perf_counter
 
 
+def now() -> float:
+    """The benchmark clock's reading (seconds): wall time, or the thread's CPU time under ``--clock cpu``."""
+    return _CLOCK["now"]()
+
+
 def timed(fn: Callable[[], object], device) -> float:
     now = _CLOCK["now"]
     synchronize(device)

@@ -47,9 +47,17 @@ sed -i 's/"hbat\\._C/"hbat_old._C/g; s/hbat\\.ops\\./hbat_old.ops./g; s/from hba
 's/torch\\.ops\\.hbat\\./torch.ops.hbat_old./g' hbat_old/_ext.py hbat_old/ops/*.py
 sed -i 's/TORCH_LIBRARY(hbat,/TORCH_LIBRARY(hbat_old,/; s/TORCH_LIBRARY_IMPL(hbat,/TORCH_LIBRARY_IMPL(hbat_old,/' \\
   csrc/bindings/*.cpp csrc/cpu/*.cpp
-# a setup.py with 7786d55's CppExtension (sources csrc/bindings/library.cpp, cpu_binding.cpp, csrc/cpu/*.cpp;
-# flags -O3 -std=c++17 -fopenmp, as 7786d55's setup.py) named hbat_old._C, then:
-.venv/bin/python setup.py build_ext --inplace      # the hbat venv's python: the same torch
+cat > setup.py <<'PY'
+# 7786d55's CppExtension and flags, named hbat_old._C
+import os
+from setuptools import setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension
+setup(name="hbat_old", packages=[], ext_modules=[CppExtension(
+    "hbat_old._C", sources=["csrc/bindings/library.cpp", "csrc/bindings/cpu_binding.cpp", "csrc/cpu/multi_tensor_cpu.cpp"],
+    include_dirs=[os.path.abspath("csrc")], extra_compile_args=["-O3", "-std=c++17", "-fopenmp"],
+    extra_link_args=["-fopenmp"])], cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})
+PY
+<hbat checkout>/.venv/bin/python setup.py build_ext --inplace   # the hbat venv: the same torch
 ```
 
 Today's build is `make setup` (or `python setup.py build_ext --inplace`) of this tree. Kernels: the raw torch

@@ -60,6 +60,18 @@ PY
 <hbat checkout>/.venv/bin/python setup.py build_ext --inplace   # the hbat venv: the same torch
 ```
 
+**The cause** (fixed in d80ced8, csrc/cpu/multi_tensor_cpu.cpp): the generic element loop held a block of 16
+elements per list in arrays and ran the op's scalar math lane by lane (3e5a965). GCC 12 vectorised that loop
+across blocks instead of within one: 8 blocks per iteration, the 16 lanes of each list gathered with `vpermd` /
+`vblendps` shuffles and spilled to a 2 KB stack frame, so one thread took 1.4-1.9x 7786d55's time for
+squared_change, snapshot_, lerp_ and ewc_penalty_grad_ (and adamw_ewc_step_ 2.6x a copy_'s time). Now the block
+is explicit SIMD (GCC vector types of 4 floats for baseline x86-64, 8 for AVX2; the op's math templated on float
+or vector), one load and one store per list per vector, and every list is prefetched 512 elements ahead
+(07422f6). The results are bit-identical to before (each lane sums the same elements in the same order). The
+per-call cost had grown from the overlap checks added after 7786d55 (a Python loop over every tensor) and the
+Python version-bump kernel: the checks are now answered in C++ first (`hbat._C.lists_pass`), the bumps are a C++
+kernel, and the bindings read their lists where they lie on the stack (d2b88c8).
+
 Today's build is `make setup` (or `python setup.py build_ext --inplace`) of this tree. Kernels: the raw torch
 operators on the same tensors (fp32, Llama-shaped, 291 tensors); 1 thread timed by the thread's CPU time (robust
 to the other jobs on this shared 2-core machine), 2 threads by wall time. Per call: 291 tensors of 8 elements,

@@ -258,12 +258,29 @@ def synchronize(device) -> None:
         torch.cuda.synchronize()
 
 
+#: the clock of ``timed``: wall time, or with ``--clock cpu`` (one torch thread) the calling thread's CPU time, which
+#: does not count the time a shared machine gives to other jobs (set_clock)
+_CLOCK = {"now": time.perf_counter}
+
+
+def set_clock(name: str, threads: int) -> None:
+    if name == "cpu" and threads != 1:
+        raise ValueError("--clock cpu needs --threads 1: the thread's CPU time misses other threads' work")
+    _CLOCK["now"] = time.thread_time if name == "cpu" else time.perf_counter
+
+
+def now() -> float:
+    """The benchmark clock's reading (seconds): wall time, or the thread's CPU time under ``--clock cpu``."""
+    return _CLOCK["now"]()
+
+
 def timed(fn: Callable[[], object], device) -> float:
+    now = _CLOCK["now"]
     synchronize(device)
-    start = time.perf_counter()
+    start = now()
     fn()
     synchronize(device)
-    return time.perf_counter() - start
+    return now() - start
 
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], device, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
@@ -431,6 +448,9 @@ def add_output_flags(parser) -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads for torch (default 0: torch's default). On a CPU shared with other jobs, "
                              "1 avoids the stalls of a multi-threaded op waiting for a descheduled thread")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="what the timings count (default wall); cpu: the calling thread's CPU time, with "
+                             "--threads 1 (every kernel then runs on it): what a job waits for others is not counted")
 
 
 def parse(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
@@ -464,6 +484,8 @@ def machine_line(device, short: bool = False) -> str:
         what = torch.cuda.get_device_name(device)
     else:
         what = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+        if _CLOCK["now"] is time.thread_time:
+            what += ", times are the thread's CPU time"
         if not short:
             load = _START.get("load", os.getloadavg()[0])
             what += f", load average {load:.1f} at the start (other jobs share this CPU)"
@@ -529,6 +551,7 @@ def progress(total: int, desc: str):
 def run_and_write(args, tag: str, run, markdown, plot=None) -> None:
     """The main() of every benchmark script: threads, run, then <out>/<device>-<tag>.csv, .md (and .png)."""
     apply_threads(args.threads)
+    set_clock(getattr(args, "clock", "wall"), args.threads)
     os.makedirs(args.out, exist_ok=True)
     rows = run(args)
     stem = os.path.join(args.out, f"{device_tag(args.device)}-{tag}")

@@ -3,6 +3,9 @@
 // OpMath template that each op specialises with its math (csrc/ops/<op>.h). Plain C++: no torch, no CUDA.
 #pragma once
 
+#include <math.h>
+
+#include <cstddef>
 #include <cstdint>
 
 #include "op_table.h"
@@ -61,11 +64,23 @@ HBAT_OP_LISTS(HBAT_X)
 // Each op's math, one specialisation per op in csrc/ops/<op>.h (see CONTRIBUTING.md, "Adding an op"):
 //   OpMath(const float* vectors, const double* scalars)   once per chunk: the tensor's entry of each
 //                                                         per-tensor vector, and the call's scalars
-//   void operator()(float (&e)[kNumLists], float& sum) const
+//   template <typename F> void operator()(F (&e)[kNumLists], F& sum) const
 //                                                         one element: e[i] is list i's value (loaded lists
 //                                                         hold the input); the op writes its stored lists
 //                                                         into e and, if it reduces, adds to sum
+// F is float (CUDA, the CPU loop's tail) or a GCC vector of floats (the CPU loop: every lane one element), so
+// the math uses + - * / (a float operand applies to every lane) and lane_sqrt, nothing that needs a scalar.
 template <Op kOp> struct OpMath;
+
+HBAT_HOST_DEVICE inline float lane_sqrt(float x) { return sqrtf(x); }
+#if !defined(__CUDACC__)
+// Lane by lane (correctly rounded, like sqrtf); the compiler emits one sqrtps for the whole vector.
+template <typename V>
+inline V lane_sqrt(V x) {
+  for (size_t l = 0; l < sizeof(V) / sizeof(float); ++l) x[l] = __builtin_sqrtf(x[l]);
+  return x;
+}
+#endif
 
 // ------------------------------------------------------------------------------------ run time (host)
 struct OpInfo {

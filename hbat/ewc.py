@@ -113,6 +113,9 @@ class HybridEWC:
         self.history: list[dict] = []
         self.last_change = torch.zeros(n, dtype=torch.float64)
         self.apply_count = 0  # apply_() calls so far (hbat.optim.HybridAdamW refuses a step after one)
+        # counts the changes of what fused_terms() returns (anchor tensors, importance): HybridAdamW keeps its
+        # lists while it stays the same
+        self.terms_version = 0
         self._on_new_view()
         self._set_importance(torch.zeros(n, dtype=torch.float32))
 
@@ -135,8 +138,9 @@ class HybridEWC:
 
     @torch.no_grad()
     def _take_anchors(self) -> list[torch.Tensor]:
-        self._anchors = [p.detach().to(self.anchor_dtype, copy=True, memory_format=torch.contiguous_format)
-                         for p in self.view.params()]
+        # the parameter's layout (preserve_format): the ops need a parameter and its anchor laid out alike
+        self._anchors = [p.detach().to(self.anchor_dtype, copy=True) for p in self.view.params()]
+        self.terms_version += 1
         return self._anchors
 
     def _on_new_view(self) -> None:
@@ -149,6 +153,7 @@ class HybridEWC:
                                    f"Available here: {', '.join(ops.available_backends(self.device)) or 'none'}")
 
     def _set_importance(self, F: torch.Tensor) -> None:
+        self.terms_version += 1
         self.importance = F.to(torch.float32).cpu()
         self._active = bool((self.importance != 0).any()) and self.lam != 0
         fragment_group = [self.groups.unit_group[u] for u in self.view.fragment_unit]
@@ -352,7 +357,10 @@ class HybridEWC:
         check_state(state, STATE_VERSION, names=self.groups.names, numel=self.groups.numel,
                     fragment_names=self.view.fragment_names, fragment_shapes=self.view.fragment_shapes,
                     objectives=self.objectives, settings=self._settings())
-        if self._anchors is None:
+        if self._anchors is None and not isinstance(self.view, UnboundView):  # laid out like the parameters
+            self._anchors = [torch.empty_like(p, dtype=self.anchor_dtype).copy_(saved)
+                             for p, saved in zip(self.view.params(), state["anchors"])]
+        elif self._anchors is None:
             self._anchors = [saved.to(device=self.device, dtype=self.anchor_dtype, copy=True)
                              for saved in state["anchors"]]
         else:

@@ -316,15 +316,19 @@ def test_bad_input_is_named_and_nothing_is_modified(backend):
     assert all(torch.equal(a, b) for a, b in zip(anchors, anchors_before)), "a failed call modified anchors"
 
 
-def test_non_contiguous_rejected_by_native_backends_only():
+def test_native_backends_run_dense_layouts_and_refuse_gaps_or_mixed_layouts():
     params, anchors, _ = _lists()
-    strided = [p.t() for p in params]
-    ref_anchors = [a.t() for a in anchors]
-    assert ops.squared_change(strided, ref_anchors, backend="reference").shape == (3,)
+    transposed, transposed_anchors = [p.t() for p in params], [a.t() for a in anchors]  # dense, one layout
+    gaps = [torch.cat([p, p], dim=-1)[..., ::2] for p in params]  # every other element: not dense
+    want = ops.squared_change(params, anchors, backend="reference")
+    assert ops.squared_change(gaps, anchors, backend="reference").shape == (3,)
     native = [b for b in ("cpu", "triton") if ops.backend_status(b, "cpu")[0]]
     for backend in native:
-        with pytest.raises(ValueError, match=r"params\[0\] .* is not contiguous"):
-            ops.squared_change(strided, ref_anchors, backend=backend)
+        torch.testing.assert_close(ops.squared_change(transposed, transposed_anchors, backend=backend), want)
+        with pytest.raises(ValueError, match=r"params\[0\] .* is not dense in memory"):
+            ops.squared_change(gaps, anchors, backend=backend)
+        with pytest.raises(ValueError, match=r"refs\[0\] \(strides .*\) is laid out unlike params\[0\]"):
+            ops.squared_change(transposed, [a.contiguous() for a in transposed_anchors], backend=backend)
 
 
 def test_unknown_or_unavailable_backend_is_explained():

@@ -8,12 +8,13 @@ Also: iterables (generators) are read once, and ops.importance is finite at ever
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import torch
 
 from hbat import ops
-from hbat.ops import cpu_backend, reference
+from hbat.ops import cpu_backend, reference, table
 from ops_cases import backend_cases
 
 BACKENDS = backend_cases()
@@ -143,7 +144,7 @@ def test_written_view_that_overlaps_itself_is_refused_before_any_write(backend, 
     anchors[2] = torch.zeros(1, device=device).expand(12)
     before = _snapshot(anchors)
     message = r"anchors\[2\] \(shape \(12,\), strides \(0,\)\) " + (
-        r"has elements that share memory" if backend == "reference" else r"is not contiguous")
+        r"has elements that share memory" if backend == "reference" else r"is not dense in memory")
     with pytest.raises(ValueError, match=message):
         ops.snapshot_(params, anchors, backend=backend)
     assert _unchanged(anchors, before), "anchors 0 and 1 were written before the bad anchor 2 was refused"
@@ -152,12 +153,109 @@ def test_written_view_that_overlaps_itself_is_refused_before_any_write(backend, 
         assert ops.squared_change(params, [torch.zeros(1).expand(12)] * 3, backend=backend).shape == (3,)
 
 
+def _random_call(rng: random.Random, op):
+    """Argument lists for ``op`` that are valid or broken in one of the ways check_lists refuses: a wrong dtype,
+    shape or rule, a non-contiguous or expanded tensor, a leaf requiring grad in a written list, tensors cut from
+    one shared buffer (overlapping or touching), a tensor repeated at the same or another index, a non-tensor."""
+    n = rng.randint(1, 6)
+    shapes = [(rng.randint(1, 4), rng.randint(1, 5)) for _ in range(n)]
+    buffer = torch.zeros(64, dtype=torch.float32)
+    lists = []
+    for j, spec in enumerate(op.arguments):
+        items = []
+        for i in range(n):
+            dtype = rng.choice((torch.float32, torch.bfloat16, torch.float16))
+            if spec.dtype == table.FLOAT32:
+                dtype = torch.float32
+            elif spec.dtype != table.ANY_FLOAT:  # the dtype of an earlier list's tensor i (if that is a tensor)
+                dtype = getattr(lists[op.arguments.index(op.tensor_list(spec.dtype))][i], "dtype", dtype)
+            t = torch.rand(shapes[i]).to(dtype)
+            fault = rng.random()
+            if fault < 0.04:
+                t = torch.rand(shapes[i], dtype=torch.float64)
+            elif fault < 0.08:
+                t = torch.rand(shapes[i][1], shapes[i][0]).to(dtype).t()  # non-contiguous (unless a vector)
+            elif fault < 0.12:
+                t = torch.rand(shapes[i][0] + 1, shapes[i][1]).to(dtype)
+            elif fault < 0.3:
+                start = rng.randint(0, 30)  # float32 views of one buffer: overlapping or touching each other
+                t = buffer[start:start + shapes[i][0] * shapes[i][1]].view(shapes[i])
+            elif fault < 0.4 and lists:
+                t = rng.choice(lists)[rng.choice((i, rng.randrange(n)))]  # the very same tensor again
+            elif fault < 0.43:
+                t = torch.rand(shapes[i]).to(dtype).requires_grad_(True)
+            elif fault < 0.45:
+                t = torch.zeros(1, dtype=dtype).expand(shapes[i])
+            elif fault < 0.46:
+                t = 1.0
+            items.append(t)
+        lists.append(items)
+    return lists
+
+
+@pytest.mark.skipif(not ops.backend_status("cpu", "cpu")[0], reason="the C++ extension is not built")
+def test_the_extensions_list_check_passes_exactly_what_python_passes():
+    # the native backends ask hbat._C.lists_pass first and skip the Python checks on yes: it must never say yes
+    # to what check_lists refuses, and should say yes to what it accepts (or every call pays the Python checks),
+    # except calls with a non-contiguous tensor, which Python turns into contiguous views
+    rng = random.Random(0)
+    outcomes = {True: 0, False: 0}
+    for trial in range(3000):
+        op = table.OPS[trial % len(table.OPS)]
+        lists = _random_call(rng, op)
+        try:
+            ops._check_in_python(op, "cpu", {t.name: ops._validate.as_tensor_list(t.name, items)
+                                             for t, items in zip(op.arguments, lists)})
+            python_passes = True
+        except (TypeError, ValueError):
+            python_passes = False
+        contiguous = all(t.is_contiguous() for items in lists for t in items if isinstance(t, torch.Tensor))
+        fast_passes = ops._lists_pass()(lists, *ops._list_rules(op.name))
+        assert fast_passes == (python_passes and contiguous), (op.name, trial, lists)
+        outcomes[fast_passes] += 1
+    assert min(outcomes.values()) > 500, outcomes
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_dense_tensors_laid_out_alike_run_as_they_are_other_layouts_are_refused(backend, device):
+    # channels_last and transposed tensors (what torch's optimizers step in place) run without copies when the
+    # tensors at an index share the layout; the native backends stream over memory, so they refuse a mismatch
+    gen = torch.Generator().manual_seed(0)
+
+    def lists():
+        conv = [torch.randn(2, 3, 4, 5, generator=gen).to(device).to(memory_format=torch.channels_last)
+                for _ in range(3)]
+        matrix = [torch.randn(5, 3, generator=gen).to(device).t() for _ in range(3)]
+        return [[c, m] for c, m in zip(conv, matrix)]
+
+    params, anchors, grads = lists()
+    want_grads = [g.contiguous() for g in grads]
+    want = ops.ewc_penalty_grad_([p.contiguous() for p in params], [a.contiguous() for a in anchors], want_grads,
+                                 [1.0, 2.0], 0.5, backend="reference")
+    got = ops.ewc_penalty_grad_(params, anchors, grads, [1.0, 2.0], 0.5, backend=backend)
+    torch.testing.assert_close(got.cpu(), want.cpu(), rtol=1e-5, atol=1e-6)
+    assert grads[0].is_contiguous(memory_format=torch.channels_last) and grads[1].stride() == (1, 3)  # in place
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g.cpu(), w.cpu(), rtol=1e-5, atol=1e-6)
+    ops.snapshot_(params, anchors, backend=backend)
+    assert all(torch.equal(a, p) for a, p in zip(anchors, params))
+    anchors[1] = anchors[1].contiguous()  # another layout than params[1]
+    before = _snapshot(grads)
+    if backend == "reference":
+        ops.ewc_penalty_grad_(params, anchors, grads, [1.0, 2.0], 0.5, backend=backend)
+    else:
+        with pytest.raises(ValueError, match=r"anchors\[1\] \(strides \(5, 1\)\) is laid out unlike params\[1\] "
+                                             r"\(strides \(1, 3\)\).*one memory layout"):
+            ops.ewc_penalty_grad_(params, anchors, grads, [1.0, 2.0], 0.5, backend=backend)
+        assert _unchanged(grads, before)
+
+
 def test_check_lists_refuses_overlaps_for_hybrid_ewc():
     # every op validates through check_lists: the overlap check lives there, not in each op
     params, anchors, grads = _case("cpu")
     with pytest.raises(ValueError, match=r"grads\[0\] and grads\[1\] are the same tensor"):
         ops._validate.check_lists({"params": params, "anchors": anchors, "grads": [grads[0], grads[0], grads[2]]},
-                                  dtypes=ops._validate.NATIVE_DTYPES, need_contiguous=True, writable=("grads",))
+                                  dtypes=ops._validate.NATIVE_DTYPES, need_dense=True, writable=("grads",))
 
 
 # ----------------------------------------------------------------------------------------- scalars

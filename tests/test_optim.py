@@ -351,3 +351,185 @@ def test_callback_with_hybrid_adamw_keeps_stages_logs_and_checkpoints_but_adds_n
     with pytest.raises(ValueError, match="another HybridEWC"):
         Trainer(model=model, args=training_args(tmp_path / "other", **args), train_dataset=data,
                 optimizers=(other, None), callbacks=[HybridEWCCallback(ewc, objective="ifa")]).train()
+
+
+# ----------------------------------------------------------------------------------------- kept between steps
+def _twin_run(backend, actions, stages=STAGES[:3], steps=3, **kwargs):
+    """torch AdamW + apply_() and HybridAdamW through the same stages and batches; ``actions(k, ref, mine)`` runs
+    before step k on both setups (each a (model, ewc, step, optimizer)). Asserts the params agree after every step."""
+    ref, mine = two_setups(backend, "cpu", **kwargs)
+    k = 0
+    for objective in stages:
+        ref[1].begin_stage(objective), mine[1].begin_stage(objective)
+        for _ in range(steps):
+            actions(k, ref, mine)
+            ref[2](k), mine[2](k)
+            for (name, p), q in zip(mine[0].named_parameters(), ref[0].parameters()):
+                torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m: f"step {k}, {name}: {m}")
+            k += 1
+    return ref, mine
+
+
+SYNCS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__")
+
+
+def test_lists_are_built_once_per_stage_and_a_step_reads_nothing_back(monkeypatch):
+    builds = []
+    build = HybridAdamW._build_calls
+    monkeypatch.setattr(HybridAdamW, "_build_calls", lambda self, grads: builds.append(1) or build(self, grads))
+
+    def refuse(name):
+        def sync(*args, **kwargs):
+            raise AssertionError(f"Tensor.{name}() in a HybridAdamW step")
+        return sync
+
+    def step_without_syncs(step):
+        def run(*args, **kwargs):
+            with monkeypatch.context() as patch:
+                for name in SYNCS:
+                    patch.setattr(torch.Tensor, name, refuse(name))
+                return step(*args, **kwargs)
+        return run
+
+    def actions(k, ref, mine):
+        for opt in (ref[3], mine[3]):  # a scheduler's lr is read at the next step, without a rebuild
+            opt.param_groups[0]["lr"] = 1e-2 / (1 + k)
+        opt = mine[3]
+        if k % 3 == 1:  # the lists are built at a stage's first step; the steps after it read nothing back
+            opt.step = step_without_syncs(type(opt).step.__get__(opt))
+        elif k % 3 == 0:
+            opt.__dict__.pop("step", None)
+
+    _twin_run("cpu" if _cpu_ok() else "reference", actions, stages=STAGES, steps=3)
+    assert len(builds) == len(STAGES)  # one per stage: begin_stage changed the anchors and the importance
+
+
+def test_add_param_group_between_steps_is_stepped_like_torch_adamw():
+    def add_group(k, ref, mine):
+        if k == 4:
+            for model, _, _, opt in (ref, mine):
+                opt.add_param_group({"params": model[2].parameters(), "lr": 3e-2, "weight_decay": 0.1})
+
+    def groups(model):
+        return [{"params": [p for m in (model[0], model[3]) for p in m.parameters()]}]
+
+    ref, mine = _twin_run("cpu" if _cpu_ok() else "reference", add_group, groups=groups)
+    assert len(mine[3].param_groups) == 2 and all(p in mine[3].state for p in mine[0][2].parameters())
+
+
+def test_load_state_dict_between_steps_replaces_the_kept_step_counts():
+    # a stale cache would keep stepping the replaced step counts: the bias correction would drift
+    def reload(k, ref, mine):
+        if k in (2, 5):
+            mine[3].load_state_dict(_round_trip(mine[3].state_dict()))
+
+    _, mine = _twin_run("cpu" if _cpu_ok() else "reference", reload)
+    assert {float(s["step"]) for s in mine[3].state.values()} == {9.0}
+
+
+def test_parameters_without_a_gradient_are_skipped_like_torch_adamw():
+    def drop_grad(k, ref, mine):  # the first Linear's bias has no gradient in steps 3 and 4
+        if k in (3, 4):
+            for model, _, _, _ in (ref, mine):
+                model[0].bias.requires_grad_(False)
+        else:
+            for model, _, _, _ in (ref, mine):
+                model[0].bias.requires_grad_(True)
+
+    _, mine = _twin_run("cpu" if _cpu_ok() else "reference", drop_grad)
+    assert float(mine[3].state[mine[0][0].bias]["step"]) == 7 and float(mine[3].state[mine[0][0].weight]["step"]) == 9
+
+
+def test_changed_betas_and_eps_are_used_at_the_next_step():
+    def momentum(k, ref, mine):
+        for _, _, _, opt in (ref, mine):
+            opt.param_groups[0]["betas"] = (0.9 - 0.05 * (k % 3), 0.999)
+            opt.param_groups[0]["eps"] = 1e-8 * (1 + k)
+
+    _twin_run("cpu" if _cpu_ok() else "reference", momentum)
+
+
+# ----------------------------------------------------------------------------------------- as strict as torch
+BAD_GROUP_SETTINGS = {
+    "lr=-1": ("lr", -1.0, ValueError, "Invalid learning rate: -1.0"),
+    "lr=nan": ("lr", float("nan"), ValueError, "Invalid learning rate: nan"),
+    "lr=tensor": ("lr", torch.tensor(0.1), TypeError, "lr as a float"),
+    "lr=str": ("lr", "0.1", TypeError, "lr must be a real number"),
+    "betas=(1.5,0.9)": ("betas", (1.5, 0.9), ValueError, "Invalid beta parameter at index 0: 1.5"),
+    "betas=(0.9,1)": ("betas", (0.9, 1.0), ValueError, "Invalid beta parameter at index 1"),
+    "betas=(0.9,)": ("betas", (0.9,), TypeError, "betas must be a pair"),
+    "eps=-1": ("eps", -1.0, ValueError, "Invalid epsilon value: -1.0"),
+    "weight_decay=inf": ("weight_decay", float("inf"), ValueError, "Invalid weight_decay value: inf"),
+    "amsgrad": ("amsgrad", True, ValueError, "does not implement amsgrad=True"),
+}
+
+
+@pytest.mark.parametrize("key,value,error,message", BAD_GROUP_SETTINGS.values(), ids=BAD_GROUP_SETTINGS.keys())
+def test_load_state_dict_refuses_a_bad_group_setting_before_changing_anything(key, value, error, message):
+    model = tiny_model()
+    opt = HybridAdamW(model, HybridEWC(model), lr=1e-2)
+    loss_of(model, 0).backward()
+    opt.step()
+    saved = _round_trip(opt.state_dict())
+    loss_of(model, 1).backward()
+    opt.step()  # the optimizer's state moves on: the refused load must leave this one in place
+    before = copy.deepcopy(opt.state_dict())
+    bad = copy.deepcopy(saved)
+    bad["param_groups"][0][key] = value
+    with pytest.raises(error, match=rf"param_groups\[0\]: .*{message}"):
+        opt.load_state_dict(bad)
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    for index, state in before["state"].items():
+        for name, value in state.items():
+            assert torch.equal(after["state"][index][name], value), (index, name)
+    params = [p.detach().clone() for p in model.parameters()]
+    loss_of(model, 2).backward()
+    opt.step()  # and it still steps, with its own settings
+    assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), params))
+
+
+@pytest.mark.parametrize("key,value,error,message", BAD_GROUP_SETTINGS.values(), ids=BAD_GROUP_SETTINGS.keys())
+def test_add_param_group_with_a_bad_setting_keeps_nothing(key, value, error, message):
+    model = tiny_model()
+    opt = HybridAdamW(model[0].parameters(), HybridEWC(model), lr=1e-2)
+    with pytest.raises(error, match=message):
+        opt.add_param_group({"params": model[2].parameters(), key: value})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": model[2].parameters(), "lr": 3e-2})  # a retry with good settings works
+    assert len(opt.param_groups) == 2 and opt.param_groups[1]["lr"] == 3e-2
+    loss_of(model, 0).backward()
+    opt.step()
+    assert all(p in opt.state for p in model[2].parameters())
+
+
+def conv_model(seed=0):
+    """A channels_last convolution and a transposed nn.Parameter: parameters torch's AdamW steps as they are."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(144, 2))
+    model = model.to(memory_format=torch.channels_last)
+    model[2].weight = torch.nn.Parameter(torch.randn(144, 2).t() * 0.1)
+    assert not model[0].weight.is_contiguous() and not model[2].weight.is_contiguous()
+    return model
+
+
+@pytest.mark.parametrize("backend,device", backend_cases(("reference", "cpu")))
+def test_channels_last_and_transposed_parameters_are_stepped_like_torch_adamw(backend, device):
+    ref_model, model = conv_model(), conv_model()
+    ref_ewc, ewc = HybridEWC(ref_model, backend=backend), HybridEWC(model, backend=backend)
+    ref_opt = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, weight_decay=0.05, foreach=False)
+    opt = HybridAdamW(model, ewc, lr=1e-2, weight_decay=0.05)
+    for k, objective in enumerate(STAGES[:3]):
+        ref_ewc.begin_stage(objective), ewc.begin_stage(objective)
+        for j in range(3):
+            x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(10 * k + j))
+            x = x.to(memory_format=torch.channels_last)
+            for m in (ref_model, model):
+                m(x).square().mean().backward()
+            ref_ewc.apply_()
+            ref_opt.step(), opt.step()
+            ref_opt.zero_grad(), opt.zero_grad()
+            for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
+                torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m: f"step {k}.{j} {name}: {m}")
+    assert ewc.active and float(opt.last_penalty) > 0
+    assert opt.state[model[0].weight]["exp_avg"].stride() == model[0].weight.stride()

@@ -75,7 +75,8 @@ std::shared_ptr<const DevicePlan> cached_plan(const hbat::OpCall& call, hbat::Op
 
 template <hbat::Op kOp>
 void boxed_kernel(const c10::OperatorHandle& handle, torch::jit::Stack* stack) {
-  hbat::OpCall call = hbat::pop_call(kOp, handle, stack, at::kCUDA, "cuda");
+  hbat::OpCall call;
+  hbat::read_call(call, kOp, handle, stack, at::kCUDA, "cuda");
   at::Tensor sums;
   if (call.n > 0) {
     const c10::cuda::CUDAGuard guard(call.device);

@@ -2,15 +2,20 @@
 // the functors the CUDA kernels use too), registered as a boxed kernel per op for the CPU dispatch key.
 //
 // Chunks as in csrc/chunking.h (kChunk elements; at::parallel_for runs over the global chunk list, parallel
-// across tensors and within large ones). The dtypes of a chunk's tensors are dispatched once per chunk; the
-// element loop keeps kLanes independent float accumulators so that it vectorises. A reducing op writes one
-// partial sum per chunk and adds a tensor's partials in chunk order in double: results are bit-identical run
-// to run and for any number of threads.
+// across tensors and within large ones). The dtypes of a chunk's tensors are dispatched once per chunk. The
+// element loop works on blocks of kLanes elements with kLanes independent float accumulators (lane k sums the
+// elements k, k + kLanes, ... of the chunk; the tail after the last whole block goes to lane 0). A reducing op
+// writes one partial sum per chunk and adds a tensor's partials in chunk order in double: results are
+// bit-identical run to run and for any number of threads.
 //
-// The element loop is compiled twice, for the baseline target (x86-64: SSE, 4 floats a vector, so the wheel
-// runs on any CPU) and for AVX2 (8 floats), and the AVX2 copy runs where the CPU has it (apply_chunk). AVX2
-// without FMA: contracting a * b + c into one rounding would change the results, which must not depend on the
-// CPU. HBAT_CPU_NO_AVX2=1 forces the baseline copy (tests/test_cpu_dispatch.py compares the two bit for bit).
+// The block is explicit SIMD: the op's math runs on GCC vector types of W floats (kLanes / W of them per block),
+// so every list is one vector load and store per W elements whatever the compiler's vectoriser decides. (A
+// scalar loop over a block held in arrays was vectorised across blocks by GCC 12, through shuffles: up to 1.9x
+// slower than the 7786d55 kernels, benchmarks/results/cpu-regression.md.) The loop is compiled twice: for the
+// baseline target (x86-64: SSE, W = 4, so the wheel runs on any CPU) and for AVX2 (W = 8), which runs where the
+// CPU has it (apply_chunk). Without FMA: contracting a * b + c into one rounding would change the results, which
+// must not depend on the CPU; every lane does the same IEEE operations in either copy. HBAT_CPU_NO_AVX2=1 forces
+// the baseline copy (tests/test_cpu_dispatch.py compares the two bit for bit).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -19,6 +24,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -36,10 +42,19 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kChunk = 1 << 16;  // elements per chunk: large enough to amortise scheduling
-constexpr int kLanes = 16;           // independent float accumulators, so the loop vectorises
+constexpr int kLanes = 16;           // elements per block: independent accumulators, whole vectors of any width
+// Each list is prefetched this many elements ahead (2 KB of fp32). One thread streaming five lists (adamw_ewc_step_)
+// keeps too few cache misses in flight on its own: the prefetches took it from 2.6x to 2.1x a copy_'s time of the
+// same elements (ewc_penalty_grad_, lerp_: 6-7% faster; benchmarks/results/cpu-regression.md). No effect on results.
+constexpr int64_t kPrefetch = 512;
 
 template <int I, typename... Ts>
 using Nth = std::tuple_element_t<I, std::tuple<Ts...>>;
+
+// W floats: one SSE (4) or AVX2 (8) register. Arithmetic is per lane, a float operand applies to every lane.
+template <int W> struct Lanes;
+template <> struct Lanes<4> { typedef float type __attribute__((vector_size(16))); };
+template <> struct Lanes<8> { typedef float type __attribute__((vector_size(32))); };
 
 template <Op kOp, int kList, typename T>
 inline float load(const T* p, int64_t i) {
@@ -55,34 +70,63 @@ inline void store(T* p, int64_t i, float v) {
   if constexpr (ListTraits<kOp, kList>::kStores) p[i] = static_cast<T>(v);
 }
 
-// Elements [begin, end) of one tensor of every list; returns the chunk's sum (reducing ops) in double.
-// kLanes elements at a time: all their loads, then the math, then all their stores (the compiler needs no
-// aliasing checks to vectorise that, and an exact alias such as lerp_'s dst == a reads before it writes).
-// The block is held list-major (x[list][lane]): the math loop over the lanes then reads and writes unit-stride
-// rows and vectorises (element-major e[lane][list] did not, for the ops with sqrt and division).
-template <Op kOp, typename... Ts, size_t... L>
-double apply_range(void* const* base, int64_t begin, int64_t end, const OpMath<kOp>& math, std::index_sequence<L...>) {
+// W elements from p (float: one unaligned vector load; bfloat16 / float16: converted lane by lane).
+template <Op kOp, int kList, typename V, typename T>
+inline V load_vec(const T* p) {
+  V v{};
+  if constexpr (!ListTraits<kOp, kList>::kLoads) {
+    return v;
+  } else if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(&v, p, sizeof(V));
+  } else {
+    for (size_t l = 0; l < sizeof(V) / sizeof(float); ++l) v[l] = static_cast<float>(p[l]);
+  }
+  return v;
+}
+
+template <Op kOp, int kList, typename V, typename T>
+inline void store_vec(T* p, const V& v) {
+  if constexpr (!ListTraits<kOp, kList>::kStores) {
+    return;
+  } else if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(p, &v, sizeof(V));
+  } else {
+    for (size_t l = 0; l < sizeof(V) / sizeof(float); ++l) p[l] = static_cast<T>(v[l]);
+  }
+}
+
+// Elements [begin, end) of one tensor of every list, in vectors of W floats; returns the chunk's sum (reducing
+// ops) in double. Per vector: all its lists' loads, then the math, then the stores (an exact alias such as
+// lerp_'s dst == a reads before it writes, and the compiler needs no aliasing checks).
+template <int W, Op kOp, typename... Ts, size_t... L>
+double apply_range(void* const* base, int64_t begin, int64_t end, const OpMath<kOp>& op_math,
+                   std::index_sequence<L...>) {
+  using V = typename Lanes<W>::type;
+  const OpMath<kOp> math = op_math;  // a local copy: the stores cannot alias its constants, which stay in registers
   constexpr int N = sizeof...(Ts);
+  constexpr int J = kLanes / W;  // vectors per block; vector j holds lanes [j W, (j + 1) W)
+  static_assert(kLanes % W == 0, "a block is whole vectors");
   const std::tuple<Ts*...> ptr{static_cast<Ts*>(base[L])...};
-  float acc[kLanes] = {0};
+  V acc[J];
+  for (int j = 0; j < J; ++j) acc[j] = V{};
   int64_t i = begin;
   for (; i + kLanes <= end; i += kLanes) {
-    float x[N][kLanes];
-    for (int k = 0; k < kLanes; ++k) ((x[L][k] = load<kOp, L>(std::get<L>(ptr), i + k)), ...);
-    for (int k = 0; k < kLanes; ++k) {
-      float e[N] = {x[L][k]...};
-      math(e, acc[k]);
-      ((x[L][k] = e[L]), ...);
+    if (i + kPrefetch < end) (__builtin_prefetch(std::get<L>(ptr) + i + kPrefetch, 0, 3), ...);
+    for (int j = 0; j < J; ++j) {
+      V x[N] = {load_vec<kOp, L, V>(std::get<L>(ptr) + i + j * W)...};
+      math(x, acc[j]);
+      (store_vec<kOp, L>(std::get<L>(ptr) + i + j * W, x[L]), ...);
     }
-    for (int k = 0; k < kLanes; ++k) (store<kOp, L>(std::get<L>(ptr), i + k, x[L][k]), ...);
   }
+  float lane[kLanes];
+  for (int j = 0; j < J; ++j) std::memcpy(lane + j * W, &acc[j], sizeof(V));
   for (; i < end; ++i) {
     float e[N] = {load<kOp, L>(std::get<L>(ptr), i)...};
-    math(e, acc[0]);
+    math(e, lane[0]);
     (store<kOp, L>(std::get<L>(ptr), i, e[L]), ...);
   }
   double total = 0;
-  for (int k = 0; k < kLanes; ++k) total += acc[k];
+  for (int k = 0; k < kLanes; ++k) total += lane[k];
   return total;
 }
 
@@ -90,7 +134,7 @@ double apply_range(void* const* base, int64_t begin, int64_t end, const OpMath<k
 template <Op kOp, typename... Ts, size_t... L>
 __attribute__((flatten)) double apply_range_baseline(void* const* base, int64_t begin, int64_t end,
                                                      const OpMath<kOp>& math, std::index_sequence<L...> lists) {
-  return apply_range<kOp, Ts...>(base, begin, end, math, lists);
+  return apply_range<4, kOp, Ts...>(base, begin, end, math, lists);
 }
 
 #if defined(__x86_64__)
@@ -98,7 +142,7 @@ template <Op kOp, typename... Ts, size_t... L>
 __attribute__((target("avx2"), flatten)) double apply_range_avx2(void* const* base, int64_t begin, int64_t end,
                                                                  const OpMath<kOp>& math,
                                                                  std::index_sequence<L...> lists) {
-  return apply_range<kOp, Ts...>(base, begin, end, math, lists);
+  return apply_range<8, kOp, Ts...>(base, begin, end, math, lists);
 }
 
 // Decided once per process: the CPU has AVX2 and HBAT_CPU_NO_AVX2 is unset, empty or "0".
@@ -183,7 +227,8 @@ at::Tensor run(const OpCall& call) {
 
 template <Op kOp>
 void boxed_kernel(const c10::OperatorHandle& handle, torch::jit::Stack* stack) {
-  OpCall call = pop_call(kOp, handle, stack, at::kCPU, "cpu");
+  OpCall call;
+  read_call(call, kOp, handle, stack, at::kCPU, "cpu");
   const at::Tensor sums = run<kOp>(call);
   push_result(call, sums, stack);
 }

@@ -30,14 +30,15 @@ template <> struct OpMath<Op::adamw_ewc_step_> {
         one_minus_beta2(static_cast<float>(1.0 - s[1])),
         eps(static_cast<float>(s[2])) {}
   // e: params, grads, exp_avg, exp_avg_sq, anchors
-  HBAT_HOST_DEVICE void operator()(float (&e)[5], float& sum) const {
-    const float d = e[0] - e[4];
+  template <typename F>
+  HBAT_HOST_DEVICE void operator()(F (&e)[5], F& sum) const {
+    const F d = e[0] - e[4];
     sum += d * d;
-    const float g = e[1] + coef * d;
-    const float p = e[0] * decay;
-    const float m = e[2] + one_minus_beta1 * (g - e[2]);
-    const float v = e[3] * beta2 + one_minus_beta2 * g * g;
-    e[0] = p - step_size * m / (sqrtf(v) / bc2_sqrt + eps);  // addcdiv: value * t1 / t2
+    const F g = e[1] + coef * d;
+    const F p = e[0] * decay;
+    const F m = e[2] + one_minus_beta1 * (g - e[2]);
+    const F v = e[3] * beta2 + one_minus_beta2 * g * g;
+    e[0] = p - step_size * m / (lane_sqrt(v) / bc2_sqrt + eps);  // addcdiv: value * t1 / t2
     e[2] = m;
     e[3] = v;
   }

@@ -11,8 +11,9 @@ template <> struct OpMath<Op::ewc_penalty_grad_> {
   // vectors: coef
   HBAT_HOST_DEVICE OpMath(const float* v, const double*) : coef(v[0]) {}
   // e: params, anchors, grads
-  HBAT_HOST_DEVICE void operator()(float (&e)[3], float& sum) const {
-    const float d = e[0] - e[1];
+  template <typename F>
+  HBAT_HOST_DEVICE void operator()(F (&e)[3], F& sum) const {
+    const F d = e[0] - e[1];
     sum += d * d;
     e[2] += coef * d;
   }

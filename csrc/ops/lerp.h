@@ -10,7 +10,8 @@ template <> struct OpMath<Op::lerp_> {
   // vectors: weights
   HBAT_HOST_DEVICE OpMath(const float* v, const double*) : w(v[0]) {}
   // e: dst, a, b. This form keeps both endpoints exact: w = 0 gives a, w = 1 gives b.
-  HBAT_HOST_DEVICE void operator()(float (&e)[3], float&) const { e[0] = (1.0f - w) * e[1] + w * e[2]; }
+  template <typename F>
+  HBAT_HOST_DEVICE void operator()(F (&e)[3], F&) const { e[0] = (1.0f - w) * e[1] + w * e[2]; }
 };
 
 }  // namespace hbat

@@ -10,7 +10,8 @@ template <> struct OpMath<Op::scaled_diff> {
   // vectors: coef
   HBAT_HOST_DEVICE OpMath(const float* v, const double*) : coef(v[0]) {}
   // e: params, anchors, out
-  HBAT_HOST_DEVICE void operator()(float (&e)[3], float&) const { e[2] = coef * (e[0] - e[1]); }
+  template <typename F>
+  HBAT_HOST_DEVICE void operator()(F (&e)[3], F&) const { e[2] = coef * (e[0] - e[1]); }
 };
 
 }  // namespace hbat

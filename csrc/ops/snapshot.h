@@ -9,8 +9,9 @@ namespace hbat {
 template <> struct OpMath<Op::snapshot_> {
   HBAT_HOST_DEVICE OpMath(const float*, const double*) {}
   // e: params, anchors
-  HBAT_HOST_DEVICE void operator()(float (&e)[2], float& sum) const {
-    const float d = e[0] - e[1];
+  template <typename F>
+  HBAT_HOST_DEVICE void operator()(F (&e)[2], F& sum) const {
+    const F d = e[0] - e[1];
     sum += d * d;
     e[1] = e[0];
   }

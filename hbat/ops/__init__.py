@@ -22,9 +22,12 @@ torch.library.opcheck).
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Sequence
 
 import torch
+
+from hbat._ext import load_extension
 
 from . import _validate as V
 from . import table
@@ -51,24 +54,60 @@ _REDUCTIONS = ("mean", "sum")
 
 def _prepare(op_name: str, backend: str, *lists):
     """Validate the tensor lists of op ``op_name`` (its arguments, in the table's order) by the roles and dtype
-    rules of its table entry, and pick the backend. Returns (lists, device, backend module)."""
+    rules of its table entry, and pick the backend. Returns (lists, device, backend module).
+
+    For a native backend the C++ extension first answers whether every check passes (one pass in C++, the
+    per-call cost of a few hundred tensors); if not, or for the reference backend, the Python checks run and
+    raise their error."""
     op = table.op(op_name)
     names = [t.name for t in op.arguments]
-    given = {name: V.as_tensor_list(name, seq) for name, seq in zip(names, lists)}  # read each iterable once
+    items = [V.as_list(name, seq) for name, seq in zip(names, lists)]  # read each iterable once
+    # not while torch.compile traces: the extension's answer could not be traced (the Python checks run then)
+    lists_pass = None if torch.compiler.is_compiling() else _lists_pass()
+    if lists_pass is not None and lists_pass(items, *_list_rules(op_name)):
+        device = items[0][0].device
+        backend_name, module = resolve_traceable(backend, device)
+        if backend_name != "reference":
+            return items, device, module
+    given = {name: V.as_tensor_list(name, seq) for name, seq in zip(names, items)}
     lead = given[names[0]]
     backend_name, module = resolve_traceable(backend, lead[0].device if lead else None)
+    converted, device = _check_in_python(op, backend_name, given)
+    return converted, device, module
+
+
+def _check_in_python(op: table.OpDef, backend_name: str, given: dict):
+    """check_lists of the argument lists ``given`` (name -> list of tensors) by op's table entry: the lists as
+    lists and the common device, or the error."""
     may_alias: dict[str, tuple] = {}
     for written, reader in op.may_alias:
         may_alias[written] = may_alias.get(written, ()) + (reader,)
-    converted, device = V.check_lists(
+    return V.check_lists(
         given,
         dtypes=accepted_dtypes(backend_name),
-        need_contiguous=backend_name != "reference",
+        need_dense=backend_name != "reference",
         writable=[t.name for t in op.arguments if t.written_in_place],
         may_alias=may_alias,
         rules={t.name: t.dtype for t in op.arguments if t.dtype != table.ANY_FLOAT},
     )
-    return converted, device, module
+
+
+@lru_cache(maxsize=None)
+def _lists_pass():
+    """hbat._C.lists_pass (csrc/bindings/check_lists.h), or None without the extension."""
+    module = load_extension("hbat._C")[0]
+    return getattr(module, "lists_pass", None)
+
+
+@lru_cache(maxsize=None)
+def _list_rules(op_name: str) -> tuple:
+    """Op ``op_name``'s list checks as hbat._C.lists_pass takes them: per argument list its dtype rule (-1 any
+    float, -2 float32, i: the dtype of list i) and whether it is written in place; the may_alias index pairs."""
+    op = table.op(op_name)
+    names = [t.name for t in op.arguments]
+    rules = [{table.ANY_FLOAT: -1, table.FLOAT32: -2}.get(t.dtype, None) for t in op.arguments]
+    rules = [names.index(t.dtype) if r is None else r for r, t in zip(rules, op.arguments)]
+    return rules, [t.written_in_place for t in op.arguments], [(names.index(w), names.index(r)) for w, r in op.may_alias]
 
 
 def _empty(device) -> torch.Tensor:
@@ -295,9 +334,25 @@ def adamw_ewc_step_(params: Tensors, grads: Tensors, exp_avg: Tensors, exp_avg_s
     if device.type == "cuda" and not torch.compiler.is_compiling():
         packed = packed.pin_memory()  # the copy below is then asynchronous
     vectors = packed.to(device, non_blocking=True).unbind(0)
+    return _adamw_ewc_step(be, lists, vectors, beta1, beta2, eps)
+
+
+def _adamw_ewc_step(be, lists, vectors, beta1: float, beta2: float, eps: float) -> torch.Tensor:
     with torch.no_grad():  # an in-place op: its results are values, not a graph
         sums = be.adamw_ewc_step_(*lists, *vectors, beta1, beta2, eps)
     return (0.5 * vectors[0]) * sums
+
+
+def _adamw_ewc_step_vectors(params: Tensors, grads: Tensors, exp_avg: Tensors, exp_avg_sq: Tensors, anchors: Tensors,
+                            vectors: Sequence[torch.Tensor], *, betas: tuple[float, float], eps: float,
+                            backend: str = "auto") -> torch.Tensor:
+    """``adamw_ewc_step_`` given its five per-tensor vectors (coef = lam F_i, lr, weight_decay, 1 - beta1**step,
+    1 - beta2**step: float32 [n] on the tensors' device) and betas / eps, all checked by the caller
+    (hbat.optim.HybridAdamW, once per stage or change); the tensor lists are checked here, as by every op."""
+    lists, device, be = _prepare("adamw_ewc_step_", backend, params, grads, exp_avg, exp_avg_sq, anchors)
+    if not lists[0]:
+        return _empty(device)
+    return _adamw_ewc_step(be, lists, vectors, betas[0], betas[1], eps)
 
 
 def _nonnegative(name: str, value: float) -> float:

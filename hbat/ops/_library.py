@@ -68,15 +68,16 @@ def define(namespace: str, impls: dict):
 
 
 @lru_cache(maxsize=None)
-def register(namespace: str) -> None:
-    """Fakes, the backward of squared_change and the version bumps for the ops of ``namespace`` (once)."""
+def register(namespace: str, version_bumps: bool = True) -> None:
+    """Fakes, the backward of squared_change and (``version_bumps``) the version bumps for the ops of
+    ``namespace`` (once). The C++ extension registers the bumps of ``hbat`` itself (csrc/bindings/library.cpp)."""
     ops = getattr(torch.ops, namespace)
     lib = Library(namespace, "IMPL")
     _LIBRARIES.append(lib)
     for op in table.OPS:
         torch.library.register_fake(f"{namespace}::{op.name}", _fake(op), lib=lib)
         written = [i for i, t in enumerate(op.arguments) if t.written_in_place]
-        if written:
+        if written and version_bumps:
             packet = getattr(ops, op.name).default
             lib.impl(op.name, _version_bump(packet, written), "ADInplaceOrView", with_keyset=True)
     _register_squared_change_backward(lib, namespace, ops.scaled_diff)

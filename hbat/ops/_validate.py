@@ -24,14 +24,21 @@ def _shape(t: torch.Tensor) -> str:
     return str(tuple(t.shape))
 
 
-def as_tensor_list(name: str, seq) -> list[torch.Tensor]:
-    """``seq`` (any iterable, a generator too: it is read once) as a list of tensors."""
+def as_list(name: str, seq) -> list:
+    """``seq`` (any iterable, a generator too: it is read once) as a list; a list as it is (never modified)."""
     if isinstance(seq, torch.Tensor):
         raise TypeError(f"{name} must be a sequence of tensors (a list or tuple), not a single tensor")
+    if type(seq) is list:
+        return seq
     try:
-        items = list(seq)
+        return list(seq)
     except TypeError:
         raise TypeError(f"{name} must be a sequence of tensors, not {type(seq).__name__}") from None
+
+
+def as_tensor_list(name: str, seq) -> list[torch.Tensor]:
+    """``seq`` (any iterable, a generator too: it is read once) as a list of tensors."""
+    items = list(as_list(name, seq))
     for i, t in enumerate(items):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}[{i}] is a {type(t).__name__}, not a torch.Tensor")
@@ -42,7 +49,7 @@ def check_lists(
     lists: Mapping[str, Sequence[torch.Tensor]],
     *,
     dtypes: tuple[torch.dtype, ...],
-    need_contiguous: bool,
+    need_dense: bool,
     writable: Sequence[str] = (),
     may_alias: Mapping[str, Sequence[str]] | None = None,
     rules: Mapping[str, str] | None = None,
@@ -50,6 +57,11 @@ def check_lists(
     """Check parallel tensor lists; return them as lists and the common device (None when empty).
 
     ``lists`` maps argument name -> sequence; the first entry is the one the others are compared to.
+    ``need_dense`` (the native backends, which stream over each tensor's memory): every tensor dense (its
+    elements fill one block of memory: contiguous, channels_last, a transposed matrix...) and laid out like
+    the first list's tensor at its index; the tensors at an index that is not contiguous are returned as
+    contiguous views of the same memory (the same permutation of dimensions for every list), so the kernels
+    pair the same elements.
     ``writable`` names the lists that the op updates in place: none of their tensors may share memory
     with itself (an ``expand()``ed view) or with any other tensor of the call, except that ``may_alias``
     (written list -> lists) lets a written tensor BE the tensor at the same index of those lists
@@ -82,17 +94,51 @@ def check_lists(
                 raise ValueError(f"{name}[{i}] has shape {_shape(t)} but {lead_name}[{i}] has shape {_shape(ref)}")
             if t.device != device:
                 raise ValueError(f"{name}[{i}] is on {t.device} but {lead_name}[0] is on {device}")
-            if need_contiguous and not t.is_contiguous():
-                raise ValueError(
-                    f"{name}[{i}] (shape {_shape(t)}, strides {tuple(t.stride())}) is not contiguous; "
-                    f"this backend needs contiguous tensors (use backend='reference' or pass .contiguous() copies)"
-                )
+            if need_dense and not (t.is_contiguous() and ref.is_contiguous()):
+                _check_layout(name, i, t, lead_name, ref)
         for name, items in zip(names, converted):
             if name in writable:
                 _check_writable(name, i, items[i])
     if writable and not torch.compiler.is_compiling():
         check_no_overlap(by_name, writable, may_alias or {})
+    if need_dense:
+        for i, ref in enumerate(lead):
+            if not ref.is_contiguous():
+                order = dense_order(ref)
+                for items in converted:
+                    items[i] = items[i].permute(order)
     return converted, device
+
+
+def dense_order(t: torch.Tensor) -> list[int] | None:
+    """The dimensions of ``t`` from the slowest to the fastest in memory when ``t`` is dense (its elements fill
+    numel consecutive slots: ``t.permute(order)`` is contiguous), else None."""
+    if t.numel() == 0:
+        return list(range(t.dim()))
+    moving = sorted((d for d in range(t.dim()) if t.shape[d] != 1), key=t.stride)
+    expected = 1
+    for d in moving:
+        if t.stride(d) != expected:
+            return None
+        expected *= t.shape[d]
+    return moving[::-1] + [d for d in range(t.dim()) if t.shape[d] == 1]
+
+
+def _same_layout(t: torch.Tensor, ref: torch.Tensor) -> bool:
+    return all(a == b for a, b, n in zip(t.stride(), ref.stride(), ref.shape) if n != 1)
+
+
+def _check_layout(name: str, i: int, t: torch.Tensor, lead_name: str, ref: torch.Tensor) -> None:
+    """A tensor of a native backend's call that is not contiguous: dense, and laid out like ``ref`` (lead's)."""
+    if dense_order(t) is None:
+        raise ValueError(
+            f"{name}[{i}] (shape {_shape(t)}, strides {tuple(t.stride())}) is not dense in memory (a slice with "
+            f"gaps or an expand()ed view); this backend streams over each tensor's memory (use backend='reference')")
+    if t.numel() and not _same_layout(t, ref):
+        raise ValueError(
+            f"{name}[{i}] (strides {tuple(t.stride())}) is laid out unlike {lead_name}[{i}] (strides "
+            f"{tuple(ref.stride())}); this backend needs the tensors at one index in one memory layout (use "
+            f"backend='reference', or lay {name}[{i}] out like {lead_name}[{i}]: torch.empty_like({lead_name}[{i}]))")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -15,7 +15,7 @@ RANGE_TESTS := tests/test_packaging.py tests/test_integrations.py tests/test_exa
 	tests/test_trainer_models.py::test_lora_trains_only_adapters_against_the_base_and_saves_for_peft \
 	tests/test_trainer_deepspeed.py::test_cli_train_under_torchrun
 
-.PHONY: setup lock demo compare ops-demo test test-latest test-oldest bench compile-cuda info clean
+.PHONY: setup lock demo compare ops-demo test test-latest test-oldest bench bench-check compile-cuda info clean
 
 setup: $(STAMP)
 
@@ -64,6 +64,10 @@ compile-cuda:
 	    $(NVCC) -std=c++17 -O3 --expt-relaxed-constexpr -Icsrc \
 	      -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
 	      -c $$f -o /tmp/hbat-$$(basename $$f).o || exit 1; done; fi
+
+# the benchmark gate (about 10 s): every op and the fused optimizer step against the committed baseline
+bench-check: setup
+	$(BIN)/python benchmarks/bench_check.py
 
 bench: setup
 	$(BIN)/python benchmarks/bench_ops.py

@@ -104,10 +104,14 @@ def test_the_lock_pins_every_installed_dependency_of_hbat():
 @pytest.mark.skipif(os.environ.get("HBAT_UNLOCKED") == "1", reason="make test-latest / test-oldest: not the lock")
 def test_the_environment_is_the_lock():
     # `make setup` installed exactly what CI tested: every locked distribution at its locked version
-    pins = _lock_pins()
+    # (the distribution an import finds first: setuptools appends its own vendored copies of packaging and wheel
+    # to sys.path once imported, and those are not what the environment holds)
     wrong = []
-    for dist in importlib.metadata.distributions():
-        name = re.sub(r"[-_.]+", "-", dist.metadata["Name"] or "").lower()
-        if name in pins and dist.version != pins[name]:
-            wrong.append(f"{name} {dist.version} (lock: {pins[name]})")
+    for name, pinned in _lock_pins().items():
+        try:
+            installed = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            installed = "not installed"
+        if installed != pinned:
+            wrong.append(f"{name} {installed} (lock: {pinned})")
     assert not wrong, "installed versions differ from requirements/lock.txt (run make setup): " + ", ".join(wrong)

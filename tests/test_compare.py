@@ -288,3 +288,29 @@ def test_compare_on_user_data(tmp_path):
     report = json.loads((out / "compare.json").read_text())
     assert report["axes"] == ["eval/reward", "eval/sft_loss"]
     assert (out / "compare.png").stat().st_size > 10_000
+
+
+def _make_results():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "docs" / "results" / "make_results.py"
+    spec = importlib.util.spec_from_file_location("make_results", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_make_results_fills_the_readme_blocks():
+    mr = _make_results()
+    source = "x\n<!-- compare:table -->\n| a | 1 |\n<!-- /compare:table -->\n<!-- compare:diff -->\nd\n<!-- /compare:diff -->\n"
+    readme = "intro\n<!-- compare:table -->\nold\n<!-- /compare:table -->\nmiddle\n"
+    filled, names = mr.fill(readme, source)
+    assert filled == "intro\n<!-- compare:table -->\n| a | 1 |\n<!-- /compare:table -->\nmiddle\n" and names == ["table"]
+    with pytest.raises(SystemExit, match="no block 'curve'"):
+        mr.fill(readme + "<!-- compare:curve -->\n<!-- /compare:curve -->\n", source)
+
+
+def test_readme_tables_are_the_committed_results():
+    """The README's result tables are, cell by cell, those of docs/results/compare-run/compare.md."""
+    assert _make_results().check() == 0

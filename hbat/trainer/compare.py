@@ -51,7 +51,7 @@ from .run import DIVERGED, EXIT_DIVERGED
 
 DEFAULT_SPEC = {
     "set": ["output_dir=runs/compare"],
-    "runs": ["sft_only", "two_stage", "rlhf_pt", "sft_hpa", "no_ewc", "no_alternation", "hbat",
+    "runs": ["sft_only", "two_stage", "hbat", "no_ewc", "no_alternation", "rlhf_pt", "sft_hpa",
              # the importance the released code computes (one-hot) and none (every tensor alike, = L2-SP)
              {"name": "hbat-released", "method": "hbat", "set": ["ewc.importance_mode=released"]},
              {"name": "hbat-uniform", "method": "hbat", "set": ["ewc.importance_mode=uniform"]},
@@ -480,6 +480,8 @@ def compare(spec: dict, extra: list[str], out_dir: str | None, *, progress=True,
         else:
             todo.append(job)
     workers = max(1, min(jobs or max(1, machine_cores() // threads), max(1, len(todo))))
+    order = {r["name"]: i for i, r in enumerate(plan.runs)}
+    todo.sort(key=lambda job: (order[job.run["name"]], job.seed))  # every seed of a run, then the next run
     print(f"hbat compare: {len(plan.runs)} runs x {len(plan.seeds)} seed{'s' * (len(plan.seeds) > 1)} "
           f"({', '.join(map(str, plan.seeds))}) -> {plan.out}; {len(todo)} to train, {len(plan.jobs) - len(todo)} "
           f"reused; {workers} at a time, {threads} thread{'s' * (threads > 1)} each", flush=True)

@@ -71,7 +71,8 @@ COLUMNS = [("method", "method")] + [(k, label) for k, label, _ in METRICS + FACT
 LEVEL = 0.95
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@=+-]*")
 RESERVED = ("output_dir", "seed")  # set by hbat compare itself: --out and seeds
-REPORT_MODULES = ("compare.py", "stats.py", "plots.py")  # reporting only: not in the code fingerprint
+# reporting only (and the demo's note): not in the code fingerprint, so a changed table or plot reuses every run
+REPORT_MODULES = ("trainer/compare.py", "trainer/stats.py", "trainer/plots.py", "demo.py")
 
 
 # --- the spec ---------------------------------------------------------------------------------------------------
@@ -343,7 +344,7 @@ def code_fingerprint() -> str:
         for name in names:
             path = os.path.join(folder, name)
             rel = os.path.relpath(path, root)
-            if rel in (os.path.join("trainer", m) for m in REPORT_MODULES):
+            if rel.replace(os.sep, "/") in REPORT_MODULES:
                 continue
             if name.endswith((".py", ".so", ".pyd")):
                 files.append((rel, path))

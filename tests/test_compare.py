@@ -314,3 +314,37 @@ def test_make_results_fills_the_readme_blocks():
 def test_readme_tables_are_the_committed_results():
     """The README's result tables are, cell by cell, those of docs/results/compare-run/compare.md."""
     assert _make_results().check() == 0
+
+
+def test_run_graph_order_dependencies_and_failure():
+    """The pool starts the first ready task: a run waits for its seed's shared pieces only, so a seed's runs start
+    while another seed is still being prepared; a failure stops new starts and is raised."""
+    import threading
+    import time
+
+    log, lock = [], threading.Lock()
+
+    def task(name, seconds=0.0):
+        def run():
+            with lock:
+                log.append(("start", name))
+            time.sleep(seconds)
+            with lock:
+                log.append(("end", name))
+        return run
+
+    tasks = [cmp.Task(task("prep0", 0.05)), cmp.Task(task("prep1", 0.3)),
+             cmp.Task(task("run0a"), (0,)), cmp.Task(task("run1a"), (1,)), cmp.Task(task("run0b"), (0,))]
+    cmp.run_graph(tasks, 2)
+    assert log.index(("start", "run0a")) > log.index(("end", "prep0"))
+    assert log.index(("start", "run0a")) < log.index(("end", "prep1"))  # seed 0 runs while seed 1 prepares
+    assert log.index(("start", "run1a")) > log.index(("end", "prep1"))
+    assert sorted(name for kind, name in log if kind == "end") == ["prep0", "prep1", "run0a", "run0b", "run1a"]
+
+    def fail():
+        raise RuntimeError("run 'x' failed")
+
+    log.clear()
+    with pytest.raises(RuntimeError, match="run 'x' failed"):
+        cmp.run_graph([cmp.Task(fail), cmp.Task(task("after"), (0,)), cmp.Task(task("other", 0.1))], 1)
+    assert ("start", "after") not in log and ("start", "other") not in log

@@ -34,7 +34,6 @@ curves.png (the metrics over training of every run).
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as futures
 import csv
 import hashlib
 import json
@@ -414,24 +413,65 @@ def _worker(kind: str, args: dict, threads: int) -> None:
         raise RuntimeError(f"{kind} ({args.get('what', '')}) failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
 
 
-def _pool(jobs: int):
-    return futures.ThreadPoolExecutor(max_workers=jobs)  # each task waits on its own process
+@dataclass
+class Task:
+    """One process of the pool: ``run()``, after the tasks ``needs`` (indices) finished; ``done()`` then reports."""
+
+    run: object
+    needs: tuple = ()
+    done: object = None
 
 
-def _run_all(tasks, jobs: int, label) -> list:
-    """Run the callables ``tasks`` on ``jobs`` workers; the first failure cancels what has not started and is
-    raised (the runs already running finish)."""
-    results = [None] * len(tasks)
-    with _pool(jobs) as pool:
-        pending = {pool.submit(task): i for i, task in enumerate(tasks)}
-        try:
-            for done in futures.as_completed(pending):
-                results[pending[done]] = done.result()
-                label(pending[done])
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
-    return results
+def run_graph(tasks: list[Task], workers: int) -> None:
+    """Run ``tasks`` on ``workers`` threads (each waits on its own process), always the first ready task in list
+    order, a task once every task it needs has finished. The first failure stops new starts and is raised once
+    the tasks running have finished (their runs are complete, and reused on the next invocation)."""
+    import threading
+
+    state = ["waiting"] * len(tasks)
+    errors: list[BaseException] = []
+    cond = threading.Condition()
+
+    def take():
+        while True:
+            if errors:
+                return None
+            ready = next((i for i, task in enumerate(tasks) if state[i] == "waiting"
+                          and all(state[n] == "done" for n in task.needs)), None)
+            if ready is not None:
+                state[ready] = "running"
+                return ready
+            if "running" not in state:  # nothing runs, nothing can start: finished
+                return None
+            cond.wait()
+
+    def worker():
+        while True:
+            with cond:
+                i = take()
+            if i is None:
+                return
+            try:
+                tasks[i].run()
+            except BaseException as exc:  # noqa: BLE001 - raised by the main thread
+                with cond:
+                    errors.append(exc)
+                    state[i] = "failed"
+                    cond.notify_all()
+                return
+            with cond:
+                state[i] = "done"
+                if tasks[i].done is not None:
+                    tasks[i].done()
+                cond.notify_all()
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(max(1, min(workers, len(tasks))))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
 
 
 def hma_curve(ws, cfg, aligned_folder: str, alphas, pre_folder: str | None = None) -> list[dict]:
@@ -489,26 +529,31 @@ def compare(spec: dict, extra: list[str], out_dir: str | None, *, progress=True,
     for job in plan.jobs:
         if job.reused:
             print(f"    reusing {job.folder}", flush=True)
-    # 1. each seed's shared pieces (data, base model, SFT reference, reward model), built once, in parallel
-    need = sorted({job.seed for job in todo})
-    prepares = [lambda s=s: _worker("prepare", {"overrides": plan.seed_overrides[s], "what": f"seed {s}",
-                                                "threads": threads}, threads) for s in need]
-    _run_all(prepares, min(workers, len(need) or 1),
-             lambda i: print(f"    seed {need[i]}: shared pieces ready", flush=True))
-    # 2. every run, in parallel
-    count = [0]
+    # one graph: each seed's shared pieces (data, base model, SFT reference, reward model), built once; every run
+    # of the seed after them; the seed's averaging curve after its two runs
+    tasks: list[Task] = []
+    prepared = {}
+    for seed in sorted({job.seed for job in todo}):
+        prepared[seed] = len(tasks)
+        tasks.append(Task(lambda s=seed: _worker("prepare", {"overrides": plan.seed_overrides[s], "what": f"seed {s}",
+                                                             "threads": threads}, threads),
+                          done=lambda s=seed: print(f"    seed {s}: shared pieces ready", flush=True)))
+    count, where = [0], {}
 
-    def finished(i):
-        job = todo[i]
+    def finished(job):
         count[0] += 1
         print(f"[{count[0]}/{len(todo)}] seed {job.seed} {job.run['name']}: {_brief(_read_result(job))}, "
               f"{job.wall:.0f} s", flush=True)
 
-    _run_all([lambda j=job: _run_job(j, plan) for job in todo], workers, finished)
+    for job in todo:
+        where[(job.seed, job.run["name"])] = len(tasks)
+        tasks.append(Task(lambda j=job: _run_job(j, plan), (prepared[job.seed],), lambda j=job: finished(j)))
+    curves: dict[int, list[dict]] = {}
+    tasks += _curve_tasks(plan, reuse, curves, prepared, where)
+    run_graph(tasks, workers)
     for job in plan.jobs:
         job.result = _read_result(job)
-    # 3. the averaging curve of each seed (cached like the runs)
-    curves = _curves(plan, workers, reuse)
+    curves = dict(sorted(curves.items()))
     rows = [_row(job, plan.threads) for job in plan.jobs]
     report = build_report(plan, rows, curves)
     out = plan.out
@@ -542,18 +587,16 @@ def _row(job: Job, threads: int) -> dict:
     return row
 
 
-def _curves(plan: Plan, workers: int, reuse: bool) -> dict[int, list[dict]]:
-    """{seed: averaging points} for the seeds where neither averaged run diverged."""
+def _curve_tasks(plan: Plan, reuse: bool, curves: dict, prepared: dict, where: dict) -> list[Task]:
+    """The tasks that fill ``curves`` ({seed: averaging points}): a saved curve with the same key (configs of the
+    two runs, alphas, threads, code) is read now; the others are computed after the seed's two runs, except
+    where one of them diverged."""
     if not plan.hma:
-        return {}
-    hma, curves, tasks, todo = plan.hma, {}, [], []
+        return []
+    hma, tasks = plan.hma, []
     for seed in plan.seeds:
         by_name = {job.run["name"]: job for job in plan.jobs if job.seed == seed}
         used = [by_name[hma["aligned"]]] + ([by_name[hma["pre"]]] if hma["pre"] else [])
-        if any(job.result.get("status") == "diverged" for job in used):
-            print(f"no averaging curve on seed {seed}: "
-                  f"{', '.join(j.run['name'] for j in used if j.result.get('status') == 'diverged')} diverged")
-            continue
         path = os.path.join(seed_folder(plan.out, seed), "averaging.json")
         key = _curve_key(plan, seed, by_name)
         if reuse and os.path.exists(path):
@@ -562,16 +605,23 @@ def _curves(plan: Plan, workers: int, reuse: bool) -> dict[int, list[dict]]:
             if saved.get("key") == key:
                 curves[seed] = saved["points"]
                 continue
-        todo.append((seed, path, key))
-        tasks.append(lambda seed=seed, path=path, key=key, used=used: _worker("curve", {
-            "overrides": plan.seed_overrides[seed], "what": f"averaging curve, seed {seed}",
-            "aligned": used[0].folder, "pre": used[1].folder if len(used) > 1 else None, "alphas": hma["alphas"],
-            "path": path, "key": key, "threads": plan.threads}, plan.threads))
-    _run_all(tasks, workers, lambda i: print(f"    seed {todo[i][0]}: averaging curve done", flush=True))
-    for seed, path, _ in todo:
-        with open(path, encoding="utf-8") as fh:
-            curves[seed] = json.load(fh)["points"]
-    return dict(sorted(curves.items()))
+
+        def run(seed=seed, path=path, key=key, used=used):
+            diverged = [j.run["name"] for j in used if _read_result(j).get("status") == "diverged"]
+            if diverged:
+                print(f"no averaging curve on seed {seed}: {', '.join(diverged)} diverged", flush=True)
+                return
+            _worker("curve", {"overrides": plan.seed_overrides[seed], "what": f"averaging curve, seed {seed}",
+                              "aligned": used[0].folder, "pre": used[1].folder if len(used) > 1 else None,
+                              "alphas": hma["alphas"], "path": path, "key": key, "threads": plan.threads},
+                    plan.threads)
+            with open(path, encoding="utf-8") as fh:
+                curves[seed] = json.load(fh)["points"]
+            print(f"    seed {seed}: averaging curve done", flush=True)
+
+        needs = tuple(where[(seed, j.run["name"])] for j in used if (seed, j.run["name"]) in where)
+        tasks.append(Task(run, needs + ((prepared[seed],) if seed in prepared else ())))
+    return tasks
 
 
 # --- the report -------------------------------------------------------------------------------------------------

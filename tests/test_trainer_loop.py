@@ -157,6 +157,7 @@ def test_cli_train_on_user_jsonl(tmp_path):
     assert "| hbat |" in proc.stdout and "eval/reward" in proc.stdout
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary[0]["method"] == "hbat" and "eval/exact_match" not in summary[0]  # user data: no exact check
+    assert (tmp_path / "out" / "curves.png").stat().st_size > 10_000  # the run's metrics over training, drawn
     # a bad row names the file and line
     (tmp_path / "pref.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a"}\n')
     proc = subprocess.run(args + ["--set", "output_dir=" + str(tmp_path / "out2")], capture_output=True, text=True,

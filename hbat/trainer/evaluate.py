@@ -4,13 +4,16 @@
     eval/exact_match  fraction of prompts whose GREEDY response passes ``exact_match(prompt, response)``
     eval/preference   mean ``preference_score(prompt, response)`` of the greedy responses
     eval/reward       mean reward-model score of the greedy responses (hbat.trainer.reward.score_responses)
-    eval/kl_to_sft    mean over prompts of  sum_t [log p_model(y_t | x, y_<t) - log p_ref(y_t | x, y_<t)],
+    eval/kl_to_sft    mean over prompts of  sum_t [(r_t - 1) - log r_t],  r_t = p_ref(y_t|x,y_<t) / p_model(y_t|x,y_<t),
                       y ~ p_model SAMPLED at temperature 1 (no top-p / top-k), up to ``max_new_tokens`` tokens
 
-The KL estimator is the Monte-Carlo "k1" estimate of the sequence-level KL(p_model || p_ref) of the
-(length-limited) response distribution: unbiased, exactly 0 when the two models are equal, and one sample
-per prompt can be negative (the mean over prompts is what is meaningful). Sampling at temperature 1 is what
-makes it a KL of the models themselves rather than of their tempered sampling distributions.
+The KL estimator: KL(p_model || p_ref) of the (length-limited) response distribution, the direction that
+measures how far the model moved from the reference on the model's own answers, estimated per token with
+"k3" = (r - 1) - log r on tokens sampled from the model. Since E_{y_t ~ p_model}[r_t] = 1, each token's term has
+expectation KL(p_model(. | x, y_<t) || p_ref(. | x, y_<t)), so the sum over the response is an unbiased estimate
+of the sequence-level KL (chain rule); unlike the plain log-ratio ("k1"), every term is >= 0, so every sample,
+and the mean, is non-negative, and it is exactly 0 when the two models are equal. Sampling at temperature 1 is
+what makes it a KL of the models themselves rather than of their tempered sampling distributions.
 
 Deterministic: sampling runs under a forked RNG seeded with ``seed`` (the caller's RNG state is untouched);
 everything runs under ``torch.no_grad`` with the models in eval mode, their previous modes restored after.
@@ -61,7 +64,8 @@ def greedy_generate(model: nn.Module, tokenizer, prompts: Sequence, *, max_new_t
 def kl_to_reference(model: nn.Module, ref_model: nn.Module, tokenizer, prompts: Sequence, *,
                     max_new_tokens: int = 32, max_prompt_len: int = EVAL_PROMPT_LEN,
                     batch_size: int = 32) -> torch.Tensor:
-    """Per-prompt k1 estimate of KL(model || ref) on responses sampled from ``model`` at temperature 1 ([N], CPU)."""
+    """Per-prompt estimate of KL(model || ref), >= 0, on responses sampled from ``model`` at temperature 1: the sum
+    over response tokens of k3 = (r - 1) - log r, r = p_ref / p_model (module docstring) ([N] float32, CPU)."""
     cfg = PPOConfig(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens,
                     max_prompt_len=max_prompt_len)
     values = []
@@ -70,7 +74,9 @@ def kl_to_reference(model: nn.Module, ref_model: nn.Module, tokenizer, prompts: 
             rollout = generate(model, tokenizer, prompts[start:start + batch_size], cfg)
             logps, _ = response_logprobs(model, rollout, 1.0)
             ref_logps, _ = response_logprobs(ref_model, rollout, 1.0)
-            values.append(((logps - ref_logps) * rollout.response_mask).sum(1).cpu())
+            log_r = (ref_logps - logps).double()  # float64: exp of a large log-ratio stays finite
+            k3 = (torch.expm1(log_r) - log_r).clamp_min(0.0) * rollout.response_mask
+            values.append(k3.sum(1).float().cpu())
     return torch.cat(values) if values else torch.zeros(0)
 
 

@@ -125,6 +125,9 @@ def train(config_path, overrides, methods=None, *, resume=False, progress=True, 
         stem = f"summary-{name}" if name else "summary"
         write_text_atomic(text, os.path.join(base.output_dir, f"{stem}.md"))
         write_text_atomic(json.dumps(results, indent=2, default=str), os.path.join(base.output_dir, f"{stem}.json"))
+        from .plots import write_training_curves  # curves.png: the metrics over training of these runs
+
+        write_training_curves(results, os.path.join(base.output_dir, stem.replace("summary", "curves") + ".png"))
         print("\n" + table)
     if base.deepspeed is not None:
         from .procgroup import shutdown_distributed

@@ -3,8 +3,8 @@ the apply_() path (the penalty added to .grad, then torch's AdamW), the path it 
 
 Without clipping the two give the same weights to fp32 rounding (not bit for bit: the fused kernel rounds the
 AdamW update in torch's _single_tensor_adam order, torch's CPU AdamW vectorises it differently), over several
-stages, in fp32 and through the fp32 masters of a bf16 model. With clipping they differ by design: the fused step's
-penalty gradient is not clipped, and train/grad_norm is the loss gradient's."""
+stages, in fp32 and through the fp32 masters of a bf16 model. With clipping the trainer keeps apply_(), so the
+penalty is clipped like a loss term, as under DeepSpeed."""
 from __future__ import annotations
 
 import copy
@@ -84,7 +84,9 @@ def test_hybrid_adamw_and_apply_give_the_same_weights_without_clipping(dtype):
                                                                               plain.parameters())) > 1e-2
 
 
-def test_with_clipping_the_fused_step_clips_the_loss_gradient_only():
+def test_with_clipping_the_penalty_is_clipped_like_a_loss_term():
+    """Clipping covers the penalty gradient in one process as under DeepSpeed: torch's AdamW after apply_(),
+    and train/grad_norm is the norm of the loss and penalty gradients together."""
     cfg = StageConfig(lr=3e-2, weight_decay=0.0, max_grad_norm=1e-3, lr_scheduler_type="constant")
     model = tiny_model()
     ewc = HybridEWC(model, f_max=100.0, lam=1.0)
@@ -98,11 +100,8 @@ def test_with_clipping_the_fused_step_clips_the_loss_gradient_only():
     loss_of(reference, 1).backward()
     loss_norm = torch.nn.utils.clip_grad_norm_(list(reference.parameters()), float("inf"))
     stats = stepper.step(ewc)
-    assert isinstance(stepper.optimizer, HybridAdamW) and float(stats["ewc/penalty"]) > 0
-    torch.testing.assert_close(stats["train/grad_norm"], loss_norm)  # the penalty gradient is not in .grad
-    (fused, _), (applied, _) = two_runs(cfg)
-    assert any(not torch.allclose(p, q, rtol=1e-5, atol=1e-6) for p, q in zip(fused.parameters(),
-                                                                              applied.parameters()))
+    assert type(stepper.optimizer) is torch.optim.AdamW and ewc.apply_count == 2 and float(stats["ewc/penalty"]) > 0
+    assert float(stats["train/grad_norm"]) > float(loss_norm) * (1 + 1e-4)  # the penalty gradient is in .grad
 
 
 def test_other_penalties_and_other_models_keep_torch_adamw_and_apply():

@@ -12,13 +12,15 @@ the EWC penalty, clips and steps.
 lr_scheduler_type). ``step`` returns 0-dim tensors (``ewc/penalty``, ``train/grad_norm`` before clipping,
 ``train/lr``) and never reads them: no host synchronisation per step; the caller reads them when it logs.
 
-``TorchStepper`` (one process), in this order: ``clip_grad_norm_``; the optimizer step; the schedule;
-``zero_grad``. With a ``HybridEWC`` of the parameters it steps (the ``hbat`` regulariser) the optimizer is
+``TorchStepper`` (one process), in this order: the penalty; ``clip_grad_norm_``; the optimizer step; the
+schedule; ``zero_grad``. Every backend clips the penalty gradient like a loss term, so one config gives the same
+weights in one process and under DeepSpeed. Hence: with clipping on (``max_grad_norm``), or any penalty other
+than a ``HybridEWC`` of the parameters it steps, the optimizer is torch's AdamW and ``ewc.apply_()`` first adds
+the penalty gradient to ``.grad``. With clipping off and the ``hbat`` regulariser, the optimizer is
 ``hbat.HybridAdamW``, which adds the penalty gradient inside its step (one fused pass: 32 bytes per fp32 element
-instead of AdamW's 28 plus the separate penalty pass's 16), so clipping and ``train/grad_norm`` cover the loss
-gradient only; ``ewc/penalty`` is the step's ``last_penalty``. Without clipping this gives the weights of the
-other path to fp32 rounding (tests/test_steppers.py). With any other penalty (Fisher) the optimizer is torch's
-AdamW and ``ewc.apply_()`` first adds the penalty gradient to ``.grad`` (clipped like a loss term). Weights in
+instead of AdamW's 28 plus the separate penalty pass's 16; ``ewc/penalty`` is the step's ``last_penalty``), the
+same weights to fp32 rounding (tests/test_steppers.py). (Clipping the sum needs its norm before the step: a
+second pass, which is what ``apply_()`` costs.) Weights in
 bfloat16 (``model.dtype``) are stepped through fp32 master copies: AdamW's moments and update run in fp32 on
 the master, which is rounded back into the bf16 weight after each step (a plain bf16 AdamW loses every update
 below bf16's resolution: lr 1e-6 on a weight of 1e-2 changes nothing). Each bf16 gradient is converted to fp32
@@ -152,11 +154,13 @@ class TorchStepper:
         self.steps = 0
 
     def fuses(self, ewc) -> bool:
-        """Whether ``ewc``'s penalty goes inside the optimizer step: a single-process HybridEWC of parameters this
-        stepper steps (a ``HybridAdamW`` is built for it at the stage's first step)."""
+        """Whether ``ewc``'s penalty goes inside the optimizer step: no clipping (it would clip the loss gradient
+        alone) and a single-process HybridEWC of parameters this stepper steps (a ``HybridAdamW`` is built for it at
+        the stage's first step)."""
         if isinstance(self.optimizer, HybridAdamW):
             return self.optimizer.ewc is ewc
-        if not isinstance(ewc, HybridEWC) or not isinstance(ewc.view, LocalParamView) or self.steps:
+        if self.cfg.max_grad_norm or not isinstance(ewc, HybridEWC) or not isinstance(ewc.view, LocalParamView) \
+                or self.steps:
             return False
         stepped = {id(m) for m in self.masters}
         return all(id(p) in stepped for p in ewc.view.params())

@@ -351,3 +351,14 @@ def test_run_graph_order_dependencies_and_failure():
     with pytest.raises(RuntimeError, match="run 'x' failed"):
         cmp.run_graph([cmp.Task(fail), cmp.Task(task("after"), (0,)), cmp.Task(task("other", 0.1))], 1)
     assert ("start", "after") not in log and ("start", "other") not in log
+
+
+@pytest.mark.parametrize("spec_path", [None, "docs/results/ablations.yaml"], ids=["default", "ablations"])
+def test_committed_specs_are_valid_at_five_seeds(spec_path, tmp_path):
+    """The default comparison and the ablations spec the README names pass every check (nothing runs)."""
+    from pathlib import Path
+
+    path = str(Path(__file__).resolve().parent.parent / spec_path) if spec_path else None
+    plan = cmp.make_plan(cmp.load_spec(path), [], str(tmp_path), seeds=5)
+    names = {job.run["name"] for job in plan.jobs}
+    assert {"two_stage", "hbat"} <= names and len({job.seed for job in plan.jobs}) == 5

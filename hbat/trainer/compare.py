@@ -50,11 +50,11 @@ from .run import DIVERGED, EXIT_DIVERGED
 
 DEFAULT_SPEC = {
     "set": ["output_dir=runs/compare"],
-    "runs": ["sft_only", "two_stage", "hbat", "no_ewc", "no_alternation", "rlhf_pt", "sft_hpa",
-             # the importance the released code computes (one-hot) and none (f_max / n for every tensor)
-             {"name": "hbat-released", "method": "hbat", "set": ["ewc.importance_mode=released"]},
+    # the baselines (SFT alone, SFT -> DPO), HBAT, its ablation without the penalty, the penalty without the
+    # importance (every tensor alike: L2-SP) and Fisher EWC; the other ablations are docs/results/ablations.yaml
+    "runs": ["sft_only", "two_stage", "hbat", "no_ewc",
              {"name": "hbat-uniform", "method": "hbat", "set": ["ewc.importance_mode=uniform"]},
-             "freeze", "fisher"],
+             "fisher"],
     "baseline": "two_stage",
     # the penalty's strength: HBAT's curve in the trade-off plane (lam = 1, the paper's, is the run `hbat`)
     "sweep": {"key": "ewc.lam", "values": [10, 100], "runs": ["hbat"]},

@@ -206,7 +206,7 @@ def op(name: str) -> OpDef:
         raise KeyError(f"no op {name!r}; the ops are {', '.join(BY_NAME)}") from None
 
 
-#: the largest list, vector and scalar counts of any op (the C++ and Triton layers size arrays with them)
+#: the largest list, vector and scalar counts of any op (the C++ layers size arrays with them)
 MAX_LISTS = max(len(o.lists) for o in OPS)
 MAX_VECTORS = max(len(o.vectors) for o in OPS)
 MAX_SCALARS = max(len(o.scalars) for o in OPS)

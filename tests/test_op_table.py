@@ -19,12 +19,27 @@ from hbat.ops import table
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
-STEMS = {op.name: op.name.rstrip("_") for op in table.OPS}  # csrc/ops/<stem>.h, csrc/cuda/<stem>.cu
 
 
-def test_generated_header_is_up_to_date():
-    assert table.HEADER.read_text() == table.cpp_header(), "run `python -m hbat.ops.table --write`"
+def test_generated_files_are_up_to_date():
+    files = table.generated_files()
+    assert {table.HEADER, table.OPS_INCLUDE} | {CSRC / "cuda" / f"{table.stem(op)}.cu" for op in table.OPS} == set(files)
+    assert table.stale(files) == [], f"run `{table.REGENERATE}`"
     assert table.main(["--check"]) == 0
+    for path, text in files.items():
+        assert text.startswith(table.MARK + "\n"), path
+
+
+def test_the_check_finds_a_stale_or_orphan_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(table, "CUDA_DIR", tmp_path)
+    unit = tmp_path / "lerp.cu"
+    files = {unit: table.cuda_unit(table.op("lerp_"))}
+    unit.write_text(files[unit].replace("HBAT_CUDA_OP", "HBAT_CUDA_0P"))  # edited by hand
+    (tmp_path / "gone.cu").write_text(table.MARK + "\n")  # generated for an op the table no longer has
+    (tmp_path / "launch.cu").write_text("// written by hand\n")
+    assert table.stale(files) == [unit, tmp_path / "gone.cu"]
+    unit.write_text(files[unit])
+    assert table.stale(files) == [tmp_path / "gone.cu"]
 
 
 def test_table_invariants():
@@ -107,11 +122,9 @@ def test_cpp_op_traits_match_the_table(tmp_path):
 
 @pytest.mark.parametrize("op", table.OPS, ids=lambda op: op.name)
 def test_every_layer_has_the_op(op):
-    stem = STEMS[op.name]
+    stem = table.stem(op)
     functor = CSRC / "ops" / f"{stem}.h"
     assert f"OpMath<Op::{op.name}>" in functor.read_text(), f"{functor} must specialise OpMath<Op::{op.name}>"
-    assert f"HBAT_CUDA_OP({op.name})" in (CSRC / "cuda" / f"{stem}.cu").read_text()
-    assert f'#include "ops/{stem}.h"' in (CSRC / "cpu" / "multi_tensor_cpu.cpp").read_text()
     for name in ("reference", "cpu_backend", "cuda_backend", "triton_backend"):
         module = importlib.import_module(f"hbat.ops.{name}")
         assert callable(getattr(module, op.name)), f"{module.__name__}.{op.name}"

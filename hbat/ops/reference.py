@@ -84,8 +84,6 @@ def _adamw_ewc_step_(params, grads, exp_avg, exp_avg_sq, anchors, coef, lr, weig
     return sums.to(_library.sums_dtype(params, grads, exp_avg, exp_avg_sq, anchors))
 
 
-_library.define("hbat_reference", {
-    "squared_change": _squared_change, "snapshot_": _snapshot_, "ewc_penalty_grad_": _ewc_penalty_grad_,
-    "scaled_diff": _scaled_diff, "lerp_": _lerp_, "adamw_ewc_step_": _adamw_ewc_step_,
-})
+# every op of the table: its kernel is the function _<op name> above
+_library.define("hbat_reference", _library.kernels_named(globals(), "_{}", "hbat/ops/reference.py"))
 _library.export_ops("hbat_reference", globals())

@@ -266,7 +266,7 @@ def test_adamw_ewc_step_bit_identical_for_any_grid(lib, num_sms):
 
 def test_hybrid_adamw_on_the_emulated_kernels(emu, monkeypatch):
     """hbat.optim.HybridAdamW with every op on the emulated CUDA kernels equals torch AdamW + ewc.apply_()."""
-    import hbat.ops
+    import hbat.ops.prepare
 
     calls = []
 
@@ -275,8 +275,8 @@ def test_hybrid_adamw_on_the_emulated_kernels(emu, monkeypatch):
             calls.append(name)
             return getattr(emu, name)
 
-    resolve = hbat.ops.resolve_traceable
-    monkeypatch.setattr(hbat.ops, "resolve_traceable", lambda backend, device: ("cpu", Recorded())
+    resolve = hbat.ops.prepare.resolve_traceable
+    monkeypatch.setattr(hbat.ops.prepare, "resolve_traceable", lambda backend, device: ("cpu", Recorded())
                         if backend == "reference" else resolve(backend, device))
     ref, mine = two_setups("reference", "cpu")
     run_stages([ref[:3], mine[:3]], stages=STAGES[:3], steps=2)

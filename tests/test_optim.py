@@ -218,8 +218,8 @@ def test_parameters_outside_the_ewc_get_plain_adamw():
 def test_transformers_trainer_with_hybrid_adamw(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("tokenizers")
-    from test_integrations import PenaltyInLossTrainer, lm_dataset, model_after_ifa, params, training_args
-    from test_reward import char_tokenizer
+    from hf_fixtures import char_tokenizer
+    from hf_trainer_cases import PenaltyInLossTrainer, lm_dataset, model_after_ifa, params, training_args
     from transformers import Trainer
 
     tokenizer = char_tokenizer()
@@ -247,8 +247,8 @@ def test_transformers_trainer_with_hybrid_adamw(tmp_path):
 def test_callback_with_hybrid_adamw_keeps_stages_logs_and_checkpoints_but_adds_no_penalty(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("tokenizers")
-    from test_integrations import lm_dataset, model_after_ifa, params, training_args
-    from test_reward import char_tokenizer
+    from hf_fixtures import char_tokenizer
+    from hf_trainer_cases import lm_dataset, model_after_ifa, params, training_args
     from transformers import Trainer
 
     from hbat.integrations.transformers import STATE_FILE, HybridEWCCallback

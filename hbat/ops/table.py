@@ -14,7 +14,7 @@ left; tests/test_op_table.py runs that check), each with a first line that says 
 
 Read at run time: kernels/ewc.py (the Triton launches: lists, roles and dtype rules; the math:
 kernels/op_math.py), kernels/compile_check.py (the variants it compiles), hbat/ops/_library.py (the schemas of
-every namespace), tests/cuda_emulator (the op codes of the emulated CUDA backend), tests/op_samples.py (the
+every namespace), tests/cuda_emulator (the op codes of the emulated CUDA backend), tests/ops_cases.py (the
 per-op test inputs) and the benchmarks (their ops and bytes per element).
 
 Adding an op: see CONTRIBUTING.md. This module imports nothing but the standard library.

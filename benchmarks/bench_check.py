@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -33,11 +32,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchlib as B  # noqa: E402
+from benchlib import layouts, report
 
-from hbat import ops  # noqa: E402
-from hbat.ops import table  # noqa: E402
+from hbat import ops
+from hbat.ops import table
 
 ELEMENTS = 32_000_000  # 128 MB per fp32 list: a copy_ of it streams at the memory's speed here (16M already does)
 ROUNDS = 12
@@ -57,7 +55,7 @@ class Inputs:
     cost depends on the values)."""
 
     def __init__(self, elements: int):
-        self.shapes = B.llama_shapes(elements)
+        self.shapes = layouts.llama_shapes(elements)
         sizes = [torch.Size(s).numel() for s in self.shapes]
         self.numel = sum(sizes)
         fill = (1.0, 0.999, 1e-3, 1e-6, 0.998)  # params, anchors / refs, grads / moments: finite, no denormals
@@ -141,7 +139,7 @@ def main(argv=None) -> int:
     else:
         figures, times = measure(int(args.elements), args.rounds)
     elapsed = time.time() - started
-    where = (f"{B.machine_line('cpu')}; hbat from {Path(ops.__file__).parents[1]}; {int(args.elements):,} elements, "
+    where = (f"{report.machine_line('cpu')}; hbat from {Path(ops.__file__).parents[1]}; {int(args.elements):,} elements, "
              f"best of {args.rounds} rounds, {elapsed:.0f} s")
     if args.write_baseline:
         where += f"; the median of {BASELINE_RUNS} runs"

@@ -12,18 +12,15 @@ state kept until the next boundary. Writes ``<out>/<device>-importance.{csv,md}`
 """
 from __future__ import annotations
 
-import os
 import statistics
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchlib as B  # noqa: E402
-import benchmodels as M  # noqa: E402
-from hbat import ops  # noqa: E402
-from hbat.baselines.fisher import empirical_fisher  # noqa: E402
-from hbat.importance import compute_importance  # noqa: E402
+from benchlib import memory, report, timing
+import benchmodels as M
+from hbat import ops
+from hbat.baselines.fisher import empirical_fisher
+from hbat.importance import compute_importance
 
 DEFAULT_SIZES = "5e6,2e7"
 
@@ -57,7 +54,7 @@ def child_memory(provider: str, size: float, device: str, samples: int, seq_len:
     # warm-up on a tiny model: loads kernels, starts threads (keeps one-time costs out of the peak)
     make_runner(provider, *setup(1e5, device, 2, seq_len), chunk)()
     model, params, anchors, data = setup(size, device, samples, seq_len)
-    with B.PeakMemory(device) as peak:
+    with memory.PeakMemory(device) as peak:
         result = make_runner(provider, model, params, anchors, data, chunk)()
     del result
     return float(peak.bytes)
@@ -67,16 +64,16 @@ def run(args) -> list[dict]:
     device = torch.device(args.device)
     rows = []
     names = providers(device)
-    bar = B.progress(len(args.sizes) * (1 + len(names)), "bench_importance")
+    bar = report.progress(len(args.sizes) * (1 + len(names)), "bench_importance")
     for size in args.sizes:
         model, params, anchors, data = setup(size, device, args.samples, args.seq_len)
         n_params, n_tensors = M.param_count(model), len(params)
         fns = {name: make_runner(name, model, params, anchors, data, args.chunk) for name in names}
-        samples = B.interleaved_medians(fns, device, args.repeats, warmup=1)
+        samples = timing.interleaved_medians(fns, device, args.repeats, warmup=1)
         bar.update()
         del model, params, anchors, data, fns
         for name in names:
-            peak = (B.peak_memory_of(child_memory, device, name, size, str(device), args.samples, args.seq_len, args.chunk)
+            peak = (memory.peak_memory_of(child_memory, device, name, size, str(device), args.samples, args.seq_len, args.chunk)
                     if not args.no_memory else float("nan"))
             bar.update()
             per_element = name.startswith("fisher")
@@ -96,9 +93,9 @@ def run(args) -> list[dict]:
 
 def markdown(rows, args) -> str:
     out = [
-        f"# Importance at a stage boundary ({B.device_tag(args.device)})", "",
-        B.command_line(__file__, args),
-        f"{B.machine_line(args.device)}; transformers LlamaForCausalLM from a config; Fisher over {args.samples} samples "
+        f"# Importance at a stage boundary ({report.device_tag(args.device)})", "",
+        report.command_line(__file__, args),
+        f"{report.machine_line(args.device)}; transformers LlamaForCausalLM from a config; Fisher over {args.samples} samples "
         f"of {args.seq_len} tokens (response = second half); median of {args.repeats} interleaved repeats.  ",
         "Peak MB: above the model and its anchor copy (CPU: peak RSS of a fresh child process; GPU: "
         "max_memory_allocated); `xcopy` = that / one fp32 parameter copy. The Fisher cost grows with the number of "
@@ -106,24 +103,24 @@ def markdown(rows, args) -> str:
     ]
     if args.note:
         out += ["", f"> {args.note}"]
-    out += ["", B.md_table(
+    out += ["", report.md_table(
         ["params", "tensors", "provider", "median s", "x hbat", "peak MB", "xcopy", "state kept", "state MB"],
-        [[B.fmt_size(r["params"]), r["tensors"], r["provider"], r["median_s"], r["x_hbat_time"], r["peak_mb"],
+        [[report.fmt_size(r["params"]), r["tensors"], r["provider"], r["median_s"], r["x_hbat_time"], r["peak_mb"],
           r["peak_vs_param_copy"], r["state_kept"], r["state_mb"]] for r in rows])]
     return "\n".join(out) + "\n"
 
 
 def parse_args(argv=None):
-    parser = B.make_parser(__doc__)
+    parser = report.make_parser(__doc__)
     parser.add_argument("--sizes", default=DEFAULT_SIZES, help="model parameter counts (default %(default)s)")
     parser.add_argument("--samples", type=int, default=16, help="data set size for the Fisher estimate")
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--chunk", type=int, default=4, help="samples per vmap chunk (fisher-vmap)")
     parser.add_argument("--repeats", type=int, default=3)
-    B.add_output_flags(parser)
-    args = B.parse(parser, argv)
+    report.add_output_flags(parser)
+    args = report.parse(parser, argv)
     try:
-        args.sizes = B.parse_sizes(args.sizes)
+        args.sizes = report.parse_sizes(args.sizes)
     except ValueError as exc:
         parser.error(str(exc))
     if min(args.samples, args.seq_len, args.chunk, args.repeats) < 1 or args.seq_len < 4:
@@ -133,7 +130,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    B.run_and_write(args, "importance", run, markdown)
+    report.run_and_write(args, "importance", run, markdown)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchlib as B  # noqa: E402
+from benchlib import layouts, memory, op_providers, report, timing
 
 DEFAULT_SIZES = "1e6,1e7,1e8"
 HEADLINE_OP = "ewc_penalty_grad_"
@@ -36,20 +35,21 @@ def run_sweep(args) -> list[dict]:
     device = torch.device(args.device)
     rows: list[dict] = []
     jobs = jobs_of(args)
-    bar = B.progress(len(jobs), "bench_ops")
+    bar = report.progress(len(jobs), "bench_ops")
     copier, copier_key = None, None
     for layout, size, op in jobs:
-        providers = B.providers_for(op, size, device, args.providers)
-        bar.set_postfix_str(f"{op} {layout} {B.fmt_size(size)}")
-        x = B.build_inputs(op, B.layout_shapes(layout, size), device, with_fisher="fisher" in providers)
+        providers = op_providers.providers_for(op, size, device, args.providers)
+        bar.set_postfix_str(f"{op} {layout} {report.fmt_size(size)}")
+        x = op_providers.build_inputs(op, layouts.layout_shapes(layout, size), device,
+                                      with_fisher="fisher" in providers)
         numel, n_tensors = x.numel, len(x.params)
         if copier_key != numel:  # the yardstick: a streaming copy_ of the same total size
             copier = None
-            copier, copier_key = B.StreamingCopy(numel, device), numel
-        fns = {name: B.make_provider(op, name, x) for name in providers}
+            copier, copier_key = timing.StreamingCopy(numel, device), numel
+        fns = {name: op_providers.make_provider(op, name, x) for name in providers}
         # timed in the same interleaved rounds as the providers: the same machine noise
         fns["copy_"] = copier
-        samples = B.interleaved_medians(fns, device, args.repeats, warmup=1)
+        samples = timing.interleaved_medians(fns, device, args.repeats, warmup=1)
         del x, fns
         copy_bw = 8 * numel / statistics.median(samples["copy_"])
         job_rows = []
@@ -59,12 +59,12 @@ def run_sweep(args) -> list[dict]:
                 "op": op, "layout": layout, "size": numel, "tensors": n_tensors, "provider": name,
                 "median_ms": median * 1e3, "min_ms": min(samples[name]) * 1e3, "repeats": args.repeats,
                 # copy_ moves 8 B per element (read + write); the ops their minimum of HBAT.md section 7
-                "gbps": (8 if name == "copy_" else B.MIN_BYTES[op]) * numel / median / 1e9,
+                "gbps": (8 if name == "copy_" else op_providers.MIN_BYTES[op]) * numel / median / 1e9,
                 "copy_gbps": copy_bw / 1e9,
             })
         if not args.no_memory:
             for row in job_rows[:-1]:
-                peak = B.op_peak_memory(op, row["provider"], layout, size, device)
+                peak = memory.op_peak_memory(op, row["provider"], layout, size, device)
                 row["peak_mb"] = peak / 1e6
                 row["peak_vs_param_copy"] = peak / (4 * numel)
         base = {r["provider"]: r["median_ms"] for r in job_rows}
@@ -93,7 +93,7 @@ def headline(rows: list[dict]) -> list[dict]:
         return []
     largest = {layout: max(r["size"] for r in hbat if r["layout"] == layout) for layout in {r["layout"] for r in hbat}}
     picked = [r for r in hbat if r["size"] == largest[r["layout"]]]
-    return sorted(picked, key=lambda r: (r["layout"] != "llama", B.OPS.index(r["op"])))
+    return sorted(picked, key=lambda r: (r["layout"] != "llama", op_providers.OPS.index(r["op"])))
 
 
 def target_checks(rows: list[dict]) -> list[list]:
@@ -113,7 +113,7 @@ def target_checks(rows: list[dict]) -> list[list]:
 
     xcopy, naive_xcopy = h.get("peak_vs_param_copy", math.nan), naive.get("peak_vs_param_copy", math.nan)
     return [
-        check(f"{provider} vs naive ({B.fmt_size(size)} elements)", f"{h['speedup_vs_naive']:.1f}x", ">= 5x",
+        check(f"{provider} vs naive ({report.fmt_size(size)} elements)", f"{h['speedup_vs_naive']:.1f}x", ">= 5x",
               h["speedup_vs_naive"] >= 5),
         check(f"{provider} vs foreach", f"{h['speedup_vs_foreach']:.1f}x", ">= 3x", h["speedup_vs_foreach"] >= 3),
         check(f"{provider} fraction of copy bandwidth ({h['copy_gbps']:.1f} GB/s)", f"{h['frac_copy_bw']:.0%}",
@@ -126,19 +126,19 @@ def target_checks(rows: list[dict]) -> list[list]:
 
 
 def _bytes_note() -> str:
-    """'squared_change 8, ..., ewc_penalty 24 = forward 8 + backward 16, ...' from benchlib.MIN_BYTES."""
-    forward, backward = B.MIN_BYTES["squared_change"], B.MIN_BYTES["ewc_penalty_grad_"]
+    """'squared_change 8, ..., ewc_penalty 24 = forward 8 + backward 16, ...' from op_providers.MIN_BYTES."""
+    forward, backward = op_providers.MIN_BYTES["squared_change"], op_providers.MIN_BYTES["ewc_penalty_grad_"]
     return ", ".join(f"{op} {n}" + (f" = forward {forward} + backward {backward}" if op == "ewc_penalty" else "")
-                     for op, n in B.MIN_BYTES.items())
+                     for op, n in op_providers.MIN_BYTES.items())
 
 
 def markdown(rows: list[dict], args) -> str:
     mem_note = ("torch.cuda.max_memory_allocated above the inputs" if torch.device(args.device).type == "cuda"
                 else "peak RSS above the inputs, one fresh child process per provider")
     out = [
-        f"# hbat ops benchmark ({B.device_tag(args.device)})", "",
-        B.command_line(__file__, args),
-        f"{B.machine_line(args.device)}; median of {args.repeats} interleaved rounds after 1 warm-up round.  ",
+        f"# hbat ops benchmark ({report.device_tag(args.device)})", "",
+        report.command_line(__file__, args),
+        f"{report.machine_line(args.device)}; median of {args.repeats} interleaved rounds after 1 warm-up round.  ",
         f"GB/s = the op's minimum bytes per fp32 element ({_bytes_note()}; ../shared/HBAT.md section 7) / median "
         "time, for every provider. `of copy bw` = that / the bandwidth of a streaming `copy_` of the same total size (8 B per "
         "element, read + write), timed in the same interleaved rounds (row `copy_`). "
@@ -152,14 +152,14 @@ def markdown(rows: list[dict], args) -> str:
     checks = target_checks(rows)
     if checks:
         out += ["", f"## Targets of issue 4 ({HEADLINE_OP}, llama layout; stated for the CPU at 1e8 elements)", ""]
-        out.append(B.md_table(["what", "measured", "target", ""], checks))
+        out.append(report.md_table(["what", "measured", "target", ""], checks))
     top = headline(rows)
     if top:
         out += ["", "## Headline: hbat at the largest size of each layout", ""]
-        out.append(B.md_table(
+        out.append(report.md_table(
             ["op", "layout", "elements", "tensors", "provider", "ms", "GB/s", "of copy bw", "x naive", "x foreach",
              "peak MB", "xcopy"],
-            [[r["op"], r["layout"], B.fmt_size(r["size"]), r["tensors"], r["provider"], r["median_ms"], r["gbps"],
+            [[r["op"], r["layout"], report.fmt_size(r["size"]), r["tensors"], r["provider"], r["median_ms"], r["gbps"],
               f"{r['frac_copy_bw']:.0%}", r["speedup_vs_naive"], r["speedup_vs_foreach"], r.get("peak_mb", math.nan),
               r.get("peak_vs_param_copy", math.nan)] for r in top]))
     for op in args.ops:
@@ -167,9 +167,9 @@ def markdown(rows: list[dict], args) -> str:
         if not op_rows:
             continue
         out += ["", f"## {op}", ""]
-        out.append(B.md_table(
+        out.append(report.md_table(
             ["layout", "elements", "tensors", "provider", "ms", "GB/s", "of copy bw", "x naive", "x foreach", "peak MB", "xcopy"],
-            [[r["layout"], B.fmt_size(r["size"]), r["tensors"], r["provider"], r["median_ms"], r["gbps"],
+            [[r["layout"], report.fmt_size(r["size"]), r["tensors"], r["provider"], r["median_ms"], r["gbps"],
               f"{r['frac_copy_bw']:.0%}", r["speedup_vs_naive"], r["speedup_vs_foreach"], r.get("peak_mb", math.nan),
               r.get("peak_vs_param_copy", math.nan)] for r in op_rows]))
     return "\n".join(out) + "\n"
@@ -209,7 +209,7 @@ def plot(rows: list[dict], path: str, args) -> bool:
     handles = [plt.Line2D([], [], color=colors[name], linestyle=styles[name], marker="o", label=name)
                for name in providers]
     fig.legend(handles=handles, loc="upper center", ncol=len(providers), fontsize=8, bbox_to_anchor=(0.5, 0.985))
-    fig.suptitle(f"hbat ops, {B.machine_line(args.device, short=True)}", fontsize=9, y=0.998)
+    fig.suptitle(f"hbat ops, {report.machine_line(args.device, short=True)}", fontsize=9, y=0.998)
     fig.tight_layout(rect=(0, 0, 1, 0.965))
     fig.savefig(path + ".tmp.png", dpi=90)
     plt.close(fig)
@@ -218,22 +218,22 @@ def plot(rows: list[dict], path: str, args) -> bool:
 
 
 def parse_args(argv=None):
-    parser = B.make_parser(__doc__)
+    parser = report.make_parser(__doc__)
     parser.add_argument("--sizes", default=DEFAULT_SIZES, help="total elements, comma-separated (default %(default)s)")
-    parser.add_argument("--ops", default=",".join(B.OPS), help="comma-separated subset of %(default)s")
-    parser.add_argument("--layouts", default=",".join(B.LAYOUTS), help="llama and/or small")
+    parser.add_argument("--ops", default=",".join(op_providers.OPS), help="comma-separated subset of %(default)s")
+    parser.add_argument("--layouts", default=",".join(layouts.LAYOUTS), help="llama and/or small")
     parser.add_argument("--providers", default=None, help="subset, e.g. hbat,naive,foreach (default: all)")
     parser.add_argument("--small-max", default="1e7", help="largest size of the small layout (default %(default)s: "
                         "beyond it the naive loop over 1e4+ tensors takes seconds per call and shows nothing new)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tag", default="ops", help="output name: <out>/<device>-<tag>.{csv,md,png}")
-    B.add_output_flags(parser)
-    args = B.parse(parser, argv)
+    report.add_output_flags(parser)
+    args = report.parse(parser, argv)
     try:
-        args.sizes = B.parse_sizes(args.sizes)
-        args.small_max = B.parse_sizes(args.small_max)[0]
-        args.ops = B.parse_choices(args.ops, B.OPS, "--ops")
-        args.layouts = B.parse_choices(args.layouts, B.LAYOUTS, "--layouts")
+        args.sizes = report.parse_sizes(args.sizes)
+        args.small_max = report.parse_sizes(args.small_max)[0]
+        args.ops = report.parse_choices(args.ops, op_providers.OPS, "--ops")
+        args.layouts = report.parse_choices(args.layouts, layouts.LAYOUTS, "--layouts")
         args.providers = None if args.providers is None else [s.strip() for s in args.providers.split(",") if s.strip()]
     except ValueError as exc:
         parser.error(str(exc))
@@ -244,7 +244,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    B.run_and_write(args, args.tag, run_sweep, markdown, plot)
+    report.run_and_write(args, args.tag, run_sweep, markdown, plot)
 
 
 if __name__ == "__main__":

@@ -26,11 +26,10 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchlib as B  # noqa: E402
+from benchlib import layouts, report, timing
 
-from hbat import HybridAdamW, HybridEWC, ops  # noqa: E402
-from hbat.ops import table as op_table  # noqa: E402
+from hbat import HybridAdamW, HybridEWC, ops
+from hbat.ops import table as op_table
 
 DEFAULT_SIZES = "1e6,1e7,3e7"
 LR, WEIGHT_DECAY, BETAS, EPS = 1e-4, 0.01, (0.9, 0.999), 1e-8
@@ -112,13 +111,13 @@ def make_providers(x: Tensors, device, only=None) -> dict:
 def run_sweep(args) -> list[dict]:
     device = torch.device(args.device)
     rows: list[dict] = []
-    bar = B.progress(len(args.sizes), "bench_optim")
+    bar = report.progress(len(args.sizes), "bench_optim")
     for size in args.sizes:
-        bar.set_postfix_str(B.fmt_size(size))
-        x = Tensors(B.llama_shapes(size), device)
+        bar.set_postfix_str(report.fmt_size(size))
+        x = Tensors(layouts.llama_shapes(size), device)
         fns = make_providers(x, device, args.providers)
-        fns["copy_"] = B.StreamingCopy(x.numel, device)
-        samples = B.interleaved_medians(fns, device, args.repeats, warmup=2)
+        fns["copy_"] = timing.StreamingCopy(x.numel, device)
+        samples = timing.interleaved_medians(fns, device, args.repeats, warmup=2)
         copy_bw = BYTES["copy_"] * x.numel / statistics.median(samples["copy_"])
         medians = {name: statistics.median(s) for name, s in samples.items()}
         for name, median in medians.items():
@@ -144,7 +143,7 @@ def target_checks(rows: list[dict]) -> list[list]:
         return []
     fused, fused_penalty, mine = (at[name] for name in needed)
     checks = [
-        [f"adamw_ewc_step_ / torch-fused ({B.fmt_size(size)} elements)", f"{mine / fused:.2f}x",
+        [f"adamw_ewc_step_ / torch-fused ({report.fmt_size(size)} elements)", f"{mine / fused:.2f}x",
          "<= 1.15x (issue 16); <= 1.2x at >= 10M elements (issue 24)",
          ("met" if mine / fused <= 1.15 else "1.2x met" if mine / fused <= 1.2 and size >= 1e7 else "not met")],
         ["torch-fused+penalty / adamw_ewc_step_", f"{fused_penalty / mine:.2f}x", ">= 1.3x",
@@ -159,9 +158,9 @@ def target_checks(rows: list[dict]) -> list[list]:
 
 def markdown(rows: list[dict], args) -> str:
     out = [
-        f"# Optimizer step with the HBAT penalty ({B.device_tag(args.device)})", "",
-        B.command_line(__file__, args),
-        f"{B.machine_line(args.device)}; median of {args.repeats} interleaved rounds after 2 warm-up rounds; "
+        f"# Optimizer step with the HBAT penalty ({report.device_tag(args.device)})", "",
+        report.command_line(__file__, args),
+        f"{report.machine_line(args.device)}; median of {args.repeats} interleaved rounds after 2 warm-up rounds; "
         "Llama-shaped tensor list, fp32.  ",
         "B/elem = the minimum bytes per fp32 element of the provider's work (AdamW 28; ewc_penalty_grad_ 16; "
         "adamw_ewc_step_ 32, from hbat/ops/table.py); GB/s = that x elements / median time; `of copy bw` = that / "
@@ -173,11 +172,11 @@ def markdown(rows: list[dict], args) -> str:
     checks = target_checks(rows)
     if checks:
         out += ["", "## Targets of issues 16 and 24 (largest size)", ""]
-        out.append(B.md_table(["what", "measured", "target", ""], checks))
+        out.append(report.md_table(["what", "measured", "target", ""], checks))
     out += ["", "## All sizes", ""]
-    out.append(B.md_table(
+    out.append(report.md_table(
         ["elements", "tensors", "provider", "ms", "B/elem", "GB/s", "of copy bw", "x fused"],
-        [[B.fmt_size(r["size"]), r["tensors"], r["provider"], r["median_ms"], r["bytes_per_element"], r["gbps"],
+        [[report.fmt_size(r["size"]), r["tensors"], r["provider"], r["median_ms"], r["bytes_per_element"], r["gbps"],
           f"{r['frac_copy_bw']:.0%}", r["x_torch_fused"]] for r in rows]))
     return "\n".join(out) + "\n"
 
@@ -207,7 +206,7 @@ def plot(rows: list[dict], path: str, args) -> bool:
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_yscale("log")
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"optimizer step + HBAT penalty, {B.machine_line(args.device, short=True)}", fontsize=9)
+    fig.suptitle(f"optimizer step + HBAT penalty, {report.machine_line(args.device, short=True)}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path + ".tmp.png", dpi=90)
     plt.close(fig)
@@ -216,16 +215,16 @@ def plot(rows: list[dict], path: str, args) -> bool:
 
 
 def parse_args(argv=None):
-    parser = B.make_parser(__doc__)
+    parser = report.make_parser(__doc__)
     parser.add_argument("--sizes", default=DEFAULT_SIZES, help="total elements, comma-separated (default %(default)s)")
     parser.add_argument("--providers", default=None, help=f"subset of {','.join(PROVIDERS)} (default: all)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--tag", default="optim", help="output name: <out>/<device>-<tag>.{csv,md,png}")
-    B.add_output_flags(parser)
-    args = B.parse(parser, argv)
+    report.add_output_flags(parser)
+    args = report.parse(parser, argv)
     try:
-        args.sizes = B.parse_sizes(args.sizes)
-        args.providers = None if args.providers is None else B.parse_choices(args.providers, PROVIDERS, "--providers")
+        args.sizes = report.parse_sizes(args.sizes)
+        args.providers = None if args.providers is None else report.parse_choices(args.providers, PROVIDERS, "--providers")
     except ValueError as exc:
         parser.error(str(exc))
     if args.repeats < 1:
@@ -235,7 +234,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    B.run_and_write(args, args.tag, run_sweep, markdown, plot)
+    report.run_and_write(args, args.tag, run_sweep, markdown, plot)
 
 
 if __name__ == "__main__":

@@ -30,14 +30,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchlib as B  # noqa: E402
-import benchmodels as M  # noqa: E402
-from hbat import HybridAdamW, HybridEWC, ops  # noqa: E402
+from benchlib import memory, op_providers, report, timing
+import benchmodels as M
+from hbat import HybridAdamW, HybridEWC, ops
 
 VARIANTS = ("dpo", "dpo+hbat", "dpo+hybridadamw", "dpo+naive", "dpo+fisher")
 ANCHORED = ("dpo+hbat", "dpo+naive", "dpo+fisher")  # the variants that use the benchmark's own anchor copy
@@ -52,7 +50,7 @@ PRECISIONS = {"fp32": ["model.dtype=float32"], "bf16": ["model.dtype=bfloat16"],
               "bf16+lora": ["model.dtype=bfloat16", "model.lora_r=16"]}
 PLAN_TARGET = 0.15  # the memory plan's total within 15% of the measured peak (issue 15)
 #: glibc's mmap threshold in the precision children: bf16 halves every tensor, so many (the 512 x 512 weights,
-#: a layer's hidden states) fall under benchlib's 1 MiB and come from the heap, which keeps them in the RSS once
+#: a layer's hidden states) fall under benchlib.memory's 1 MiB and come from the heap, which keeps them in the RSS once
 #: freed (about 45 MB of the bf16 + LoRA peak here, no tensor alive in it). Every tensor of 64 KiB or more gets
 #: a mapping of its own, unmapped when freed: the peak RSS counts live memory, as max_memory_allocated on a GPU.
 TENSOR_MMAP_THRESHOLD = 64 << 10
@@ -93,7 +91,7 @@ class Trainer:
 
     def penalty_loss(self, variant: str):
         coefs = self.coefs if variant == "dpo+naive" else self.fisher
-        return B.autograd_penalty(self.params, self.anchors, coefs, LAM)
+        return op_providers.autograd_penalty(self.params, self.anchors, coefs, LAM)
 
     def backward(self, variant: str) -> None:
         """The gradients of DPO + the variant's penalty in ``p.grad``: what clipping and AdamW then see."""
@@ -102,26 +100,26 @@ class Trainer:
             loss = loss + self.penalty_loss(variant)
         loss.backward()
         if variant == "dpo+hbat":
-            start = B.now()
+            start = timing.now()
             ops.ewc_penalty_grad_(self.params, self.anchors, [p.grad for p in self.params], self.importance, LAM)
-            B.synchronize(self.device)
-            self.hbat_call_s.append(B.now() - start)
+            timing.synchronize(self.device)
+            self.hbat_call_s.append(timing.now() - start)
 
     def step(self, variant: str) -> None:
         self.backward(variant)
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         optimizer = self.hybrid if variant == "dpo+hybridadamw" else self.optimizer
-        start = B.now()
+        start = timing.now()
         optimizer.step()
-        B.synchronize(self.device)
+        timing.synchronize(self.device)
         if variant in self.optimizer_s:
-            self.optimizer_s[variant].append(B.now() - start)
+            self.optimizer_s[variant].append(timing.now() - start)
         optimizer.zero_grad(set_to_none=True)
 
 
 def child_step_memory(variant: str, size: float, device: str, pairs: int, seq_len: int) -> float:
     """Peak bytes of a whole training process (models, optimizer, activations, penalty state) for one variant."""
-    with B.PeakMemory(device) as peak:
+    with memory.PeakMemory(device) as peak:
         trainer = Trainer(size, device, pairs, seq_len, [variant])
         for _ in range(2):  # the first step creates AdamW's state
             trainer.step(variant)
@@ -152,7 +150,7 @@ def child_trainer_memory(overrides: list[str], device: str) -> dict:
     plan = plan_memory(cfg, device=torch.device(device))
     if torch.device(device).type == "cpu":
         ctypes.CDLL("libc.so.6").mallopt(-3, TENSOR_MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
-    with B.PeakMemory(device) as peak:
+    with memory.PeakMemory(device) as peak:
         run_method(prepare(cfg, progress=False), cfg, progress=False)
     return {"peak": float(peak.bytes), "plan": plan.as_dict()}
 
@@ -162,7 +160,7 @@ def precision_rows(args, size: float, folder: str) -> list[dict]:
     rows = []
     for variant in args.precisions:
         overrides = trainer_overrides(os.path.join(folder, variant), files, args.pairs, args.seq_len)
-        got = B.peak_memory_of(child_trainer_memory, args.device, overrides + PRECISIONS[variant], str(args.device))
+        got = memory.peak_memory_of(child_trainer_memory, args.device, overrides + PRECISIONS[variant], str(args.device))
         items = {item["name"]: item["bytes"] for item in got["plan"]["items"]}
         group = {"weights": ("weights", "model", "adapters"), "training state": ("gradients", "AdamW", "master"),
                  "activations": ("activations",), "anchor": ("anchor",)}
@@ -184,12 +182,12 @@ def run(args) -> list[dict]:
     device = torch.device(args.device)
     rows = []
     precision = [] if args.no_memory else args.precisions
-    bar = B.progress(len(args.sizes) * (1 + len(args.variants) + len(precision)), "bench_step")
+    bar = report.progress(len(args.sizes) * (1 + len(args.variants) + len(precision)), "bench_step")
     for size in args.sizes:
         trainer = Trainer(size, device, args.pairs, args.seq_len, args.variants)
         n_params = M.param_count(trainer.policy)
         fns = {v: (lambda v=v: trainer.step(v)) for v in args.variants}
-        samples = B.interleaved_medians(fns, device, args.repeats, warmup=1)
+        samples = timing.interleaved_medians(fns, device, args.repeats, warmup=1)
         hbat_call = statistics.median(trainer.hbat_call_s[1:] or [float("nan")])  # [0] is the warm-up round
         optimizer_step = {v: statistics.median(ts[1:] or [float("nan")]) for v, ts in trainer.optimizer_s.items()}
         del trainer, fns
@@ -197,7 +195,7 @@ def run(args) -> list[dict]:
         peaks = {}
         for variant in args.variants:
             peaks[variant] = (float("nan") if args.no_memory else
-                              B.peak_memory_of(child_step_memory, device, variant, size, str(device), args.pairs, args.seq_len))
+                              memory.peak_memory_of(child_step_memory, device, variant, size, str(device), args.pairs, args.seq_len))
             bar.update()
         base_t = statistics.median(samples["dpo"])
         base_min = min(samples["dpo"])
@@ -238,9 +236,9 @@ def precision_markdown(rows) -> list[str]:
            "(hbat.trainer.memory: sized from the configs, printed at the start and saved in result.json); its "
            "groups: weights of every model held, training state (gradients, AdamW, fp32 masters), the EWC anchor, "
            "activations.", "",
-           B.md_table(["params", "variant", "measured peak MB", "plan MB", "plan / measured", "weights MB",
+           report.md_table(["params", "variant", "measured peak MB", "plan MB", "plan / measured", "weights MB",
                        "training state MB", "anchor MB", "activations MB"],
-                      [[B.fmt_size(r["params"]), r["variant"], r["peak_mb"], r["plan_mb"], f"{r['plan_vs_peak']:.2f}",
+                      [[report.fmt_size(r["params"]), r["variant"], r["peak_mb"], r["plan_mb"], f"{r['plan_vs_peak']:.2f}",
                         r["plan_weights_mb"], r["plan_training_state_mb"], r["plan_anchor_mb"],
                         r["plan_activations_mb"]] for r in rows]), "",
            f"Target: the plan's total within {PLAN_TARGET:.0%} of the measured peak: "
@@ -254,9 +252,9 @@ def markdown(rows, args) -> str:
     rows = [r for r in rows if r.get("part") != "precision"]
     mem = "max_memory_allocated" if torch.device(args.device).type == "cuda" else "peak RSS of a fresh process above its imports"
     out = [
-        f"# DPO step with and without the EWC penalty ({B.device_tag(args.device)}): the paper's Table 7 here", "",
-        B.command_line(__file__, args),
-        f"{B.machine_line(args.device)}; transformers LlamaForCausalLM from a config, fp32, AdamW(fused=True), {args.pairs} "
+        f"# DPO step with and without the EWC penalty ({report.device_tag(args.device)}): the paper's Table 7 here", "",
+        report.command_line(__file__, args),
+        f"{report.machine_line(args.device)}; transformers LlamaForCausalLM from a config, fp32, AdamW(fused=True), {args.pairs} "
         f"preference pairs x {args.seq_len} tokens per step, policy + frozen reference; median of {args.repeats} "
         f"interleaved steps after a warm-up. Memory: {mem} (models, AdamW state, activations, penalty state).  ",
         "Paper columns: Table 7 (8 x A800, LLaMA2-7B, dialogue), method against method; the paper's Hbat row ran "
@@ -265,17 +263,17 @@ def markdown(rows, args) -> str:
     ]
     if args.note:
         out += ["", f"> {args.note}"]
-    out += ["", B.md_table(
+    out += ["", report.md_table(
         ["params", "variant", "s / step", "time vs DPO", "(min / min)", "+ms / step", "peak MB", "memory vs DPO",
          "paper time", "paper memory"],
-        [[B.fmt_size(r["params"]), r["variant"], r["median_s"], f"{r['time_vs_dpo']:.3f}x", f"{r['min_time_vs_dpo']:.3f}x",
+        [[report.fmt_size(r["params"]), r["variant"], r["median_s"], f"{r['time_vs_dpo']:.3f}x", f"{r['min_time_vs_dpo']:.3f}x",
           r["overhead_ms"], r["peak_mb"], f"{r['memory_vs_dpo']:.2f}x", r["paper_time"], r["paper_memory"]]
          for r in rows])]
     for r in rows:
         if r["variant"] == "dpo+hybridadamw":
             dpo = next(x for x in rows if x["variant"] == "dpo" and x["params"] == r["params"])
             ok = r["optimizer_time_vs_dpo"] <= HYBRID_TARGET
-            out += ["", f"**dpo+hybridadamw** ({B.fmt_size(r['params'])} parameters): the HybridAdamW step (AdamW with "
+            out += ["", f"**dpo+hybridadamw** ({report.fmt_size(r['params'])} parameters): the HybridAdamW step (AdamW with "
                     f"the penalty inside) took {r['optimizer_step_ms']:.1f} ms against torch's fused AdamW's "
                     f"{dpo['optimizer_step_ms']:.1f} ms, timed alone inside the steps: a DPO step with it takes "
                     f"**{r['optimizer_time_vs_dpo']:.4f}x** a plain DPO step (target <= {HYBRID_TARGET}x: "
@@ -283,7 +281,7 @@ def markdown(rows, args) -> str:
                     f"{r['time_vs_dpo']:.3f}x at the median). Memory above DPO: {r['peak_mb'] - dpo['peak_mb']:.0f} MB "
                     f"= {r['extra_param_copies']:.2f} fp32 parameter copies (target: the anchor, one copy)."]
         if r["variant"] == "dpo+hbat" and r["penalty_call_ms"] == r["penalty_call_ms"]:
-            out += ["", f"The fused `ewc_penalty_grad_` call itself, timed inside the dpo+hbat steps ({B.fmt_size(r['params'])} "
+            out += ["", f"The fused `ewc_penalty_grad_` call itself, timed inside the dpo+hbat steps ({report.fmt_size(r['params'])} "
                     f"parameters): **{r['penalty_call_ms']:.1f} ms = {r['penalty_call_vs_dpo']:.1%} of a plain DPO step** "
                     "(the whole-step ratios above also carry the machine's noise; this one does not)."]
     out += ["", f"Tokens per step here: {args.pairs * 2} sequences x {args.seq_len}. The penalty costs O(parameters) "
@@ -297,7 +295,7 @@ def markdown(rows, args) -> str:
 
 
 def parse_args(argv=None):
-    parser = B.make_parser(__doc__)
+    parser = report.make_parser(__doc__)
     parser.add_argument("--sizes", default=None, help="model parameter counts (default 2e7 on CPU, 7e8 on GPU)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--pairs", type=int, default=None, help="preference pairs per step (default 4 CPU, 16 GPU)")
@@ -305,16 +303,16 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=9, help="timed steps per variant (default %(default)s; the machine is noisy)")
     parser.add_argument("--precisions", default=",".join(PRECISIONS),
                         help="the trainer's memory in these precisions (default %(default)s; '' skips it)")
-    B.add_output_flags(parser)
-    args = B.parse(parser, argv)
+    report.add_output_flags(parser)
+    args = report.parse(parser, argv)
     gpu = torch.device(args.device).type == "cuda"
     args.sizes = args.sizes or ("7e8" if gpu else "2e7")
     args.pairs = args.pairs or (16 if gpu else 4)
     args.seq_len = args.seq_len or (512 if gpu else 64)
     try:
-        args.sizes = B.parse_sizes(args.sizes)
-        args.variants = B.parse_choices(args.variants, VARIANTS, "--variants")
-        args.precisions = B.parse_choices(args.precisions, tuple(PRECISIONS), "--precisions") if args.precisions else []
+        args.sizes = report.parse_sizes(args.sizes)
+        args.variants = report.parse_choices(args.variants, VARIANTS, "--variants")
+        args.precisions = report.parse_choices(args.precisions, tuple(PRECISIONS), "--precisions") if args.precisions else []
     except ValueError as exc:
         parser.error(str(exc))
     if "dpo" not in args.variants:
@@ -326,7 +324,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    B.run_and_write(args, "step", run, markdown)
+    report.run_and_write(args, "step", run, markdown)
 
 
 if __name__ == "__main__":

@@ -22,11 +22,10 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchlib as B  # noqa: E402
+from benchlib import layouts, report
 
-import hbat._C  # noqa: E402,F401  (torch.ops.hbat)
-from hbat import ops as new_ops  # noqa: E402
+import hbat._C  # noqa: F401  (torch.ops.hbat)
+from hbat import ops as new_ops
 
 # 7786d55's name of each op (its schemas had no table yet)
 OLD_NAMES = {"squared_change": "sum_sq_diff", "snapshot_": "snapshot_", "ewc_penalty_grad_": "penalty_grad_",
@@ -158,22 +157,22 @@ def main(argv=None) -> int:
             rows.append(dict(what=f"per call, {level}", op=op, threads=1, clock="cpu", old_ms=old * 1e3,
                              new_ms=new * 1e3))
     del tiny
-    x = tensors(B.llama_shapes(int(args.elements), layers=LAYERS))
+    x = tensors(layouts.llama_shapes(int(args.elements), layers=LAYERS))
     numel = sum(t.numel() for t in x[0])
     for threads, clock, label in ((1, time.thread_time, "cpu"), (2, time.perf_counter, "wall")):
         torch.set_num_threads(threads)
         for op, old, new in side_by_side(raw_calls(old_ops, x), args.rounds, clock):
-            rows.append(dict(what=f"kernel, {B.fmt_size(numel)} elements", op=op, threads=threads, clock=label,
+            rows.append(dict(what=f"kernel, {report.fmt_size(numel)} elements", op=op, threads=threads, clock=label,
                              old_ms=old * 1e3, new_ms=new * 1e3))
     for row in rows:
         row["new/old"] = row["new_ms"] / row["old_ms"]
     os.makedirs(args.out, exist_ok=True)
-    B.write_csv(os.path.join(args.out, "cpu-regression.csv"), rows)
-    table = B.md_table(["what", "op", "threads", "clock", "7786d55 ms", "today ms", "today / 7786d55"],
+    report.write_csv(os.path.join(args.out, "cpu-regression.csv"), rows)
+    table = report.md_table(["what", "op", "threads", "clock", "7786d55 ms", "today ms", "today / 7786d55"],
                        [[r["what"], r["op"], r["threads"], r["clock"], f"{r['old_ms']:.4g}", f"{r['new_ms']:.4g}",
                          f"{r['new/old']:.2f}"] for r in rows])
     with open(os.path.join(args.out, "cpu-regression.md"), "w") as f:
-        f.write(HEADER + f"\n`python benchmarks/compare_7786d55.py --old {args.old}`  \n{B.machine_line('cpu')}; "
+        f.write(HEADER + f"\n`python benchmarks/compare_7786d55.py --old {args.old}`  \n{report.machine_line('cpu')}; "
                 f"best of {args.rounds} rounds, old and new alternating in one process.\n\n{table}\n")
     print(table)
     return 0

@@ -4,14 +4,11 @@ baseline holds a figure for every op of the op table."""
 from __future__ import annotations
 
 import json
-import os
-import sys
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_check as C  # noqa: E402
 
 from hbat import ops  # noqa: E402

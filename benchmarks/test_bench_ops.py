@@ -10,18 +10,19 @@ from __future__ import annotations
 import csv
 import math
 import os
-import sys
 
 import pytest
 
 pytest.importorskip("pytest_benchmark")
 torch = pytest.importorskip("torch")
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchlib as B  # noqa: E402
+from benchlib import layouts, op_providers, report  # noqa: E402
+
+from hbat.ops import table  # noqa: E402
 
 SIZE = 1_000_000
-CASES = [(op, layout, provider) for op in B.OPS for layout in B.LAYOUTS for provider in B.providers_for(op, SIZE, "cpu")]
+CASES = [(op, layout, provider) for op in op_providers.OPS for layout in layouts.LAYOUTS
+         for provider in op_providers.providers_for(op, SIZE, "cpu")]
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +35,12 @@ def test_op(benchmark, request, inputs_cache, op, layout, provider):
     key = (op, layout)
     if key not in inputs_cache:
         inputs_cache.clear()  # one op's inputs alive at a time
-        inputs_cache[key] = B.build_inputs(op, B.layout_shapes(layout, SIZE), "cpu", with_fisher=op in B.PENALTY_OPS)
+        inputs_cache[key] = op_providers.build_inputs(op, layouts.layout_shapes(layout, SIZE), "cpu",
+                                                      with_fisher=op in op_providers.PENALTY_OPS)
     x = inputs_cache[key]
-    benchmark.group = f"{op} {layout} {B.fmt_size(x.numel)}"
-    benchmark.extra_info.update(elements=x.numel, tensors=len(x.params), min_bytes_per_element=B.MIN_BYTES[op])
-    fn = B.make_provider(op, provider, x)
+    benchmark.group = f"{op} {layout} {report.fmt_size(x.numel)}"
+    benchmark.extra_info.update(elements=x.numel, tensors=len(x.params), min_bytes_per_element=op_providers.MIN_BYTES[op])
+    fn = op_providers.make_provider(op, provider, x)
     if request.config.getoption("benchmark_only", False):
         benchmark.pedantic(fn, rounds=7, iterations=1, warmup_rounds=1)
     else:
@@ -46,57 +48,60 @@ def test_op(benchmark, request, inputs_cache, op, layout, provider):
 
 
 # ------------------------------------------------------------------ the providers compute the same thing
-def _fresh(op, shapes):
-    return B.build_inputs(op, shapes, "cpu", seed=3)
+CROSS_SIZE = 40_000
+CROSS = [(op, provider) for op in op_providers.OPS for provider in op_providers.providers_for(op, CROSS_SIZE, "cpu")
+         if provider not in ("hbat-reference", "fisher")]  # fisher: another penalty (per-element importance)
 
 
-@pytest.mark.parametrize("layout", B.LAYOUTS)
-@pytest.mark.parametrize("provider", ["naive", "foreach"])
-def test_penalty_providers_give_hbat_gradient(layout, provider):
-    shapes = B.layout_shapes(layout, 40_000)
-    want, got = _fresh("ewc_penalty_grad_", shapes), _fresh("ewc_penalty_grad_", shapes)
-    B.make_provider("ewc_penalty_grad_", "hbat-cpu", want)()
-    B.make_provider("ewc_penalty_grad_", provider, got)()
-    for g_want, g_got in zip(want.grads, got.grads):
-        torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-9)
-    assert any(bool(g.abs().sum() > 0) for g in want.grads)
+def _assert_same(got, want, what, rtol, atol):
+    if isinstance(want, torch.Tensor):
+        assert isinstance(got, torch.Tensor) and got.shape == want.shape, what
+        torch.testing.assert_close(got.double(), want.double(), rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), what
+        for i, (g, w) in enumerate(zip(got, want)):
+            _assert_same(g, w, f"{what}[{i}]", rtol, atol)
+    else:
+        assert got is None and want is None, what
 
 
-@pytest.mark.parametrize("op", ["squared_change", "snapshot_"])
-@pytest.mark.parametrize("provider", ["naive", "foreach"])
-def test_change_providers_match_hbat(op, provider):
-    shapes = B.layout_shapes("llama", 40_000)
-    want, got = _fresh(op, shapes), _fresh(op, shapes)
-    c_want = B.make_provider(op, "hbat-cpu", want)()
-    c_got = B.make_provider(op, provider, got)()
-    torch.testing.assert_close(c_got.float(), c_want.float(), rtol=1e-4, atol=1e-12)
-    if op == "snapshot_":
-        for a, p in zip(got.anchors, got.params):
-            assert torch.equal(a, p)
+@pytest.mark.parametrize("layout", layouts.LAYOUTS)
+@pytest.mark.parametrize("op,provider", CROSS, ids=["-".join(c) for c in CROSS])
+def test_providers_compute_what_the_reference_does(op, provider, layout):
+    """Each provider on fresh inputs (the same seed) against hbat-reference (float64): what it returns (the
+    per-tensor sums, the new tensors, the penalty) and every list afterwards (what it wrote, what it did not)."""
+    shapes = layouts.layout_shapes(layout, CROSS_SIZE)
+    want_inputs = op_providers.build_inputs(op, shapes, "cpu", seed=3)
+    got_inputs = op_providers.build_inputs(op, shapes, "cpu", seed=3)
+    want = op_providers.make_provider(op, "hbat-reference", want_inputs)()
+    got = op_providers.make_provider(op, provider, got_inputs)()
+    _assert_same(got, want, f"{provider} {op} result", rtol=1e-4, atol=1e-10)
+    for name, tensors in want_inputs.lists.items():
+        _assert_same(got_inputs.lists[name], tensors, f"{provider} {op} {name}", rtol=1e-5, atol=1e-9)
 
 
-def test_lerp_providers_match_hbat():
-    shapes = B.layout_shapes("small", 20_000)
-    outs = {}
-    for provider in ("hbat-cpu", "naive", "foreach"):
-        x = _fresh("lerp_", shapes)
-        B.make_provider("lerp_", provider, x)()
-        outs[provider] = x.dst
-    for provider in ("naive", "foreach"):
-        for d_got, d_want in zip(outs[provider], outs["hbat-cpu"]):
-            torch.testing.assert_close(d_got, d_want, rtol=1e-5, atol=1e-7)
+def test_every_provider_of_an_op_changes_what_the_op_writes():
+    """The cross-check above can fail: the inputs are not a fixed point of any op (every written list changes)."""
+    shapes = layouts.layout_shapes("small", CROSS_SIZE)
+    for op in op_providers.OPS:
+        x = op_providers.build_inputs(op, shapes, "cpu", seed=3)
+        before = {name: [t.clone() for t in ts] for name, ts in x.lists.items()}
+        op_providers.make_provider(op, "hbat-reference", x)()
+        written = [t.name for t in table.op(op).arguments if t.written_in_place] if op in table.BY_NAME else ["grads"]
+        for name in written:
+            assert not all(torch.equal(a, b) for a, b in zip(x.lists[name], before[name])), (op, name)
 
 
 def test_layouts_scale_to_the_size():
     for total in (1e6, 1e8):
-        llama = B.layout_shapes("llama", int(total))
-        assert len(llama) == 9 * B.LLAMA_LAYERS + 3
+        llama = layouts.layout_shapes("llama", int(total))
+        assert len(llama) == 9 * layouts.LLAMA_LAYERS + 3
         assert 0.8 * total < sum(torch.Size(s).numel() for s in llama) < 1.2 * total
-    assert len(B.layout_shapes("small", 4096 * 10)) == 10
+    assert len(layouts.layout_shapes("small", 4096 * 10)) == 10
     with pytest.raises(ValueError, match="layout"):
-        B.layout_shapes("wide", 10)
+        layouts.layout_shapes("wide", 10)
     with pytest.raises(ValueError, match="--sizes"):
-        B.parse_sizes("1e6,lots")
+        report.parse_sizes("1e6,lots")
 
 
 # ------------------------------------------------------------------ the scripts run and write their files

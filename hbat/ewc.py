@@ -24,7 +24,7 @@ import torch
 from . import ops
 from ._ewc_state import check_state
 from .importance import DEFAULT_IMPORTANCE_MODE, IMPORTANCE_MODES, compute_importance, importance_entropy
-from .ops import _validate as V
+from .ops import validate as V
 from .param_view import LocalParamView, UnboundView, UnitGroups, make_view, module_of, relayout
 
 __all__ = ["HybridEWC", "L2SP"]

@@ -20,7 +20,6 @@ from .ewc import (
     PARTIALS_BLOCK,
     _multi_tensor_kernel,
     _sum_partials_kernel,
-    dtype_constexprs,
     interpreter_on,
     num_warps_for,
     op_constexprs,
@@ -60,8 +59,14 @@ def _compile(fn, signature: dict, constexprs: dict, arch: int, num_warps: int):
 
     sig = dict(signature)
     sig.update({name: "constexpr" for name in constexprs})
-    # the tables and buffers come from torch allocations: 16-byte aligned (as the JIT would specialise them)
-    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, ty in signature.items() if ty.startswith("*")}
+    # the tables and buffers come from torch allocations: 16-byte aligned (as the JIT would specialise them);
+    # an element of a tuple argument is addressed by (argument, element)
+    attrs = {}
+    for name, ty in signature.items():
+        index = fn.arg_names.index(name)
+        for path, t in [((index,), ty)] if isinstance(ty, str) else [((index, k), t) for k, t in enumerate(ty)]:
+            if t.startswith("*"):
+                attrs[path] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     target = GPUTarget("cuda", arch, 32)
     return triton.compile(src, target=target, options={"num_warps": num_warps})
@@ -79,14 +84,16 @@ def chunk_kernel_variants(quick: bool = False):
 
 
 def compile_chunk_kernel(name: str, dtypes, aligned: bool, arch: int, block: int = BLOCK):
-    signature = {"addresses_ptr": "*i64", "chunks_ptr": "*i64"}
-    signature.update({f"v{k}_ptr": "*fp32" for k in range(table.MAX_VECTORS)})
-    signature.update({
+    op = table.op(name)
+    signature = {
+        "addresses_ptr": "*i64",
+        "chunks_ptr": "*i64",
+        "vector_ptrs": tuple("*fp32" for _ in op.vectors),
         "partials_ptr": "*fp32",
         "chunk_begin": "i32",  # what the JIT passes for a Python int below 2**31 (the kernel widens it)
-    })
-    signature.update({f"s{k}": "fp64" for k in range(table.MAX_SCALARS)})
-    constexprs = {**op_constexprs(table.op(name)), **dtype_constexprs(dtypes), "BLOCK": block, "ALIGNED": aligned}
+        "scalar_bits": tuple("i64" for _ in op.scalars),  # launch's scalar_bits
+    }
+    constexprs = {**op_constexprs(op), "DTYPES": tuple(dtypes), "BLOCK": block, "ALIGNED": aligned}
     return _compile(_multi_tensor_kernel, signature, constexprs, arch, num_warps_for(block))
 
 

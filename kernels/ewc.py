@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import struct
 from typing import Optional, Sequence
 
 import torch
@@ -51,10 +52,6 @@ _TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.
 
 #: the chunk tables of recent calls (see kernels/plan.py)
 PLANS = PlanCache()
-
-# the kernel has a fixed number of slots; ops use the first ones
-assert table.MAX_LISTS <= 5 and table.MAX_VECTORS <= 5 and table.MAX_SCALARS <= 3, "widen _multi_tensor_kernel"
-
 
 def interpreter_on() -> bool:
     """Triton's CPU interpreter is on (it must be set before triton is first imported)."""
@@ -102,17 +99,15 @@ def _store(ptr, offs, value, mask, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _list_ptr(addresses_ptr, tensor, R: tl.constexpr, NUM_LISTS: tl.constexpr, DTYPE: tl.constexpr,
-              ALIGNED: tl.constexpr):
-    """The typed data pointer of list R's tensor (the table's address row); list slots past the op's lists
-    get a placeholder that is never dereferenced."""
-    if R < NUM_LISTS:
-        ptr = tl.load(addresses_ptr + tensor * NUM_LISTS + R).to(tl.pointer_type(DTYPE))
+def _list_ptrs(addresses_ptr, tensor, DTYPES: tl.constexpr, ALIGNED: tl.constexpr):
+    """The typed data pointers of the tensor's lists (its address row of the table), a tuple in list order."""
+    ptrs = ()
+    for r in tl.static_range(len(DTYPES)):
+        ptr = tl.load(addresses_ptr + tensor * len(DTYPES) + r).to(tl.pointer_type(DTYPES[r]))
         if ALIGNED:  # lets the compiler emit 16-byte vector loads and stores
             ptr = tl.multiple_of(ptr, 16)
-    else:
-        ptr = addresses_ptr
-    return ptr
+        ptrs = ptrs + (ptr,)
+    return ptrs
 
 
 @triton.jit
@@ -131,48 +126,34 @@ def _store_list(ptr, offs, value, mask, STORE: tl.constexpr, MASKED: tl.constexp
 
 
 @triton.jit
-def _vector(vec_ptr, tensor, K: tl.constexpr, NUM_VECTORS: tl.constexpr):
-    if K < NUM_VECTORS:
-        value = tl.load(vec_ptr + tensor)
-    else:
-        value = 0.0
-    return value
-
-
-@triton.jit
-def _apply_block(p0, p1, p2, p3, p4, offs, mask, v, s, acc, MATH: tl.constexpr, LOADS: tl.constexpr,
-                 STORES: tl.constexpr, REDUCES: tl.constexpr, MASKED: tl.constexpr):
+def _apply_block(ptrs, offs, mask, v, s, acc, MATH: tl.constexpr, LOADS: tl.constexpr, STORES: tl.constexpr,
+                 REDUCES: tl.constexpr, MASKED: tl.constexpr):
     """One BLOCK of every list: load the loaded lists, run the op's math, store the stored lists; returns the
     updated per-tensor accumulator. Masked lanes load 0: they add nothing to a sum, NaN/inf propagate."""
-    e = (_load_list(p0, offs, mask, LOADS & 1, MASKED), _load_list(p1, offs, mask, (LOADS >> 1) & 1, MASKED),
-         _load_list(p2, offs, mask, (LOADS >> 2) & 1, MASKED), _load_list(p3, offs, mask, (LOADS >> 3) & 1, MASKED),
-         _load_list(p4, offs, mask, (LOADS >> 4) & 1, MASKED))
+    e = ()
+    for r in tl.static_range(len(ptrs)):
+        e = e + (_load_list(ptrs[r], offs, mask, (LOADS >> r) & 1, MASKED),)
     e, sq = MATH(e, v, s)
-    _store_list(p0, offs, e[0], mask, STORES & 1, MASKED)
-    _store_list(p1, offs, e[1], mask, (STORES >> 1) & 1, MASKED)
-    _store_list(p2, offs, e[2], mask, (STORES >> 2) & 1, MASKED)
-    _store_list(p3, offs, e[3], mask, (STORES >> 3) & 1, MASKED)
-    _store_list(p4, offs, e[4], mask, (STORES >> 4) & 1, MASKED)
+    for r in tl.static_range(len(ptrs)):
+        _store_list(ptrs[r], offs, e[r], mask, (STORES >> r) & 1, MASKED)
     if REDUCES:
         acc += sq
     return acc
 
 
-@triton.jit(do_not_specialize=["chunk_begin"])
+@triton.jit(do_not_specialize=["chunk_begin", "scalar_bits"])
 def _multi_tensor_kernel(
-    addresses_ptr,  # int64 [n, NUM_LISTS]: data addresses of tensor i of every list
+    addresses_ptr,  # int64 [n, len(DTYPES)]: data addresses of tensor i of every list
     chunks_ptr,  # int64 [num_chunks, 3]: tensor index, first element, end element
-    v0_ptr, v1_ptr, v2_ptr, v3_ptr, v4_ptr,  # float32 [n]: the op's per-tensor vectors (placeholders past them)
+    vector_ptrs,  # tuple of float32 [n]: the op's per-tensor vectors
     partials_ptr,  # float32 [num_chunks]: one partial sum per chunk (reducing ops); unused otherwise
     chunk_begin,  # this launch covers chunks [chunk_begin, chunk_begin + grid)
-    s0: tl.float64, s1: tl.float64, s2: tl.float64,  # the op's scalars (0 past them)
+    scalar_bits,  # tuple of int64: the op's float64 scalars, bit for bit (see launch)
     MATH: tl.constexpr,  # the op's math (kernels/op_math.py)
-    NUM_LISTS: tl.constexpr,
+    DTYPES: tl.constexpr,  # tuple: the element type of each list (this launch group's)
     LOADS: tl.constexpr,  # bit l: list l is loaded (its role reads it)
     STORES: tl.constexpr,  # bit l: list l is stored
     REDUCES: tl.constexpr,
-    NUM_VECTORS: tl.constexpr,
-    D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr, D4: tl.constexpr,  # element types
     BLOCK: tl.constexpr,
     ALIGNED: tl.constexpr,  # data addresses are 16-byte aligned and chunk starts are multiples of BLOCK
 ):
@@ -183,26 +164,24 @@ def _multi_tensor_kernel(
     end = tl.load(row + 2)
     if ALIGNED:
         start = tl.multiple_of(start, BLOCK)
-    p0 = _list_ptr(addresses_ptr, tensor, 0, NUM_LISTS, D0, ALIGNED)
-    p1 = _list_ptr(addresses_ptr, tensor, 1, NUM_LISTS, D1, ALIGNED)
-    p2 = _list_ptr(addresses_ptr, tensor, 2, NUM_LISTS, D2, ALIGNED)
-    p3 = _list_ptr(addresses_ptr, tensor, 3, NUM_LISTS, D3, ALIGNED)
-    p4 = _list_ptr(addresses_ptr, tensor, 4, NUM_LISTS, D4, ALIGNED)
-    v = (_vector(v0_ptr, tensor, 0, NUM_VECTORS), _vector(v1_ptr, tensor, 1, NUM_VECTORS),
-         _vector(v2_ptr, tensor, 2, NUM_VECTORS), _vector(v3_ptr, tensor, 3, NUM_VECTORS),
-         _vector(v4_ptr, tensor, 4, NUM_VECTORS))
-    s = (s0, s1, s2)
+    ptrs = _list_ptrs(addresses_ptr, tensor, DTYPES, ALIGNED)
+    v = ()
+    for k in tl.static_range(len(vector_ptrs)):
+        v = v + (tl.load(vector_ptrs[k] + tensor),)
+    s = ()
+    for k in tl.static_range(len(scalar_bits)):
+        s = s + (scalar_bits[k].to(tl.int64).to(tl.float64, bitcast=True),)
 
     lanes = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     num_full = (end - start) // BLOCK
     for k in range(0, num_full):  # int64 offsets: tensors may exceed 2**31 elements
         offs = start + k * BLOCK + lanes
-        acc = _apply_block(p0, p1, p2, p3, p4, offs, None, v, s, acc, MATH, LOADS, STORES, REDUCES, False)
+        acc = _apply_block(ptrs, offs, None, v, s, acc, MATH, LOADS, STORES, REDUCES, False)
     full_end = start + num_full * BLOCK
     if full_end < end:  # the tail of the tensor's last chunk
         offs = full_end + lanes
-        acc = _apply_block(p0, p1, p2, p3, p4, offs, offs < end, v, s, acc, MATH, LOADS, STORES, REDUCES, True)
+        acc = _apply_block(ptrs, offs, offs < end, v, s, acc, MATH, LOADS, STORES, REDUCES, True)
 
     if REDUCES:  # one partial per chunk, summed by _sum_partials_kernel
         tl.store(partials_ptr + chunk, tl.sum(acc, axis=0))
@@ -250,21 +229,20 @@ def num_warps_for(block: int) -> int:
 
 
 def op_constexprs(op: table.OpDef) -> dict:
-    """The compile-time constants of ``op`` in ``_multi_tensor_kernel``, all from the op table."""
+    """The compile-time constants of ``op`` in ``_multi_tensor_kernel``, all from the op table (DTYPES, one
+    element type per list, comes from each launch group)."""
     return dict(
         MATH=math_of(op.name),
-        NUM_LISTS=len(op.lists),
         LOADS=sum(1 << i for i, t in enumerate(op.lists) if t.loaded),
         STORES=sum(1 << i for i, t in enumerate(op.lists) if t.stored),
         REDUCES=op.reduces,
-        NUM_VECTORS=len(op.vectors),
     )
 
 
-def dtype_constexprs(dtypes: Sequence) -> dict:
-    """D0..D4 for a launch group's element types (triton dtypes; float32 in the slots past the op's lists)."""
-    padded = list(dtypes) + [tl.float32] * (table.MAX_LISTS - len(dtypes))
-    return {f"D{i}": d for i, d in enumerate(padded)}
+def scalar_bits(scalars: Sequence[float]) -> tuple:
+    """The scalars as the int64 bit patterns of their float64 values: Triton types a Python float inside a tuple
+    argument float32 (a tuple's elements take no annotation); the kernel bitcasts them back to float64."""
+    return tuple(struct.unpack("<q", struct.pack("<d", float(x)))[0] for x in scalars)
 
 
 def launch(op: table.OpDef, plan: MultiTensorPlan, vectors: Sequence[torch.Tensor], scalars: Sequence[float] = (),
@@ -275,9 +253,7 @@ def launch(op: table.OpDef, plan: MultiTensorPlan, vectors: Sequence[torch.Tenso
     device = plan.table.device
     partials = torch.empty(plan.num_chunks if op.reduces else 0, dtype=torch.float32, device=device)
     out = torch.empty(plan.num_tensors, dtype=torch.float32, device=device) if op.reduces else None
-    # placeholders (never read) for the vector slots past the op's vectors
-    vector_args = list(vectors) + [partials] * (table.MAX_VECTORS - len(vectors))
-    scalar_args = [float(x) for x in scalars] + [0.0] * (table.MAX_SCALARS - len(scalars))
+    bits = scalar_bits(scalars)
     constexprs = op_constexprs(op)
     # Triton launches on the current device: make it the tensors' one
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
@@ -285,12 +261,12 @@ def launch(op: table.OpDef, plan: MultiTensorPlan, vectors: Sequence[torch.Tenso
             _multi_tensor_kernel[(group.num_chunks,)](
                 plan.addresses,
                 plan.chunks,
-                *vector_args,
+                tuple(vectors),
                 partials,
                 group.chunk_begin,
-                *scalar_args,
+                bits,
                 **constexprs,
-                **dtype_constexprs([_TRITON_DTYPES[d] for d in group.dtypes]),
+                DTYPES=tuple(_TRITON_DTYPES[d] for d in group.dtypes),
                 BLOCK=block,
                 ALIGNED=group.aligned,
                 num_warps=num_warps_for(block),

@@ -1,13 +1,12 @@
 """Each op's math for the Triton multi-tensor kernel (kernels/ewc.py), one ``@triton.jit`` function per op of the
 table (hbat/ops/table.py), named after the op. The C++ kernels' math is csrc/ops/<op>.h: keep both alike.
 
-A function gets, for one block of elements of one tensor:
-    e  the op's lists in table order, float32 blocks (lists the op does not load hold 0), padded with 0.0 to
-       table.MAX_LISTS entries
-    v  the tensor's entry of each per-tensor vector (float32), padded to table.MAX_VECTORS
-    s  the call's scalars (float64), padded to table.MAX_SCALARS
-and returns (e, sq): the lists with the stored ones updated, and the block's values to sum per tensor (0.0
-for an op that does not reduce).
+A function gets, for one block of elements of one tensor, tuples as long as the op's table entry says:
+    e  the op's lists in table order, float32 blocks (lists the op does not load hold 0)
+    v  the tensor's entry of each per-tensor vector (float32), in the table's order
+    s  the call's scalars (float64), in the table's order
+and returns (e, sq): a tuple of the op's lists (the stored ones with their new values; the others are not
+stored, any value does) and the block's values to sum per tensor (0.0 for an op that does not reduce).
 """
 from __future__ import annotations
 
@@ -26,24 +25,24 @@ def squared_change(e, v, s):
 @triton.jit
 def snapshot_(e, v, s):
     d = e[0] - e[1]  # params, anchors; the anchors take the params' value after their old value was read
-    return (e[0], e[0], e[2], e[3], e[4]), d * d
+    return (e[0], e[0]), d * d
 
 
 @triton.jit
 def ewc_penalty_grad_(e, v, s):
     d = e[0] - e[1]  # params, anchors, grads; v: coef
-    return (e[0], e[1], e[2] + v[0] * d, e[3], e[4]), d * d
+    return (e[0], e[1], e[2] + v[0] * d), d * d
 
 
 @triton.jit
 def scaled_diff(e, v, s):
-    return (e[0], e[1], v[0] * (e[0] - e[1]), e[3], e[4]), 0.0  # params, anchors, out; v: coef
+    return (e[0], e[1], v[0] * (e[0] - e[1])), 0.0  # params, anchors, out; v: coef
 
 
 @triton.jit
 def lerp_(e, v, s):
     # dst, a, b; v: weights. (1 - w) a + w b keeps both endpoints exact (w = 0 gives a, w = 1 gives b)
-    return ((1.0 - v[0]) * e[1] + v[0] * e[2], e[1], e[2], e[3], e[4]), 0.0
+    return ((1.0 - v[0]) * e[1] + v[0] * e[2], e[1], e[2]), 0.0
 
 
 @triton.jit

@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import callback_worker as W  # noqa: E402  (the shared tiny model, data and gathering helpers)
+import callback_worker as W  # the shared tiny model, data and gathering helpers (tests/ is on sys.path)
 
 WORLD, MICRO_BATCH, GRAD_ACCUM, STEPS = 2, 2, 2, 4
 EVERY, KL_EVERY, SAVE_STEPS, CRASH_AT = 3, 2, 2, 2
@@ -285,7 +283,6 @@ if __name__ == "__main__":
     parser.add_argument("--out", required=True)
     parser.add_argument("setups", nargs="+", choices=sorted(SETUPS))
     cli = parser.parse_args()
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     main(cli.out, cli.setups)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()

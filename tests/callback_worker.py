@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import torch
 
@@ -348,7 +347,6 @@ if __name__ == "__main__":
     parser.add_argument("--phase", choices=("run", "resume"), required=True)
     parser.add_argument("setups", nargs="+", choices=sorted(SETUPS) + ["accelerate-zero2"])
     cli = parser.parse_args()
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     main(cli.out, cli.phase, cli.setups)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import torch
+from view_ewc import ViewEWC  # tests/ is on sys.path: the script's folder, or pytest's rootdir
 
 WORLD = 2
 MICRO_BATCH = 2
@@ -146,7 +146,6 @@ def make_ewc(engine, driver: str):
 
         return HybridEWC(engine, f_max=F_MAX, lam=LAM, importance_mode="paper", importance_scale=SCALE)
     from hbat.distributed import ZeroParamView
-    from hbat.distributed._driver import ViewEWC
 
     return ViewEWC(ZeroParamView(engine), f_max=F_MAX, lam=LAM, importance_scale=SCALE)
 
@@ -267,7 +266,6 @@ def fsdp2_main(out_dir: str, driver: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
     from hbat.distributed import GATHERS, FSDPParamView, record_collectives
-    from hbat.distributed._driver import ViewEWC
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -338,7 +336,6 @@ if __name__ == "__main__":
     parser.add_argument("--driver", default="view", choices=("view", "hybrid"))
     parser.add_argument("--offload", action="store_true", help="ZeRO optimizer offload to the CPU")
     args = parser.parse_args()
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if args.stage == "fsdp2":
         fsdp2_main(args.out, args.driver)
     else:

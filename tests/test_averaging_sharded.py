@@ -8,7 +8,6 @@ the last checkpoint that finishes the sweep. The one-process reference runs the 
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,6 @@ pytest.importorskip("deepspeed")
 pytest.importorskip("accelerate")
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 import averaging_worker as A  # noqa: E402
 import callback_worker as W  # noqa: E402
 from torchrun_launch import torchrun  # noqa: E402

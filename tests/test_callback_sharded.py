@@ -10,7 +10,6 @@ launch also runs the README's accelerate loop with ``prepare_ewc`` under ZeRO-2.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,6 @@ pytest.importorskip("trl")
 pytest.importorskip("datasets")
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 import callback_worker as W  # noqa: E402
 from torchrun_launch import torchrun  # noqa: E402
 

@@ -24,7 +24,10 @@ def test_unknown_subcommand_is_refused(capsys):
 def test_average_refuses_a_missing_model(tmp_path, capsys):
     code = main(["average", "--pre", str(tmp_path / "nope"), "--post", str(tmp_path / "nope2"), "--alpha", "0.5",
                  "--out", str(tmp_path / "out")])
-    assert code != 0
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"hbat average: {tmp_path / 'nope'} is not a folder (expected a save_pretrained model folder)" in err
+    assert not (tmp_path / "out").exists()
 
 
 # --- DeepSpeed is imported only by a run that uses it -------------------------------------------------------------

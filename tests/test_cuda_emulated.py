@@ -10,18 +10,17 @@ the GPU memory model and the binding still need a GPU (tests/test_ops.py with th
 from __future__ import annotations
 
 import itertools
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from adamw_steps import check_steps, make_case, run_steps  # noqa: E402
-from cuda_emulator import emulator  # noqa: E402
-from test_ops import assert_sums_close, assert_tensors_close, perturbed, rand_like_list  # noqa: E402
+import ops_cases
+from adamw_steps import check_steps, make_case, run_steps
+from cuda_emulator import emulator
+from ops_cases import assert_sums_close, assert_tensors_close, perturbed, rand_like_list
+from optim_cases import STAGES, run_stages, two_setups
 
-from hbat.ops import reference  # noqa: E402
+from hbat.ops import reference, table
 
 pytestmark = pytest.mark.skipif(emulator.compiler() is None, reason="g++ not found")
 
@@ -56,6 +55,16 @@ def _reference_ewc_penalty_grad(params, anchors, grads, coef):
     return reference.ewc_penalty_grad_(params, anchors, expected_grads, coef), expected_grads
 
 
+@pytest.mark.parametrize("case", ops_cases.DTYPE_CASES)
+@pytest.mark.parametrize("name", ops_cases.NAMES)
+def test_every_op_matches_reference(emu, name, case):
+    """Every op of the table through the emulated kernels (ops_cases.SAMPLES): planner, table, vector body,
+    head and tail, dtype groups and reductions, against the reference."""
+    args = ops_cases.sample_args(name, SIZES, ops_cases.DTYPE_CASES[case], seed=60 + ops_cases.NAMES.index(name))
+    ops_cases.check_against_reference(lambda *a: emu.run(table.op(name), *a), name, args)
+    assert emu.stats["vector_accesses"] > 0
+
+
 @pytest.mark.parametrize("x_dtypes,y_dtypes", [((torch.float32,), (torch.float32,)), (FLOATS, FLOATS[::-1]),
                                                ((torch.bfloat16,), (torch.float32,))])
 def test_squared_change(emu, x_dtypes, y_dtypes):
@@ -88,13 +97,6 @@ def test_ewc_penalty_grad(emu, p_dtypes, a_dtypes, g_dtypes):
     expected, expected_grads = _reference_ewc_penalty_grad(params, anchors, grads, coef)
     assert_sums_close(emu.ewc_penalty_grad_(params, anchors, grads, coef), expected)
     assert_tensors_close(grads, expected_grads)
-
-
-def test_scaled_diff(emu):
-    params = rand_like_list(SIZES, FLOATS, "cpu", seed=9)
-    anchors = perturbed(params, (torch.float32, torch.bfloat16), seed=10)
-    coef = _coef(len(SIZES), 11)
-    assert_tensors_close(emu.scaled_diff(params, anchors, coef), reference.scaled_diff(params, anchors, coef))
 
 
 def test_lerp_endpoints_and_aliasing(emu):
@@ -264,8 +266,7 @@ def test_adamw_ewc_step_bit_identical_for_any_grid(lib, num_sms):
 
 def test_hybrid_adamw_on_the_emulated_kernels(emu, monkeypatch):
     """hbat.optim.HybridAdamW with every op on the emulated CUDA kernels equals torch AdamW + ewc.apply_()."""
-    import hbat.ops
-    from test_optim import STAGES, run_stages, two_setups
+    import hbat.ops.prepare
 
     calls = []
 
@@ -274,8 +275,8 @@ def test_hybrid_adamw_on_the_emulated_kernels(emu, monkeypatch):
             calls.append(name)
             return getattr(emu, name)
 
-    resolve = hbat.ops.resolve_traceable
-    monkeypatch.setattr(hbat.ops, "resolve_traceable", lambda backend, device: ("cpu", Recorded())
+    resolve = hbat.ops.prepare.resolve_traceable
+    monkeypatch.setattr(hbat.ops.prepare, "resolve_traceable", lambda backend, device: ("cpu", Recorded())
                         if backend == "reference" else resolve(backend, device))
     ref, mine = two_setups("reference", "cpu")
     run_stages([ref[:3], mine[:3]], stages=STAGES[:3], steps=2)

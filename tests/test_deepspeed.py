@@ -8,7 +8,6 @@ paper's formulas written out); the EWC calls may only all-reduce per-unit float 
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,6 @@ import torch
 pytest.importorskip("transformers")
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 import distributed_worker as W  # noqa: E402
 from torchrun_launch import torchrun  # noqa: E402
 

@@ -1,13 +1,16 @@
-"""Every layer's view of the op table (hbat/ops/table.py) agrees with the table.
+"""The op table (hbat/ops/table.py) and what is made from it: generated files that are current, roles that are
+what the reference does, and every op covered where a person has to write something for it.
 
-The C++ layers read csrc/op_table.h (generated from the table) through csrc/op_traits.h; Triton, compile_check,
-the CUDA emulator and the benchmarks import the table. These tests fail when a copy is stale or an op is
-missing from a layer.
+Generated from the table (``python -m hbat.ops.table --write``): csrc/op_table.h (read through csrc/op_traits.h),
+csrc/ops/all.h and csrc/cuda/<op>.cu; these tests fail while one is stale. Written by hand for each op, and
+checked here for every op of the table: its math (csrc/ops/<op>.h, kernels/op_math.py), its reference kernel,
+its test samples (tests/ops_cases.py: the opcheck, reference, Triton and emulator tests run over them), its
+plain-PyTorch benchmark providers (benchmarks/benchlib/op_providers.py) and, for a public op, its README row.
 """
 from __future__ import annotations
 
-import importlib
 import importlib.util
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -15,24 +18,37 @@ from pathlib import Path
 import pytest
 import torch
 
-from hbat.ops import table
+import ops_cases
+from hbat import ops
+from hbat.ops import reference, table
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
-STEMS = {op.name: op.name.rstrip("_") for op in table.OPS}  # csrc/ops/<stem>.h, csrc/cuda/<stem>.cu
 
 
-def test_generated_header_is_up_to_date():
-    assert table.HEADER.read_text() == table.cpp_header(), "run `python -m hbat.ops.table --write`"
+def test_generated_files_are_up_to_date():
+    files = table.generated_files()
+    assert {table.HEADER, table.OPS_INCLUDE} | {CSRC / "cuda" / f"{table.stem(op)}.cu" for op in table.OPS} == set(files)
+    assert table.stale(files) == [], f"run `{table.REGENERATE}`"
     assert table.main(["--check"]) == 0
+    for path, text in files.items():
+        assert text.startswith(table.MARK + "\n"), path
+
+
+def test_the_check_finds_a_stale_or_orphan_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(table, "CUDA_DIR", tmp_path)
+    unit = tmp_path / "lerp.cu"
+    files = {unit: table.cuda_unit(table.op("lerp_"))}
+    unit.write_text(files[unit].replace("HBAT_CUDA_OP", "HBAT_CUDA_0P"))  # edited by hand
+    (tmp_path / "gone.cu").write_text(table.MARK + "\n")  # generated for an op the table no longer has
+    (tmp_path / "launch.cu").write_text("// written by hand\n")
+    assert table.stale(files) == [unit, tmp_path / "gone.cu"]
+    unit.write_text(files[unit])
+    assert table.stale(files) == [tmp_path / "gone.cu"]
 
 
 def test_table_invariants():
     assert [op.code for op in table.OPS] == list(range(len(table.OPS)))
-    # bytes per fp32 element of ../shared/HBAT.md section 7
-    assert {op.name: op.min_bytes for op in table.OPS} == {
-        "squared_change": 8, "snapshot_": 12, "ewc_penalty_grad_": 16, "scaled_diff": 12, "lerp_": 12,
-        "adamw_ewc_step_": 32}
     with pytest.raises(ValueError, match="neither a rule nor an earlier list"):
         table.OpDef("bad", (table.TensorList("x", table.READ, "y"), table.TensorList("y", table.READ)), reduces=True)
     with pytest.raises(KeyError, match="no op 'nope'"):
@@ -105,40 +121,97 @@ def test_cpp_op_traits_match_the_table(tmp_path):
     assert lines == expected
 
 
+def _run_reference(op: table.OpDef, args) -> tuple:
+    """What the reference gives on copies of ``args``: its result and every argument list afterwards."""
+    lists = [[t.clone() for t in ts] for ts in args[:len(op.arguments)]]
+    result = getattr(reference, op.name)(*lists, *args[len(op.arguments):])
+    return result, lists
+
+
+def _same(x, y) -> bool:
+    if isinstance(x, torch.Tensor):
+        return torch.equal(x, y)
+    if isinstance(x, (list, tuple)):
+        return len(x) == len(y) and all(_same(a, b) for a, b in zip(x, y))
+    return x == y
+
+
 @pytest.mark.parametrize("op", table.OPS, ids=lambda op: op.name)
-def test_every_layer_has_the_op(op):
-    stem = STEMS[op.name]
-    functor = CSRC / "ops" / f"{stem}.h"
-    assert f"OpMath<Op::{op.name}>" in functor.read_text(), f"{functor} must specialise OpMath<Op::{op.name}>"
-    assert f"HBAT_CUDA_OP({op.name})" in (CSRC / "cuda" / f"{stem}.cu").read_text()
-    assert f'#include "ops/{stem}.h"' in (CSRC / "cpu" / "multi_tensor_cpu.cpp").read_text()
-    for name in ("reference", "cpu_backend", "cuda_backend", "triton_backend"):
-        module = importlib.import_module(f"hbat.ops.{name}")
-        assert callable(getattr(module, op.name)), f"{module.__name__}.{op.name}"
+def test_roles_and_bytes_are_what_the_reference_does(op):
+    """Each list's role against what the float64 reference does with it: stored if the op writes it in place (or
+    returns it), loaded if other values in it change what the op gives. min_bytes (4 B per loaded or stored
+    fp32 list: the benchmarks' bandwidths, the README's bytes) is then what the op moves."""
+    args = ops_cases.sample_args(op.name, [5, 3, 8], (torch.float32,), seed=1)
+    result, after = _run_reference(op, args)
+    stored = {t.name: not _same(after[k], args[k]) for k, t in enumerate(op.arguments)}
+    written = [k for k, t in enumerate(op.arguments) if stored[t.name]]
+    loaded = {}
+    for k, t in enumerate(op.arguments):
+        changed = list(args)
+        changed[k] = [x + 0.5 for x in args[k]]  # stays >= 0 where the sample is (exp_avg_sq)
+        other, other_after = _run_reference(op, changed)
+        # what the op returns or leaves in a list it writes (this one included: read, then written) depends on it
+        loaded[t.name] = not _same(other, result) or any(not _same(other_after[i], after[i]) for i in written)
+    if op.returned is not None:
+        loaded[op.returned.name], stored[op.returned.name] = False, True
+    assert stored == {t.name: t.stored for t in op.lists}
+    assert loaded == {t.name: t.loaded for t in op.lists}
+    assert op.min_bytes == 4 * sum(loaded[t.name] + stored[t.name] for t in op.lists)
 
 
-def test_triton_layers_take_the_table():
-    pytest.importorskip("triton")
-    from hbat.kernels import compile_check, ewc, op_math
-
-    assert set(op_math.MATH) == set(table.BY_NAME)
-    assert compile_check.OP_NAMES == tuple(table.BY_NAME)
-    for op in table.OPS:
-        assert callable(getattr(ewc, op.name))
-        c = ewc.op_constexprs(op)
-        assert c["NUM_LISTS"] == len(op.lists) and c["NUM_VECTORS"] == len(op.vectors)
-        assert [bool(c["LOADS"] >> i & 1) for i in range(len(op.lists))] == [t.loaded for t in op.lists]
-        assert [bool(c["STORES"] >> i & 1) for i in range(len(op.lists))] == [t.stored for t in op.lists]
+@pytest.mark.parametrize("op", table.OPS, ids=lambda op: op.name)
+def test_every_op_has_its_math_and_reference(op):
+    """The hand-written pieces of every op: the C++/CUDA functor, the Triton math and the reference kernel."""
+    functor = CSRC / "ops" / f"{table.stem(op)}.h"
+    assert functor.exists() and f"OpMath<Op::{op.name}>" in functor.read_text(), \
+        f"{functor} must specialise OpMath<Op::{op.name}>"
+    assert callable(getattr(reference, f"_{op.name}", None)), f"hbat/ops/reference.py needs _{op.name}"
+    op_math = ROOT / "kernels" / "op_math.py"
+    assert re.search(rf"@triton\.jit\ndef {re.escape(op.name)}\(e, v, s\):", op_math.read_text()), \
+        f"kernels/op_math.py needs @triton.jit def {op.name}(e, v, s)"
 
 
-def test_emulator_and_benchmarks_take_the_table(monkeypatch):
-    from cuda_emulator import emulator
+def test_every_op_has_samples():
+    """tests/ops_cases.py: a sample for every op (each test that runs every op is parametrised over them), with
+    a value for each of its vectors and scalars."""
+    assert set(ops_cases.SAMPLES) == set(table.BY_NAME), "add the op's Sample to tests/ops_cases.py SAMPLES"
+    for name, sample in ops_cases.SAMPLES.items():
+        op = table.op(name)
+        assert set(sample.vectors) == set(op.vectors) and set(sample.scalars) == set(op.scalars), name
+        assert set(sample.nonnegative) <= {t.name for t in op.arguments}, name
 
+
+def test_every_op_has_benchmark_providers(monkeypatch):
+    """benchmarks/benchlib/op_providers.py: every op of the table has the plain-PyTorch providers it is measured
+    against (naive and foreach, written by hand; the hbat providers come from the table)."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    import benchlib
+    from benchlib import op_providers
 
-    emu = emulator.EmulatedCuda(lib=None)
     for op in table.OPS:
-        assert callable(getattr(emu, op.name))
-    assert benchlib.MIN_BYTES["ewc_penalty_grad_"] == table.op("ewc_penalty_grad_").min_bytes
-    assert benchlib.MIN_BYTES["squared_change"] == table.op("squared_change").min_bytes
+        assert {"naive", "foreach"} <= set(op_providers.BASELINES.get(op.name, {})), \
+            f"benchmarks/benchlib/op_providers.py BASELINES needs the naive and foreach providers of {op.name}"
+        assert op.name in op_providers.OPS and op_providers.MIN_BYTES[op.name] == op.min_bytes
+
+
+def readme_op_rows(text: str) -> dict:
+    """The rows of the README's op table (section "The ops"): function name -> its bytes / element cell."""
+    section = text.split("\n## The ops\n", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        match = re.match(r"\| `([A-Za-z_]\w*)\(.*\| ([^|]*) \|$", line)
+        if match:
+            rows[match.group(1)] = match.group(2)
+    return rows
+
+
+def test_every_public_op_has_a_readme_row():
+    """README.md's op table has a row for every op of the table that hbat.ops exports, and its bytes per element
+    is the table's; an op hbat.ops does not export (scaled_diff, the backward of squared_change) needs none."""
+    rows = readme_op_rows((ROOT / "README.md").read_text())
+    assert {"squared_change", "importance", "ewc_penalty"} <= set(rows)  # the parse finds the table
+    for op in table.OPS:
+        if op.name not in ops.__all__:
+            continue
+        assert op.name in rows, f"README.md's op table (## The ops) has no row for {op.name}"
+        assert re.match(rf"{op.min_bytes}\b", rows[op.name]), \
+            f"README.md gives {op.name} {rows[op.name]!r} bytes per element; the table says {op.min_bytes}"

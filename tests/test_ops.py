@@ -5,16 +5,16 @@ Triton runs under its interpreter on CPU tensors when there is no GPU, so its ca
 """
 from __future__ import annotations
 
-import itertools
+import importlib
 
 import pytest
 import torch
 
 from hbat import ops
 from hbat.ops import reference
-from ops_cases import backend_cases
+from ops_cases import (DTYPE_CASES, FLOATS, NAMES, assert_sums_close, assert_tensors_close, backend_cases,
+                       check_against_reference, perturbed, rand_like_list, sample_args)
 
-FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 ANCHOR_DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -32,32 +32,16 @@ def sizes_for(backend, device):
     return [0, 1, 3, 17, 128, 1000, 4097, 65537, 300_001]
 
 
-def rand_like_list(sizes, dtypes, device, *, seed, scale=1.0):
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for n, dtype in zip(sizes, itertools.cycle(dtypes)):
-        shape = (n,) if n < 64 or n % 7 else (7, n // 7)  # some 2-D tensors
-        out.append((torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype).to(device))
-    return out
-
-
-def perturbed(params, dtypes, *, seed):
-    gen = torch.Generator().manual_seed(seed)
-    return [
-        (p.double().cpu() + 0.1 * torch.randn(p.shape, generator=gen, dtype=torch.float64)).to(d).to(p.device)
-        for p, d in zip(params, itertools.cycle(dtypes))
-    ]
-
-
-def assert_sums_close(actual, expected):
-    assert actual.dtype == torch.float32
-    torch.testing.assert_close(actual.cpu().double(), expected.cpu().double(), rtol=1e-4, atol=1e-6)
-
-
-def assert_tensors_close(actual_list, expected_list):
-    for i, (a, e) in enumerate(zip(actual_list, expected_list)):
-        assert a.dtype == e.dtype, i
-        torch.testing.assert_close(a.cpu(), e.cpu(), msg=lambda m: f"tensor {i}: {m}")
+# ----------------------------------------------------------------------------------------- every op of the table
+@pytest.mark.parametrize("backend,device", NATIVE)
+@pytest.mark.parametrize("case", DTYPE_CASES)
+@pytest.mark.parametrize("name", NAMES)
+def test_every_op_matches_reference(backend, device, name, case):
+    """The backend's function of each op of the table (its schema's arguments, ops_cases.SAMPLES) against the
+    float64 reference: what it returns, every list it writes, and the lists it only reads left unchanged."""
+    module = importlib.import_module(f"hbat.ops.{backend}_backend")
+    args = sample_args(name, sizes_for(backend, device), DTYPE_CASES[case], device, seed=NAMES.index(name))
+    check_against_reference(getattr(module, name), name, args)
 
 
 # ----------------------------------------------------------------------------------------- squared_change

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from hbat import ops
-from hbat.ops import cpu_backend, reference, table
+from hbat.ops import cpu_backend, prepare, reference, table, validate
 from ops_cases import backend_cases
 
 BACKENDS = backend_cases()
@@ -204,13 +204,13 @@ def test_the_extensions_list_check_passes_exactly_what_python_passes():
         op = table.OPS[trial % len(table.OPS)]
         lists = _random_call(rng, op)
         try:
-            ops._check_in_python(op, "cpu", {t.name: ops._validate.as_tensor_list(t.name, items)
+            prepare.check_in_python(op, "cpu", {t.name: validate.as_tensor_list(t.name, items)
                                              for t, items in zip(op.arguments, lists)})
             python_passes = True
         except (TypeError, ValueError):
             python_passes = False
         contiguous = all(t.is_contiguous() for items in lists for t in items if isinstance(t, torch.Tensor))
-        fast_passes = ops._lists_pass()(lists, *ops._list_rules(op.name))
+        fast_passes = prepare.lists_pass()(lists, *prepare.list_rules(op.name))
         assert fast_passes == (python_passes and contiguous), (op.name, trial, lists)
         outcomes[fast_passes] += 1
     assert min(outcomes.values()) > 500, outcomes
@@ -254,8 +254,8 @@ def test_check_lists_refuses_overlaps_for_hybrid_ewc():
     # every op validates through check_lists: the overlap check lives there, not in each op
     params, anchors, grads = _case("cpu")
     with pytest.raises(ValueError, match=r"grads\[0\] and grads\[1\] are the same tensor"):
-        ops._validate.check_lists({"params": params, "anchors": anchors, "grads": [grads[0], grads[0], grads[2]]},
-                                  dtypes=ops._validate.NATIVE_DTYPES, need_dense=True, writable=("grads",))
+        validate.check_lists({"params": params, "anchors": anchors, "grads": [grads[0], grads[0], grads[2]]},
+                                  dtypes=validate.NATIVE_DTYPES, need_dense=True, writable=("grads",))
 
 
 # ----------------------------------------------------------------------------------------- scalars

@@ -11,76 +11,9 @@ import torch
 
 from hbat import HybridAdamW, HybridEWC
 from ops_cases import backend_cases
+from optim_cases import STAGES, hybrid, loss_of, run_stages, tiny_model, two_setups
 
 BACKENDS = backend_cases(("reference", "cpu", "triton", "cuda"))
-STAGES = ("ifa", "hpa", "ifa", "hpa")
-
-
-def tiny_model(seed=0, dtype=torch.float32, device="cpu"):
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3), torch.nn.LayerNorm(3))
-    return model.to(device=device, dtype=dtype)
-
-
-def loss_of(model, step):
-    """A fixed batch per step number."""
-    gen = torch.Generator().manual_seed(1000 + step)
-    p = next(model.parameters())
-    x = torch.randn(8, 5, generator=gen).to(p)
-    y = torch.randn(8, 3, generator=gen).to(p)
-    return (model(x) - y).float().square().mean()
-
-
-def apply_then_adamw(model, ewc, optimizer):
-    """The reference step: the penalty gradient added to .grad by apply_(), then the optimizer."""
-    def step(k):
-        loss_of(model, k).backward()
-        ewc.apply_()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return step
-
-
-def hybrid(model, ewc, optimizer):
-    def step(k):
-        loss_of(model, k).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return step
-
-
-def run_stages(pairs, stages=STAGES, steps=3, schedulers=()):
-    """Each (model, ewc, step) pair through the same stages and batches; asserts after every step that the
-    params agree (fp32 tolerance)."""
-    k = 0
-    for objective in stages:
-        for _, ewc, _ in pairs:
-            ewc.begin_stage(objective)
-        for _ in range(steps):
-            for _, _, step in pairs:
-                step(k)
-            for scheduler in schedulers:
-                scheduler.step()
-            (want, *_), *others = pairs
-            for model, _, _ in others:
-                for (name, p), q in zip(model.named_parameters(), want.parameters()):
-                    torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m: f"step {k}, {name}: {m}")
-            k += 1
-    assert pairs[0][1].active  # the later stages were penalised
-
-
-def two_setups(backend, device, *, lr=1e-2, weight_decay=0.05, groups=None, f_max=100.0):
-    """(model, ewc, step) with torch AdamW + apply_(), and the same with HybridAdamW, from the same init."""
-    ref_model = tiny_model(device=device)
-    model = copy.deepcopy(ref_model)
-    ref_ewc = HybridEWC(ref_model, f_max=f_max, lam=1.0, backend=backend)
-    ewc = HybridEWC(model, f_max=f_max, lam=1.0, backend=backend)
-    ref_params = groups(ref_model) if groups else ref_model.parameters()
-    params = groups(model) if groups else model.parameters()
-    ref_opt = torch.optim.AdamW(ref_params, lr=lr, weight_decay=weight_decay, foreach=False)
-    opt = HybridAdamW(params, ewc, lr=lr, weight_decay=weight_decay)
-    return (ref_model, ref_ewc, apply_then_adamw(ref_model, ref_ewc, ref_opt), ref_opt), \
-        (model, ewc, hybrid(model, ewc, opt), opt)
 
 
 # ----------------------------------------------------------------------------------------- equals AdamW + apply_()
@@ -285,8 +218,8 @@ def test_parameters_outside_the_ewc_get_plain_adamw():
 def test_transformers_trainer_with_hybrid_adamw(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("tokenizers")
-    from test_integrations import PenaltyInLossTrainer, lm_dataset, model_after_ifa, params, training_args
-    from test_reward import char_tokenizer
+    from hf_fixtures import char_tokenizer
+    from hf_trainer_cases import PenaltyInLossTrainer, lm_dataset, model_after_ifa, params, training_args
     from transformers import Trainer
 
     tokenizer = char_tokenizer()
@@ -314,8 +247,8 @@ def test_transformers_trainer_with_hybrid_adamw(tmp_path):
 def test_callback_with_hybrid_adamw_keeps_stages_logs_and_checkpoints_but_adds_no_penalty(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("tokenizers")
-    from test_integrations import lm_dataset, model_after_ifa, params, training_args
-    from test_reward import char_tokenizer
+    from hf_fixtures import char_tokenizer
+    from hf_trainer_cases import lm_dataset, model_after_ifa, params, training_args
     from transformers import Trainer
 
     from hbat.integrations.transformers import STATE_FILE, HybridEWCCallback

@@ -20,6 +20,7 @@ if not torch.cuda.is_available():  # must precede the first import of triton (co
 
 pytest.importorskip("triton")
 
+import ops_cases  # noqa: E402
 from adamw_steps import check_steps, make_case, run_steps  # noqa: E402
 from hbat.kernels import ewc  # noqa: E402
 from hbat.kernels.plan import LaunchGroup, MultiTensorPlan, PlanCache, build_plan  # noqa: E402
@@ -134,6 +135,14 @@ def test_plan_cache_hits_on_same_tensors_and_misses_on_new_ones():
 
 
 # ----------------------------------------------------------------------------------------- each op vs reference
+@pytest.mark.parametrize("case", ops_cases.DTYPE_CASES)
+@pytest.mark.parametrize("name", ops_cases.NAMES)
+def test_every_op_matches_reference(name, case):
+    """Every op of the table through the kernel (ops_cases.SAMPLES), tiny blocks: many chunks per tensor."""
+    args = ops_cases.sample_args(name, SIZES, ops_cases.DTYPE_CASES[case], DEVICE, seed=50 + ops_cases.NAMES.index(name))
+    ops_cases.check_against_reference(lambda *a: ewc.call(name, *a, **SMALL), name, args)
+
+
 DTYPE_CASES = {
     "fp32": ((torch.float32,), (torch.float32,), (torch.float32,)),
     "mixed": (FLOATS, (torch.bfloat16, torch.float32), (torch.float16, torch.float32, torch.bfloat16)),
@@ -150,28 +159,6 @@ def test_squared_change_and_snapshot_match_reference(case):
     assert_sums_close(ewc.snapshot_(params, anchors, **SMALL), expected)
     for i, (p, a) in enumerate(zip(params, anchors)):
         assert torch.equal(a, p.to(a.dtype)), f"anchor {i} was not overwritten with the params"
-
-
-@pytest.mark.parametrize("case", DTYPE_CASES)
-def test_ewc_penalty_grad_matches_reference(case):
-    p_dt, a_dt, g_dt = DTYPE_CASES[case]
-    params, anchors = randn_list(SIZES, p_dt, seed=3), randn_list(SIZES, a_dt, seed=4)
-    grads = randn_list(SIZES, g_dt, seed=5)
-    coef = torch.linspace(0.5, 3.0, len(SIZES), device=DEVICE)
-    expected_grads = [g.clone().cpu() for g in grads]
-    expected = reference.ewc_penalty_grad_(cpu(params), cpu(anchors), expected_grads, coef.cpu())
-    assert_sums_close(ewc.ewc_penalty_grad_(params, anchors, grads, coef, **SMALL), expected)
-    assert_lists_close(grads, expected_grads)
-
-
-@pytest.mark.parametrize("case", DTYPE_CASES)
-def test_scaled_diff_matches_reference(case):
-    p_dt, a_dt, _ = DTYPE_CASES[case]
-    params, anchors = randn_list(SIZES, p_dt, seed=6), randn_list(SIZES, a_dt, seed=7)
-    coef = torch.linspace(-2.0, 2.0, len(SIZES), device=DEVICE)
-    got = ewc.scaled_diff(params, anchors, coef, **SMALL)
-    assert_lists_close(got, reference.scaled_diff(cpu(params), cpu(anchors), coef.cpu()))
-    assert all(g.dtype == p.dtype and g.device == p.device for g, p in zip(got, params))
 
 
 @pytest.mark.parametrize("case", DTYPE_CASES)

@@ -1,5 +1,5 @@
 // hbat._C.lists_pass(lists, rules, written, may_alias): whether the tensor lists of one op call pass every
-// check of hbat/ops/_validate.py check_lists for a native backend, answered in C++ in one pass over the
+// check of hbat/ops/validate.py check_lists for a native backend, answered in C++ in one pass over the
 // tensors (about 20x faster than the Python loop on a few hundred tensors, which made an op's per-call cost
 // twice 7786d55's once the overlap checks came). It only says yes or no: on no, or on anything unusual (a
 // tensor subclass, a meta tensor, an empty list, a non-contiguous tensor, which Python may pass as a

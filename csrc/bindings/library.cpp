@@ -3,7 +3,7 @@
 // backend registers one boxed kernel per op for its dispatch key (csrc/cpu/multi_tensor_cpu.cpp for CPU,
 // csrc/bindings/cuda_binding.cpp for CUDA), so torch.ops.hbat.<op> runs the kernel of the tensors' device.
 //
-// Contract shared by every implementation (inputs are validated in Python, hbat/ops/_validate.py; the
+// Contract shared by every implementation (inputs are validated in Python, hbat/ops/validate.py; the
 // bindings re-check devices, sizes and dtypes, csrc/bindings/op_call.h):
 //   - all lists have the same length n, tensors are contiguous, on one device, sizes match pairwise;
 //   - each tensor's dtype follows its list's rule in the table (float32 / bfloat16 / float16 per tensor,
@@ -90,6 +90,6 @@ static std::string build_info() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &build_info, "how this extension was compiled");
-  m.def("lists_pass", &hbat::lists_pass, "whether an op's tensor lists pass hbat/ops/_validate.py's checks "
+  m.def("lists_pass", &hbat::lists_pass, "whether an op's tensor lists pass hbat/ops/validate.py's checks "
         "(csrc/bindings/check_lists.h)");
 }

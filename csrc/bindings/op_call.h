@@ -1,6 +1,6 @@
 // One call of a table op (csrc/op_table.h) taken from torch's boxed argument stack, checked against the op's
 // table entry; shared by the CPU and CUDA bindings, which register one boxed kernel per op and so need no
-// per-op code. The Python layer (hbat/ops/_validate.py) checks its arguments first, with its own messages;
+// per-op code. The Python layer (hbat/ops/validate.py) checks its arguments first, with its own messages;
 // these checks keep a direct torch.ops.hbat call from reading memory with the wrong type or size.
 #pragma once
 

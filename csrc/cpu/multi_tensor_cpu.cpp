@@ -30,12 +30,7 @@
 
 #include "bindings/op_call.h"
 #include "chunking.h"
-#include "ops/adamw_ewc_step.h"
-#include "ops/ewc_penalty_grad.h"
-#include "ops/lerp.h"
-#include "ops/scaled_diff.h"
-#include "ops/snapshot.h"
-#include "ops/squared_change.h"
+#include "ops/all.h"  // every op's math (generated from the op table)
 
 namespace hbat {
 namespace cpu {

@@ -1,5 +1,5 @@
-// The CUDA kernels of adamw_ewc_step_: its math (csrc/ops/adamw_ewc_step.h) over the generic multi-tensor apply, one
-// instantiation per dtype combination its lists allow. One file per op, so that the ops compile in parallel.
+// Generated from hbat/ops/table.py by `python -m hbat.ops.table --write`: do not edit.
+// The CUDA kernels of adamw_ewc_step_: its math (csrc/ops/adamw_ewc_step.h) over the generic multi-tensor apply.
 #include "cuda/multi_tensor_apply.cuh"
 #include "ops/adamw_ewc_step.h"
 

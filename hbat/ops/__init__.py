@@ -15,23 +15,24 @@ returns float32 per-tensor results on the tensors' device. ``backend`` is one of
                                                   -> [n]  the penalty before the step; one AdamW step whose
                                                           gradient is grads + lam F_i (p - a)
 
-Every op checks all of its inputs before it writes anything (_validate.py), by the roles and dtype rules of
-its entry in the op table (table.py). Each backend is a namespace of torch operators (_library.py): written
-tensors get their version counters bumped, every op has a fake implementation (torch.compile,
-torch.library.opcheck).
+Every op checks all of its inputs before it writes anything (validate.py), its tensor lists by the roles and
+dtype rules of its entry in the op table (table.py, prepare.py). Each backend is a namespace of torch operators
+(_library.py): written tensors get their version counters bumped, every op has a fake implementation
+(torch.compile, torch.library.opcheck).
 """
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Sequence
 
 import torch
 
-from hbat._ext import load_extension
+from . import validate
+from . import validate as V
+from ._dispatch import available_backends, backend_status
+from .prepare import prepare as _prepare
 
-from . import _validate as V
-from . import table
-from ._dispatch import accepted_dtypes, available_backends, backend_status, resolve_traceable
+# the module's name before it was public (hbat/averaging/plan.py imports it so)
+_validate = validate
 
 Tensors = Sequence[torch.Tensor]
 
@@ -50,64 +51,6 @@ __all__ = [
 ]
 
 _REDUCTIONS = ("mean", "sum")
-
-
-def _prepare(op_name: str, backend: str, *lists):
-    """Validate the tensor lists of op ``op_name`` (its arguments, in the table's order) by the roles and dtype
-    rules of its table entry, and pick the backend. Returns (lists, device, backend module).
-
-    For a native backend the C++ extension first answers whether every check passes (one pass in C++, the
-    per-call cost of a few hundred tensors); if not, or for the reference backend, the Python checks run and
-    raise their error."""
-    op = table.op(op_name)
-    names = [t.name for t in op.arguments]
-    items = [V.as_list(name, seq) for name, seq in zip(names, lists)]  # read each iterable once
-    # not while torch.compile traces: the extension's answer could not be traced (the Python checks run then)
-    lists_pass = None if torch.compiler.is_compiling() else _lists_pass()
-    if lists_pass is not None and lists_pass(items, *_list_rules(op_name)):
-        device = items[0][0].device
-        backend_name, module = resolve_traceable(backend, device)
-        if backend_name != "reference":
-            return items, device, module
-    given = {name: V.as_tensor_list(name, seq) for name, seq in zip(names, items)}
-    lead = given[names[0]]
-    backend_name, module = resolve_traceable(backend, lead[0].device if lead else None)
-    converted, device = _check_in_python(op, backend_name, given)
-    return converted, device, module
-
-
-def _check_in_python(op: table.OpDef, backend_name: str, given: dict):
-    """check_lists of the argument lists ``given`` (name -> list of tensors) by op's table entry: the lists as
-    lists and the common device, or the error."""
-    may_alias: dict[str, tuple] = {}
-    for written, reader in op.may_alias:
-        may_alias[written] = may_alias.get(written, ()) + (reader,)
-    return V.check_lists(
-        given,
-        dtypes=accepted_dtypes(backend_name),
-        need_dense=backend_name != "reference",
-        writable=[t.name for t in op.arguments if t.written_in_place],
-        may_alias=may_alias,
-        rules={t.name: t.dtype for t in op.arguments if t.dtype != table.ANY_FLOAT},
-    )
-
-
-@lru_cache(maxsize=None)
-def _lists_pass():
-    """hbat._C.lists_pass (csrc/bindings/check_lists.h), or None without the extension."""
-    module = load_extension("hbat._C")[0]
-    return getattr(module, "lists_pass", None)
-
-
-@lru_cache(maxsize=None)
-def _list_rules(op_name: str) -> tuple:
-    """Op ``op_name``'s list checks as hbat._C.lists_pass takes them: per argument list its dtype rule (-1 any
-    float, -2 float32, i: the dtype of list i) and whether it is written in place; the may_alias index pairs."""
-    op = table.op(op_name)
-    names = [t.name for t in op.arguments]
-    rules = [{table.ANY_FLOAT: -1, table.FLOAT32: -2}.get(t.dtype, None) for t in op.arguments]
-    rules = [names.index(t.dtype) if r is None else r for r, t in zip(rules, op.arguments)]
-    return rules, [t.written_in_place for t in op.arguments], [(names.index(w), names.index(r)) for w, r in op.may_alias]
 
 
 def _empty(device) -> torch.Tensor:

@@ -12,7 +12,7 @@ from types import ModuleType
 
 import torch
 
-from ._validate import NATIVE_DTYPES, REFERENCE_DTYPES
+from .validate import NATIVE_DTYPES, REFERENCE_DTYPES
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 # auto picks the first available backend in this order for each device type

@@ -67,6 +67,16 @@ def define(namespace: str, impls: dict):
     return getattr(torch.ops, namespace)
 
 
+def kernels_named(module_globals: dict, pattern: str, where: str) -> dict:
+    """Op name -> the function ``pattern.format(op name)`` of a module, for every op of the table (``define``'s
+    ``impls``); an op without one is named."""
+    missing = [op.name for op in table.OPS if pattern.format(op.name) not in module_globals]
+    if missing:
+        raise LookupError(f"{where} has no kernel {', '.join(pattern.format(m) for m in missing)} for the op table's "
+                          f"{', '.join(missing)}")
+    return {op.name: module_globals[pattern.format(op.name)] for op in table.OPS}
+
+
 @lru_cache(maxsize=None)
 def register(namespace: str, version_bumps: bool = True) -> None:
     """Fakes, the backward of squared_change and (``version_bumps``) the version bumps for the ops of

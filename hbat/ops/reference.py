@@ -6,11 +6,11 @@ it allocates a temporary per tensor. It accepts any floating dtype, float64 incl
 Backend contract (shared by cpu_backend.py, triton_backend.py, cuda_backend.py): a backend module has one
 function per op of the table (table.py), named like the op, with its schema's arguments (lists, per-tensor
 vectors, scalars); each runs a torch operator of that schema (torch.ops.hbat_reference.* here, see
-_library.py). Inputs were validated by hbat.ops (_validate.py, from the op's table entry): lists are non-empty
-and of equal length, each tensor's dtype follows its list's rule, a written tensor shares no memory with any
-other tensor of the call (except the table's ``may_alias`` pairs: lerp_'s dst may be a or b, adamw_ewc_step_'s
-anchors may be the params), the vectors are float32 [n] on the tensors' device. The per-tensor sums of the
-reducing ops are float32; only the reference returns float64 when given float64 tensors.
+_library.py). Inputs were validated by hbat.ops (validate.py and prepare.py, from the op's table entry): lists
+are non-empty and of equal length, each tensor's dtype follows its list's rule, a written tensor shares no
+memory with any other tensor of the call (except the table's ``may_alias`` pairs: lerp_'s dst may be a or b,
+adamw_ewc_step_'s anchors may be the params), the vectors are float32 [n] on the tensors' device. The
+per-tensor sums of the reducing ops are float32; only the reference returns float64 when given float64 tensors.
 """
 from __future__ import annotations
 
@@ -84,8 +84,6 @@ def _adamw_ewc_step_(params, grads, exp_avg, exp_avg_sq, anchors, coef, lr, weig
     return sums.to(_library.sums_dtype(params, grads, exp_avg, exp_avg_sq, anchors))
 
 
-_library.define("hbat_reference", {
-    "squared_change": _squared_change, "snapshot_": _snapshot_, "ewc_penalty_grad_": _ewc_penalty_grad_,
-    "scaled_diff": _scaled_diff, "lerp_": _lerp_, "adamw_ewc_step_": _adamw_ewc_step_,
-})
+# every op of the table: its kernel is the function _<op name> above
+_library.define("hbat_reference", _library.kernels_named(globals(), "_{}", "hbat/ops/reference.py"))
 _library.export_ops("hbat_reference", globals())

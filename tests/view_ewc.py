@@ -1,14 +1,14 @@
-"""A minimal EWC driver over any ParamView: the HBAT math of ``hbat.HybridEWC`` reduced to its core.
+"""A minimal EWC driver over any ParamView: the HBAT math of ``hbat.HybridEWC`` reduced to its core (test-only).
 
-It exists so that the sharded views can be exercised with nothing but ``hbat.ops`` (the tests use it as a
-second implementation next to ``HybridEWC``). Per call it communicates one float32 vector of per-unit sums
-(stage boundary) and, when asked for the penalty value, one more (``apply_``).
+It exists so that the sharded views can be exercised with nothing but ``hbat.ops``: tests/distributed_worker.py
+uses it as a second implementation next to ``HybridEWC``. Per call it communicates one float32 vector of
+per-unit sums (stage boundary) and, when asked for the penalty value, one more (``apply_``).
 """
 from __future__ import annotations
 
 import torch
 
-from .. import ops
+from hbat import ops
 
 
 class ViewEWC:

@@ -31,7 +31,8 @@ TINY_BUDGET = H.TINY_USER + ["save_model=true", "sft.max_len=64", "sft.grad_accu
 def section() -> str:
     text = PAGE.read_text()
     start = text.index("\n## Your own model and data\n")
-    return text[start:text.index("\n## ", start + 1)]
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end >= 0 else len(text)]
 
 
 def blocks(language: str) -> list[str]:

@@ -15,7 +15,7 @@ RANGE_TESTS := tests/test_packaging.py tests/test_integrations.py tests/test_exa
 	tests/test_trainer_models.py::test_lora_trains_only_adapters_against_the_base_and_saves_for_peft \
 	tests/test_trainer_deepspeed.py::test_cli_train_under_torchrun
 
-.PHONY: setup lock demo compare ops-demo test test-latest test-oldest bench bench-check compile-cuda info clean
+.PHONY: setup lock docs demo compare ops-demo test test-latest test-oldest bench bench-check compile-cuda info clean
 
 setup: $(STAMP)
 
@@ -26,8 +26,12 @@ $(STAMP): $(BUILD_INPUTS)
 
 # regenerate the lock from setup.py's ranges and requirements/lock.in (the newest versions today)
 lock: setup
-	CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile --quiet --no-build-isolation --extra test \
+	CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile --quiet --no-build-isolation --extra test --extra docs \
 	  --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links -o $(LOCK) setup.py requirements/lock.in
+
+# the documentation (docs/, mkdocs.yml) as a static site in site/; any warning fails the build
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 # the main job on the embedded default: two-stage SFT -> DPO and HBAT side by side (CPU, a few minutes)
 demo: setup
@@ -75,4 +79,4 @@ bench: setup
 	$(BIN)/python benchmarks/bench_step.py
 
 clean:
-	rm -rf build *.egg-info hbat/*.so .pytest_cache .venv-latest .venv-oldest
+	rm -rf build site *.egg-info hbat/*.so .pytest_cache .venv-latest .venv-oldest

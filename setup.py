@@ -86,6 +86,7 @@ EXTRAS = {
     "lora": ["peft>=0.19.1"],
     "bench": ["matplotlib>=3.10", "psutil>=7.0", "pytest-benchmark>=5.2"],
     "dev": ["pytest>=9.0", "pip-tools>=7.5"],
+    "docs": ["mkdocs>=1.6.1", "mkdocs-material>=9.8.2"],
 }
 EXTRAS["test"] = sorted({req for extra in ("triton", "train", "trl", "deepspeed", "lora", "bench", "dev")
                          for req in EXTRAS[extra]})

@@ -87,7 +87,7 @@ def best_hbat(rows: list[dict]) -> str | None:
 
 
 def headline(rows: list[dict]) -> list[dict]:
-    """The hbat rows of the largest size, llama layout first: the numbers the README quotes."""
+    """The hbat rows of the largest size, llama layout first: the numbers docs/benchmarks.md quotes."""
     hbat = [r for r in rows if r["provider"].startswith("hbat-") and r["provider"] != "hbat-reference"]
     if not hbat:
         return []

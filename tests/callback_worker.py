@@ -11,7 +11,7 @@ from that checkpoint in fresh processes and finishes the plan. Rank 0 writes DIR
 final weights (gathered for the comparison only), the logged ``ewc/penalty`` / ``grad_norm`` per step, the
 collectives of every HybridEWC call (guarded: a gather raises), and how the parameters were sharded; ``run``
 also writes DIR/refused.pt (a setting the callback refuses at train() start). ``accelerate-zero2`` is the
-README's accelerate loop with ``prepare_ewc`` instead of a Trainer.
+accelerate loop of docs/drop-in.md with ``prepare_ewc`` instead of a Trainer.
 """
 from __future__ import annotations
 
@@ -180,7 +180,7 @@ def run_plan(setup: str, out: str, *, world: int, phase: str = "run", record=Non
 
 
 def accelerate_loop(out: str, *, world: int, record=None) -> dict:
-    """The README's accelerate loop with ``prepare_ewc``: DeepSpeed ZeRO-2 on 2 ranks, plain in one process."""
+    """The accelerate loop of docs/drop-in.md (``prepare_ewc``): DeepSpeed ZeRO-2 on 2 ranks, plain in one process."""
     from accelerate import Accelerator, PartialState
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import DeepSpeedPlugin

@@ -6,7 +6,7 @@ Two torchrun launches of ``tests/callback_worker.py`` run every setup: ``run`` t
 stage; ``resume`` continues from that checkpoint in fresh processes. Each is compared with one process running
 the same trainers with the callback: the weights, the logged ``ewc/penalty`` and ``grad_norm`` of every step;
 the HybridEWC calls may only all-reduce per-unit float vectors (a gather raises inside the guard). The run
-launch also runs the README's accelerate loop with ``prepare_ewc`` under ZeRO-2.
+launch also runs the accelerate loop of docs/drop-in.md with ``prepare_ewc`` under ZeRO-2.
 """
 from __future__ import annotations
 

@@ -314,8 +314,29 @@ def test_make_results_fills_the_readme_blocks():
         mr.fill(readme + "<!-- compare:curve -->\n<!-- /compare:curve -->\n", source)
 
 
+def test_make_results_fills_the_readme_and_every_docs_page_with_blocks():
+    """README.md has the table and claims blocks, docs/compare.md the paired differences and the curve; a source
+    with all four fills every one of them, and a page's block that the source lacks is named in the error."""
+    from pathlib import Path
+
+    mr = _make_results()
+    assert mr.targets()[0] == "README.md" and "docs/compare.md" in mr.targets()
+    source = "".join(f"<!-- compare:{name} -->\n{name} cells\n<!-- /compare:{name} -->\n"
+                     for name in ("table", "claims", "diff", "curve"))
+    root = Path(mr.ROOT)
+    wanted = {"README.md": ["table", "claims"], "docs/compare.md": ["diff", "curve"]}
+    for rel in mr.targets():
+        text = (root / rel).read_text(encoding="utf-8")
+        filled, names = mr.fill(text, source, rel)
+        assert names == wanted.get(rel, names) and all(f"{name} cells" in filled for name in names)
+    with pytest.raises(SystemExit, match="no block 'curve' that docs/compare.md has"):
+        mr.fill((root / "docs" / "compare.md").read_text(encoding="utf-8"), source.split("<!-- compare:curve")[0],
+                "docs/compare.md")
+
+
 def test_readme_tables_are_the_committed_results():
-    """The README's result tables are, cell by cell, those of docs/results/compare-run/compare.md."""
+    """The result tables of the README and of docs/*.md are, cell by cell, those of
+    docs/results/compare-run/compare.md."""
     assert _make_results().check() == 0
 
 
@@ -355,7 +376,7 @@ def test_run_graph_order_dependencies_and_failure():
 
 @pytest.mark.parametrize("spec_path", [None, "docs/results/ablations.yaml"], ids=["default", "ablations"])
 def test_committed_specs_are_valid_at_five_seeds(spec_path, tmp_path):
-    """The default comparison and the ablations spec the README names pass every check (nothing runs)."""
+    """The default comparison and the ablations spec docs/compare.md names pass every check (nothing runs)."""
     from pathlib import Path
 
     path = str(Path(__file__).resolve().parent.parent / spec_path) if spec_path else None

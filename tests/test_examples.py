@@ -42,7 +42,7 @@ def test_trl_dpo_example(tmp_path):
 
 
 def test_trl_dpo_example_under_deepspeed_zero3(tmp_path):
-    """The README's multi-process recipe as written: torchrun, 2 CPU ranks, examples/ds_zero3.json."""
+    """The multi-process recipe of docs/drop-in.md as written: torchrun, 2 CPU ranks, examples/ds_zero3.json."""
     pytest.importorskip("deepspeed")
     pytest.importorskip("trl")
     from torchrun_launch import torchrun
@@ -59,14 +59,14 @@ def test_trl_dpo_example_under_deepspeed_zero3(tmp_path):
         assert (run / "round1-dpo" / "checkpoint-2" / f"hbat_ewc-rank{rank}.pt").is_file()
 
 
-def readme_block(after: str) -> str:
-    """The first ```python block of README.md after the line that starts with ``after``, as written."""
-    text = (ROOT / "README.md").read_text()
+def docs_block(after: str, page: str = "docs/drop-in.md") -> str:
+    """The first ```python block of ``page`` after the line that starts with ``after``, as written."""
+    text = (ROOT / page).read_text()
     start = text.index("\n```python\n", text.index("\n" + after)) + len("\n```python\n")
     return text[start:text.index("\n```\n", start) + 1]
 
 
-# what the README's TRL snippet leaves to the reader: a model, its tokenizer and the N parts of each data set
+# what the TRL snippet of docs/drop-in.md leaves to the reader: a model, its tokenizer and the N parts of each data set
 TRL_SNIPPET_NAMES = """
 import sys
 sys.path.insert(0, {tests!r})
@@ -79,11 +79,11 @@ pref_parts = [Dataset.from_list([{{"prompt": f"q{{i}}:", "chosen": " a", "reject
 """
 
 
-def test_the_readme_trl_snippet_runs_as_written(tmp_path):
+def test_the_docs_trl_snippet_runs_as_written(tmp_path):
     """On this machine's CPU (TRL's configs default to bf16, which a CPU refuses unless told)."""
     pytest.importorskip("trl")
     pytest.importorskip("datasets")
-    snippet = readme_block("With TRL, one trainer run is one stage.")
+    snippet = docs_block("With TRL, one trainer run is one stage.")
     script = TRL_SNIPPET_NAMES.format(tests=str(ROOT / "tests")) + snippet + "print('stages', ewc.stages_done)\n"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,

@@ -5,7 +5,7 @@ Generated from the table (``python -m hbat.ops.table --write``): csrc/op_table.h
 csrc/ops/all.h and csrc/cuda/<op>.cu; these tests fail while one is stale. Written by hand for each op, and
 checked here for every op of the table: its math (csrc/ops/<op>.h, kernels/op_math.py), its reference kernel,
 its test samples (tests/ops_cases.py: the opcheck, reference, Triton and emulator tests run over them), its
-plain-PyTorch benchmark providers (benchmarks/benchlib/op_providers.py) and, for a public op, its README row.
+plain-PyTorch benchmark providers (benchmarks/benchlib/op_providers.py) and, for a public op, its row in docs/ops.md.
 """
 from __future__ import annotations
 
@@ -140,7 +140,7 @@ def _same(x, y) -> bool:
 def test_roles_and_bytes_are_what_the_reference_does(op):
     """Each list's role against what the float64 reference does with it: stored if the op writes it in place (or
     returns it), loaded if other values in it change what the op gives. min_bytes (4 B per loaded or stored
-    fp32 list: the benchmarks' bandwidths, the README's bytes) is then what the op moves."""
+    fp32 list: the benchmarks' bandwidths, the bytes of docs/ops.md) is then what the op moves."""
     args = ops_cases.sample_args(op.name, [5, 3, 8], (torch.float32,), seed=1)
     result, after = _run_reference(op, args)
     stored = {t.name: not _same(after[k], args[k]) for k, t in enumerate(op.arguments)}
@@ -193,8 +193,8 @@ def test_every_op_has_benchmark_providers(monkeypatch):
         assert op.name in op_providers.OPS and op_providers.MIN_BYTES[op.name] == op.min_bytes
 
 
-def readme_op_rows(text: str) -> dict:
-    """The rows of the README's op table (section "The ops"): function name -> its bytes / element cell."""
+def docs_op_rows(text: str) -> dict:
+    """The rows of the op table of docs/ops.md (section "The ops"): function name -> its bytes / element cell."""
     section = text.split("\n## The ops\n", 1)[1].split("\n## ", 1)[0]
     rows = {}
     for line in section.splitlines():
@@ -204,14 +204,14 @@ def readme_op_rows(text: str) -> dict:
     return rows
 
 
-def test_every_public_op_has_a_readme_row():
-    """README.md's op table has a row for every op of the table that hbat.ops exports, and its bytes per element
+def test_every_public_op_has_a_docs_row():
+    """docs/ops.md's op table has a row for every op of the table that hbat.ops exports, and its bytes per element
     is the table's; an op hbat.ops does not export (scaled_diff, the backward of squared_change) needs none."""
-    rows = readme_op_rows((ROOT / "README.md").read_text())
+    rows = docs_op_rows((ROOT / "docs" / "ops.md").read_text())
     assert {"squared_change", "importance", "ewc_penalty"} <= set(rows)  # the parse finds the table
     for op in table.OPS:
         if op.name not in ops.__all__:
             continue
-        assert op.name in rows, f"README.md's op table (## The ops) has no row for {op.name}"
+        assert op.name in rows, f"docs/ops.md's op table (## The ops) has no row for {op.name}"
         assert re.match(rf"{op.min_bytes}\b", rows[op.name]), \
-            f"README.md gives {op.name} {rows[op.name]!r} bytes per element; the table says {op.min_bytes}"
+            f"docs/ops.md gives {op.name} {rows[op.name]!r} bytes per element; the table says {op.min_bytes}"

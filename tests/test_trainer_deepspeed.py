@@ -226,7 +226,7 @@ def test_shutdown_leaves_a_process_group_the_caller_made(tmp_path):
 
 
 def test_cli_train_under_torchrun(tmp_path):
-    """The README's command: `torchrun --nproc_per_node 2 -m hbat.cli train run.yaml --set deepspeed=ds.json`
+    """docs/distributed.md: `torchrun --nproc_per_node 2 -m hbat.cli train run.yaml --set deepspeed=ds.json`
     on user JSONL data and a local model; every rank exits 0 and rank 0 writes the summary."""
     from hf_fixtures import TINY, write_user_run
 

@@ -1,4 +1,4 @@
-"""The README's "Guarantees" of the trainer: no code runs from a file, a diverged run never passes as a result,
+"""The "Guarantees" of the trainer (docs/ops.md): no code runs from a file, a diverged run never passes as a result,
 every setting is checked when the config is loaded, errors are one line naming the key / file / line, a kill
 leaves nothing behind, a second run into a folder is refused, every file hbat reads back is checked, a user's
 model folder holds the weights its config.json describes and a vocabulary its tokenizer fits, and a full disk

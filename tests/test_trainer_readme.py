@@ -1,6 +1,6 @@
-"""The README's "Your own model and data" section, run as written: its config (own.yaml) and command on tiny
-models and data (tests/hf_fixtures.py), its peft snippet on the result, and its memory-plan snippet against the
-plan and the error it shows. The config and commands are read from README.md, so the section cannot drift from
+"""The "Your own model and data" section of docs/own-model-and-data.md, run as written: its config (own.yaml) and
+command on tiny models and data (tests/hf_fixtures.py), its peft snippet on the result, and its memory-plan snippet
+against the plan and the error it shows. The config and commands are read from that page, so it cannot drift from
 what works. The config's run needs the data sources of hbat.data (parquet, save_to_disk folders, data set names)."""
 import contextlib
 import io
@@ -22,16 +22,17 @@ from hbat.trainer.config import load_config  # noqa: E402
 from hbat.trainer.models import is_checkpointed, is_lora  # noqa: E402
 from hbat.trainer.run import main  # noqa: E402
 
-README = Path(__file__).resolve().parent.parent / "README.md"
-# smaller batches and budgets for the tiny models (the README's are for a 7B model)
+PAGE = Path(__file__).resolve().parent.parent / "docs" / "own-model-and-data.md"
+# smaller batches and budgets for the tiny models (the page's are for a 7B model)
 TINY_BUDGET = H.TINY_USER + ["save_model=true", "sft.max_len=64", "sft.grad_accum_steps=2", "dpo.max_len=64",
                              "dpo.grad_accum_steps=2", "reward.max_len=64"]
 
 
 def section() -> str:
-    text = README.read_text()
+    text = PAGE.read_text()
     start = text.index("\n## Your own model and data\n")
-    return text[start:text.index("\n## ", start + 1)]
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end >= 0 else len(text)]
 
 
 def blocks(language: str) -> list[str]:
@@ -54,7 +55,7 @@ def turn(role, content):
 
 
 def write_models_and_data(root: Path, models: Path, offline_cache: Path, tokenizer) -> None:
-    """The README's models under ``models`` (/models in the README) and its data under ``root`` (the working
+    """The page's models under ``models`` (/models on the page) and its data under ``root`` (the working
     folder): conversational SFT rows as parquet, preference rows as a save_to_disk folder, prompts as a data
     set name in datasets' offline cache."""
     from test_data_sources import cache_as_hub_dataset
@@ -127,7 +128,7 @@ def test_the_readme_config_and_command_run(tmp_path, monkeypatch, capsys, offlin
 
 def test_the_readme_memory_plan_is_what_the_snippet_prints(tmp_path, monkeypatch):
     if torch.cuda.is_available():
-        pytest.skip("the README's plan is that of a machine without CUDA (unknown free memory)")
+        pytest.skip("the page's plan is that of a machine without CUDA (unknown free memory)")
     [_, snippet] = blocks("python")
     shown = blocks("")[-1]  # the plain block after the snippet: its output
     monkeypatch.chdir(tmp_path)
@@ -146,7 +147,7 @@ def test_the_readme_memory_plan_error_is_what_the_fp32_run_raises(tmp_path, monk
     monkeypatch.chdir(tmp_path)
     with contextlib.redirect_stdout(io.StringIO()):
         exec(snippet, scope)
-    monkeypatch.setattr(memory, "available_bytes", lambda device: int(20.90 * memory.GIB))  # the README's machine
+    monkeypatch.setattr(memory, "available_bytes", lambda device: int(20.90 * memory.GIB))  # the page's machine
     with pytest.raises(memory.MemoryPlanError) as raised:
         memory.plan_memory(load_config(None, scope["run"]), device=torch.device("cpu")).check()
     assert f"hbat train: {raised.value}\n" == error

@@ -75,7 +75,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     # each of sft / preference / prompts: a JSONL, JSON or parquet file, a save_to_disk folder, another folder or a
-    # data set name that datasets.load_dataset reads; rows in hbat's or TRL's formats (README "Data")
+    # data set name that datasets.load_dataset reads; rows in hbat's or TRL's formats (docs/trainer.md, "Data")
     sft: str | None = None            # SFT rows, e.g. {prompt, response} or {messages}; None: the embedded task
     preference: str | None = None     # preference rows, e.g. {prompt, chosen, rejected}
     prompts: str | None = None        # PPO prompts, e.g. {prompt} (None: the preference prompts)
@@ -166,7 +166,7 @@ class TrainConfig:
     dpo_reference: str = "stage"      # DPO reference: "stage" (the model at the start of each HPA stage) or "sft"
     mix_coef: float = 0.5             # rlhf_pt: SFT loss weight in HPA; sft_hpa: DPO loss weight in SFT
     save_model: bool = True           # write the kept model with save_pretrained at the end
-    deepspeed: str | None = None      # path to a DeepSpeed JSON config (multi-process runs, see README)
+    deepspeed: str | None = None      # path to a DeepSpeed JSON config (multi-process runs, see docs/distributed.md)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sft: SFTConfig = field(default_factory=lambda: SFTConfig(lr=1e-3, batch_size=32, epochs=12, max_len=64))

@@ -58,7 +58,7 @@ from __future__ import annotations
 import torch
 
 from .ds_config import check_supported, resolve_ds_config, run_ds_config  # noqa: F401 (public names before the split)
-from .procgroup import exit_process, finish, init_distributed, shutdown_distributed  # noqa: F401 (hbat.cli, README)
+from .procgroup import exit_process, finish, init_distributed, shutdown_distributed  # noqa: F401 (hbat.cli, docs)
 from .steppers import make_optimizer, trainable_parameters
 
 

@@ -26,7 +26,7 @@ def init_distributed() -> None:
         return
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:  # else DeepSpeed would try MPI (mpi4py)
         raise ValueError("deepspeed is set, so every rank is its own process: start them with a launcher, e.g. "
-                         "`torchrun --nproc_per_node N -m hbat.cli train CONFIG --set deepspeed=ds.json` (README: "
+                         "`torchrun --nproc_per_node N -m hbat.cli train CONFIG --set deepspeed=ds.json` (docs/distributed.md: "
                          "Multi-process training under DeepSpeed)")
     try:
         import deepspeed

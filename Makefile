@@ -37,7 +37,7 @@ docs: setup
 demo: setup
 	$(BIN)/python -m hbat.demo
 
-# the paper-style comparison of every method on the embedded task (CPU, about 15 minutes)
+# the default comparison on the embedded task at one seed (CPU, about 10 minutes; 5 seeds: docs/results/make_results.py)
 compare: setup
 	$(BIN)/hbat compare
 

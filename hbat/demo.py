@@ -16,7 +16,7 @@ NOTE = """\
 One seed, one machine: this pair can come out either way on another seed, thread count or library version (see
 the README, "Results on the embedded task"). The README's claims rest on the committed comparison of every method
 over 5 seeds with 95% intervals, docs/results/compare-run/compare.md, of which these two rows are seed 0.
-Reproduce it (about 2 hours on 2 cores; a rerun reuses finished runs):
+Reproduce it (about 45 minutes on 2 cores; a rerun reuses finished runs):
 
     python docs/results/make_results.py        # = hbat compare --seeds 5 --out runs/compare, then the README tables
 """

@@ -143,7 +143,7 @@ def train_loop(model: nn.Module, n_rows: int, cfg: StageConfig, micro_loss: Micr
     ``extra_key`` (with ``extra_loss``). Returns the means over the run, ``train/steps`` and ``<loss_key>_last``.
     A non-finite loss, mixed-in loss or penalty raises hbat.trainer.guards.TrainingDiverged at the next log call.
     """
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # optional: hbat[train]
 
     total_steps = planned_steps(cfg, n_rows)
     stepper = make_stepper(model, cfg, total_steps)  # plain PyTorch, or this rank's part of a DeepSpeed engine

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import torch
 
+from ..distributed import is_deepspeed_engine
 from .ds_config import check_supported, resolve_ds_config, run_ds_config  # noqa: F401 (public names before the split)
 from .procgroup import exit_process, finish, init_distributed, shutdown_distributed  # noqa: F401 (hbat.cli, docs)
 from .steppers import make_optimizer, trainable_parameters
@@ -64,7 +65,7 @@ from .steppers import make_optimizer, trainable_parameters
 
 def build_engine(model: torch.nn.Module, cfg):
     """One DeepSpeed engine for the whole run (``cfg.deepspeed`` names its JSON config)."""
-    import deepspeed
+    import deepspeed  # optional, heavy: not for runs without it
 
     init_distributed()
     config = run_ds_config(cfg)
@@ -77,8 +78,6 @@ def build_engine(model: torch.nn.Module, cfg):
 
 def is_zero3(engine) -> bool:
     """True for a DeepSpeed engine running ZeRO stage 3 (its module's parameters are partitioned)."""
-    from ..distributed import is_deepspeed_engine
-
     return engine is not None and is_deepspeed_engine(engine) and engine.zero_optimization_stage() == 3
 
 
@@ -88,7 +87,7 @@ def full_state_dict(module: torch.nn.Module, engine=None) -> dict:
     copied before the context re-partitions them. Otherwise the module's own tensors (no copy on the CPU)."""
     if not is_zero3(engine):
         return {k: v.detach().cpu() for k, v in module.state_dict().items()}
-    import deepspeed
+    import deepspeed  # optional, heavy: not for runs without it
 
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
         return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}

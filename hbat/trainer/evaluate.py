@@ -44,7 +44,7 @@ def _prompt_text(prompt) -> str:
 def greedy_generate(model: nn.Module, tokenizer, prompts: Sequence, *, max_new_tokens: int = 32,
                     max_prompt_len: int = EVAL_PROMPT_LEN) -> Rollout:
     """One greedy response per prompt, as a ``Rollout`` (left-padded queries, response masked after EOS)."""
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig  # heavy, optional (hbat[train])
 
     pad, eos = pad_token_id(tokenizer), getattr(tokenizer, "eos_token_id", None)
     queries = collate([{"input_ids": ids} for ids in encode_prompts(tokenizer, prompts, max_prompt_len)], pad,

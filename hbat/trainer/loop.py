@@ -26,17 +26,23 @@ from ..data import split_parts
 from ..errors import writing
 from . import checkpoint as ckpt
 from . import procgroup as pg
+from .common import eval_mode
 from .config import TrainConfig, to_dict
+from .dpo import dpo_mix_loss, run_dpo
 from .ds_config import check_supported
 from .engine import build_engine, full_state_dict, is_zero3, plain_copy
+from .evaluate import evaluate_policy, greedy_generate
 from .guards import TrainingDiverged, check_weights
 from .lock import run_lock
-from .methods import spec, stage_plan
 from .memory import plan_memory
+from .methods import spec, stage_plan
 from .metrics import MetricsLogger
 from .models import deepspeed_unimported, is_lora, prepare_trainee
-from .steppers import load_master_state, master_state
+from .ppo import Critic, run_ppo
 from .regularizers import make_regularizer
+from .reward import RetokenizedRewardModel, RewardModel, score_responses
+from .sft import run_sft
+from .steppers import load_master_state, master_state
 from .workspace import Workspace
 
 RESUME_IGNORED = ("output_dir", "save_model")  # settings that may differ between a run and its resumption
@@ -47,8 +53,6 @@ CHECKPOINT_KEYS = ("position", "model", "masters", "regularizer", "critic", "eva
 
 def evaluate(ws: Workspace, model, cfg: TrainConfig) -> dict:
     """Validation metrics of ``model``: held-out SFT loss, exact match, preference, reward, KL to SFT."""
-    from .evaluate import evaluate_policy
-
     e = cfg.eval
     metrics = evaluate_policy(model, ws.tokenizer, sft_rows=ws.sft_val, prompts=ws.prompts_val,
                               reward_model=ws.reward_model, exact_match=ws.exact_match,
@@ -67,10 +71,6 @@ def evaluate(ws: Workspace, model, cfg: TrainConfig) -> dict:
 
 @torch.no_grad()
 def _greedy_scores(ws: Workspace, model, cfg: TrainConfig) -> torch.Tensor:
-    from .common import eval_mode
-    from .evaluate import greedy_generate
-    from .reward import score_responses
-
     prompts = [p["prompt"] for p in ws.prompts_val]
     responses = []
     with eval_mode(model):
@@ -305,7 +305,7 @@ def peak_rss_bytes() -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    import resource
+    import resource  # optional: POSIX only (no such module on Windows); the fallback of /proc
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux KiB (macOS reports bytes)
 
@@ -340,9 +340,6 @@ def save_model(model, ws: Workspace, cfg: TrainConfig, folder: str) -> None:
 def _new_critic(ws: Workspace, cfg: TrainConfig):
     """The PPO critic: the reward model's backbone and head (copies), or, for a reward model with a tokenizer
     of its own, the SFT model's backbone with a fresh head; gradient checkpointing and LoRA as configured."""
-    from .ppo import Critic
-    from .reward import RetokenizedRewardModel, RewardModel
-
     start = ws.reward_model
     if isinstance(start, RetokenizedRewardModel):  # its token ids are not the policy's
         start = RewardModel.from_causal_lm(ws.sft_model)
@@ -352,13 +349,9 @@ def _new_critic(ws: Workspace, cfg: TrainConfig):
 
 
 def _run_ifa(ws, cfg, model, parts, part, seed, hook, log, progress, critic):
-    from .sft import run_sft
-
     rows = parts["sft"][part]
     mix = None
     if spec(cfg.method).mix == "hpa_in_sft":  # SFT+hpa: the DPO loss of the same part mixed into SFT
-        from .dpo import dpo_mix_loss
-
         mix = dpo_mix_loss(model, None, ws.tokenizer, parts["pref"][part], coef=cfg.mix_coef,
                            batch_size=cfg.dpo.batch_size // cfg.dpo.grad_accum_steps, beta=cfg.dpo.beta,
                            max_len=cfg.dpo.max_len, seed=seed)
@@ -369,14 +362,11 @@ def _run_ifa(ws, cfg, model, parts, part, seed, hook, log, progress, critic):
 
 def _run_hpa(ws, cfg, model, parts, part, seed, hook, log, progress, critic):
     if cfg.hpa == "ppo":
-        from .ppo import run_ppo
-
         if critic is None:  # initialised from the reward model, then carried from one HPA stage to the next
             critic = _new_critic(ws, cfg)
         run_ppo(model, None, ws.reward_model, critic, ws.tokenizer, parts["prompts"][part], cfg.ppo, ewc=hook,
                 log=log, seed=seed, progress=progress)
         return critic
-    from .dpo import run_dpo
 
     dpo_cfg = replace(cfg.dpo, seed=seed)
     sft_rows = None

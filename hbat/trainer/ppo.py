@@ -155,7 +155,7 @@ def run_ppo(policy: nn.Module, ref_model: nn.Module | None, reward_model: Reward
     ``ppo/reward_last`` (mean score of the last step). A non-finite loss, penalty or weight after a PPO step
     raises hbat.trainer.guards.TrainingDiverged.
     """
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # optional: hbat[train]
 
     cfg = cfg or PPOConfig()
     if not prompts:

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import torch
 
+from ..baselines import FisherEWC, TensorFreezer
+from ..data import encode_sft
+from ..distributed import is_deepspeed_engine
 from ..ewc import HybridEWC
 from .config import EWCConfig
+from .steppers import has_low_precision, master_named_parameters
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # EWCConfig.anchor_dtype (checked there)
 
@@ -41,9 +45,6 @@ class HBATRegularizer:
     """HybridEWC: the penalty of eq. (5)/(8) with importance from the other objective's accumulated change."""
 
     def __init__(self, model, cfg: EWCConfig):
-        from ..distributed import is_deepspeed_engine
-        from .steppers import has_low_precision, master_named_parameters
-
         # bf16 weights (one process): the penalty is measured on their fp32 masters (hbat.trainer.steppers)
         bf16 = not is_deepspeed_engine(model) and has_low_precision(model)
         self.ewc = hybrid_ewc(master_named_parameters(model) if bf16 else model, cfg)
@@ -63,8 +64,6 @@ class FreezeRegularizer:
     """HBAT-Freeze: the same importance, but the top tensors are frozen for the stage instead of penalised."""
 
     def __init__(self, model, cfg: EWCConfig):
-        from ..baselines import TensorFreezer
-
         self.ewc = hybrid_ewc(model, cfg, lam=0.0)  # importance bookkeeping only
         self.freezer = TensorFreezer(model, fraction=cfg.freeze_fraction, by=cfg.freeze_by)
         self.hook = None
@@ -92,15 +91,11 @@ class FisherRegularizer:
     """The paper's "original EWC": a per-element empirical Fisher of the previous stage's data."""
 
     def __init__(self, model, cfg: EWCConfig, tokenizer, max_len: int):
-        from ..baselines import FisherEWC
-
         self.fisher = FisherEWC(model, lam=cfg.lam, scale=cfg.fisher_scale, max_samples=cfg.fisher_samples)
         self.tokenizer, self.max_len = tokenizer, max_len
         self.hook = self.fisher
 
     def begin_stage(self, objective, previous_rows=None) -> dict:
-        from ..data import encode_sft
-
         samples = None
         if previous_rows:
             samples = encode_sft(self.tokenizer, previous_rows[: self.fisher.max_samples], self.max_len)

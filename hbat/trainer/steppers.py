@@ -44,7 +44,9 @@ import weakref
 from typing import Sequence
 
 import torch
+import torch.distributed as dist
 
+from ..distributed import is_deepspeed_engine
 from ..ewc import HybridEWC
 from ..optim import HybridAdamW
 from ..param_view import LocalParamView
@@ -229,8 +231,6 @@ class DeepSpeedStepper:
     """A stage on a DeepSpeed engine: this rank's micro-batches, explicit boundary, DeepSpeed's clipping."""
 
     def __init__(self, engine, cfg, total_steps: int):
-        import torch.distributed as dist
-
         self.engine, self.cfg = engine, cfg
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.optimizer = inner_optimizer(engine)
@@ -265,8 +265,6 @@ class DeepSpeedStepper:
 
     def reduce(self, stats: dict) -> dict:
         """Sum each rank's share-weighted statistics: the global batch's means (one small all-reduce)."""
-        import torch.distributed as dist
-
         if not stats:
             return stats
         keys = sorted(stats)
@@ -298,8 +296,6 @@ class DeepSpeedStepper:
 
 def make_stepper(model, cfg, total_steps: int):
     """A ``DeepSpeedStepper`` for a DeepSpeed engine, else a ``TorchStepper``."""
-    from ..distributed import is_deepspeed_engine
-
     if is_deepspeed_engine(model):
         return DeepSpeedStepper(model, cfg, total_steps)
     return TorchStepper(model, cfg, total_steps)

@@ -52,6 +52,47 @@ def test_config_yaml_overrides_and_errors(tmp_path):
     assert set(SPECS) == set(METHODS)
 
 
+def _accepts(impl, proto) -> bool:
+    """Whether the method ``impl`` can be called as the protocol's ``proto`` is (same positional parameters, by
+    name and order; extra ones only with defaults)."""
+    import inspect
+
+    mine = [p for p in inspect.signature(impl).parameters.values() if p.kind != p.VAR_KEYWORD]
+    theirs = list(inspect.signature(proto).parameters.values())
+    if [p.name for p in mine[:len(theirs)]] != [p.name for p in theirs]:
+        return False
+    return all(p.default is not p.empty for p in mine[len(theirs):])
+
+
+def _check_protocol(obj, protocol):
+    assert isinstance(obj, protocol), type(obj).__name__
+    for name, member in vars(protocol).items():
+        if callable(member) and not name.startswith("_"):
+            assert _accepts(getattr(type(obj), name), member), f"{type(obj).__name__}.{name}"
+
+
+def test_every_regularizer_and_penalty_keeps_the_contract():
+    """hbat.trainer.regularizers: the stage loop's Regularizer (all four methods' regularisers) and the
+    optimizer step's Penalty (HybridEWC, FisherEWC), checked by isinstance and by signature."""
+    from hbat import HybridEWC
+    from hbat.baselines import FisherEWC
+    from hbat.trainer.regularizers import Penalty, Regularizer, make_regularizer
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    cfg = load_config(None, []).ewc
+    kinds = sorted({s.regularizer for s in SPECS.values()})
+    assert kinds == ["fisher", "freeze", "hbat", "none"]
+    for kind in kinds:
+        regularizer = make_regularizer(kind, model, cfg, tokenizer=None, max_len=16)
+        _check_protocol(regularizer, Regularizer)
+        assert (regularizer.penalty is None) == (kind in ("none", "freeze"))
+        if regularizer.penalty is not None:
+            _check_protocol(regularizer.penalty, Penalty)
+    for penalty in (HybridEWC(model), FisherEWC(model)):
+        _check_protocol(penalty, Penalty)
+    assert not isinstance(object(), Regularizer) and not isinstance(object(), Penalty)
+
+
 @pytest.fixture(scope="module")
 def workspace():
     """A tiny workspace built directly (no pre-training, untrained reward model): fast. Shared with the

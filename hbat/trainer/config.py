@@ -22,13 +22,13 @@ from ..task import MODEL_SIZES
 from .checks import (FLOAT32_MAX, ConfigError, booleans, choice, fail, integers, learning_rates, numbers, paths,
                      patterns)
 from .dpo import DPOConfig
-from .methods import preset
+from .methods import SPECS, preset
 from .ppo import PPOConfig
 from .reward import RewardConfig
 from .sft import SFTConfig
 from .validate import check_config
 
-METHODS = ("hbat", "two_stage", "sft_only", "no_ewc", "no_alternation", "rlhf_pt", "sft_hpa", "freeze", "fisher")
+METHODS = tuple(SPECS)  # the method names: one table, hbat.trainer.methods.SPECS
 HPA_KINDS = ("dpo", "ppo")
 KEEP = ("best", "last")
 DPO_REFERENCES = ("stage", "sft")

@@ -26,7 +26,7 @@ hbat.trainer.steppers (``DeepSpeedStepper``: the stage's optimizer step on the e
   ``scheduler`` section is refused (the stage configs set the schedule); an ``optimizer`` section is
   used (its lr / weight decay are overridden per stage), otherwise ``torch.optim.AdamW`` as in one process.
 * **Clipping is DeepSpeed's** under ZeRO (``gradient_clipping``, set per stage on the ZeRO optimizer); it
-  measures the global norm after ``ewc.apply_()`` added the penalty gradient to the rank's reduced
+  measures the global norm after ``penalty.apply_()`` added the penalty gradient to the rank's reduced
   partition, so the penalty is clipped like a loss term; ``train/grad_norm`` is that pre-clip norm. ZeRO-0
   (every rank holds all-reduced full gradients) clips with ``clip_grad_norm_`` as in one process.
 * **Rank 0 writes, every rank computes.** Only rank 0 prints, shows bars, writes metrics, checkpoints and
@@ -38,7 +38,7 @@ hbat.trainer.steppers (``DeepSpeedStepper``: the stage's optimizer step on the e
 * **ZeRO-3 gathers at stage ends only.** The engine partitions the module's parameters in place, so the
   plain ``model`` of hbat.trainer.loop holds no full weights after ``build_engine``. Training (engine
   forward / backward / step, DeepSpeed's own per-layer gathers) and the per-step HybridEWC penalty
-  (``ewc.apply_()`` on this rank's fp32 / gradient partitions) gather nothing of ours. What needs whole
+  (``penalty.apply_()`` on this rank's fp32 / gradient partitions) gather nothing of ours. What needs whole
   weights gathers them with ``deepspeed.zero.GatheredParameters`` over every parameter, on every rank (a
   collective): ``full_state_dict`` once per completed stage, whose CPU copy is evaluated on a plain copy of
   the model (``plain_copy``; a forward inside the gather context would re-partition the parameters) and

@@ -5,7 +5,7 @@
 
 For each stage of the plan (hbat.trainer.methods.stage_plan): the regulariser's stage boundary (HybridEWC:
 change of the stage that ended, importance of the other objective, anchor refresh), then SFT (IFA) or
-DPO / PPO (HPA) on this part of the data with the penalty hook. After each completed part the policy is
+DPO / PPO (HPA) on this part of the data with the regulariser's penalty. After each completed part the policy is
 evaluated on the validation sets; the best by validation reward (or the last) is kept. Every stage is
 seeded from (cfg.seed, stage index), and a checkpoint after every stage holds all the loop's state, so
 ``resume=True`` continues from the last completed stage and ends with the same weights. A stage whose loss
@@ -274,7 +274,7 @@ def _run_stage(ws, cfg, plan, i, parts, model, engine, regularizer, critic, log,
         log(boundary)
     run = _run_ifa if objective == "ifa" else _run_hpa
     trainee = model if engine is None else engine  # what the stage steps; ``model`` stays the plain module
-    critic = run(ws, cfg, trainee, parts, part, seed, regularizer.hook, log, progress, critic)
+    critic = run(ws, cfg, trainee, parts, part, seed, regularizer.penalty, log, progress, critic)
     # the stage's weights on the CPU, once, for best.pt and checkpoint.pt (ZeRO-3: gathered on every rank, which
     # also evaluates them); checked before anything is evaluated or saved (every rank sees the same full weights)
     weights = full_state_dict(model, engine) if gather else None
@@ -348,23 +348,23 @@ def _new_critic(ws: Workspace, cfg: TrainConfig):
     return critic
 
 
-def _run_ifa(ws, cfg, model, parts, part, seed, hook, log, progress, critic):
+def _run_ifa(ws, cfg, model, parts, part, seed, penalty, log, progress, critic):
     rows = parts["sft"][part]
     mix = None
     if spec(cfg.method).mix == "hpa_in_sft":  # SFT+hpa: the DPO loss of the same part mixed into SFT
         mix = dpo_mix_loss(model, None, ws.tokenizer, parts["pref"][part], coef=cfg.mix_coef,
                            batch_size=cfg.dpo.batch_size // cfg.dpo.grad_accum_steps, beta=cfg.dpo.beta,
                            max_len=cfg.dpo.max_len, seed=seed)
-    run_sft(model, ws.tokenizer, rows, replace(cfg.sft, seed=seed), ewc=hook, log=log, progress=progress,
+    run_sft(model, ws.tokenizer, rows, replace(cfg.sft, seed=seed), penalty=penalty, log=log, progress=progress,
             mix_loss=mix)
     return critic
 
 
-def _run_hpa(ws, cfg, model, parts, part, seed, hook, log, progress, critic):
+def _run_hpa(ws, cfg, model, parts, part, seed, penalty, log, progress, critic):
     if cfg.hpa == "ppo":
         if critic is None:  # initialised from the reward model, then carried from one HPA stage to the next
             critic = _new_critic(ws, cfg)
-        run_ppo(model, None, ws.reward_model, critic, ws.tokenizer, parts["prompts"][part], cfg.ppo, ewc=hook,
+        run_ppo(model, None, ws.reward_model, critic, ws.tokenizer, parts["prompts"][part], cfg.ppo, penalty=penalty,
                 log=log, seed=seed, progress=progress)
         return critic
 
@@ -374,6 +374,6 @@ def _run_hpa(ws, cfg, model, parts, part, seed, hook, log, progress, critic):
         dpo_cfg = replace(dpo_cfg, sft_coef=cfg.mix_coef)
         sft_rows = parts["sft"][part]
     reference = ws.sft_model if cfg.dpo_reference == "sft" else None  # frozen already: shared, not copied
-    run_dpo(model, reference, ws.tokenizer, parts["pref"][part], dpo_cfg, ewc=hook, log=log, progress=progress,
+    run_dpo(model, reference, ws.tokenizer, parts["pref"][part], dpo_cfg, penalty=penalty, log=log, progress=progress,
             sft_rows=sft_rows)
     return critic

@@ -27,7 +27,7 @@ def __getattr__(name):
 
         return TrainingDiverged
     if name == "run_method":
-        from .loop import run_method
+        from .algorithm import run_method
 
         return run_method
     raise AttributeError(f"module 'hbat.trainer' has no attribute {name!r}")

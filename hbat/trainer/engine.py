@@ -32,11 +32,11 @@ hbat.trainer.steppers (``DeepSpeedStepper``: the stage's optimizer step on the e
 * **Rank 0 writes, every rank computes.** Only rank 0 prints, shows bars, writes metrics, checkpoints and
   the final model; every rank runs evaluation identically (same weights, same seeds), which keeps the
   ranks in lockstep without long barriers. Each rank writes its own HybridEWC state (its anchor
-  partition) next to the checkpoint (hbat.trainer.loop). ``prepare()`` runs on rank 0 first (it trains
+  partition) next to the checkpoint (hbat.trainer.runstate). ``prepare()`` runs on rank 0 first (it trains
   and caches the SFT reference and the reward model, unsharded); the other ranks wait at a barrier and
   then load the cache, so all ranks hold identical data, base weights and judges.
 * **ZeRO-3 gathers at stage ends only.** The engine partitions the module's parameters in place, so the
-  plain ``model`` of hbat.trainer.loop holds no full weights after ``build_engine``. Training (engine
+  plain ``model`` of hbat.trainer.runstate holds no full weights after ``build_engine``. Training (engine
   forward / backward / step, DeepSpeed's own per-layer gathers) and the per-step HybridEWC penalty
   (``penalty.apply_()`` on this rank's fp32 / gradient partitions) gather nothing of ours. What needs whole
   weights gathers them with ``deepspeed.zero.GatheredParameters`` over every parameter, on every rank (a

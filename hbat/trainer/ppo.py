@@ -42,9 +42,9 @@ from ..data import position_ids_from_mask
 from .checks import booleans, choice, fail, integers, learning_rates, numbers
 from .common import StageConfig, read_scalars, stepper_settings
 from .guards import check_values, check_weights
-from .models import base_of, frozen_copy, no_dropout
+from .models import base_of, frozen_copy, no_dropout, prepare_trainee
 from .ppo_math import gae, kl_rewards, masked_mean, policy_loss, value_loss, whiten
-from .reward import RewardModel
+from .reward import RetokenizedRewardModel, RewardModel
 from .rollout import Rollout, generate, response_logprobs, score_rollout
 from .steppers import TorchStepper
 
@@ -126,6 +126,17 @@ def response_values(critic: Critic, rollout: Rollout) -> torch.Tensor:
     """V(prefix before response token t) [B, Lr]."""
     values = critic(rollout.input_ids, rollout.attention_mask)
     return values[:, rollout.query_len - 1:-1]
+
+
+def new_critic(ws, cfg):
+    """The PPO critic: the reward model's backbone and head (copies), or, for a reward model with a tokenizer
+    of its own, the SFT model's backbone with a fresh head; gradient checkpointing and LoRA as configured."""
+    start = ws.reward_model
+    if isinstance(start, RetokenizedRewardModel):  # its token ids are not the policy's
+        start = RewardModel.from_causal_lm(ws.sft_model)
+    critic = Critic.from_reward_model(start).to(ws.device).requires_grad_(True)
+    critic.backbone = prepare_trainee(critic.backbone, cfg.model, seed=cfg.seed, task_type=None)
+    return critic
 
 
 # --- the stage -------------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Two contracts, each a ``typing.Protocol`` checked against every implementation (tests/test_trainer_loop.py):
 
-``Regularizer``, what the stage loop (hbat.trainer.loop) calls, one per run:
+``Regularizer``, what the stage loop (hbat.trainer.algorithm) calls, one per run:
 
     regularizer.begin_stage(objective, previous_rows)  -> metrics   (stage boundary of Algorithm 1)
     regularizer.penalty                                -> the stages' ``Penalty``, or None (nothing added)

@@ -16,11 +16,12 @@ import sys
 import time
 
 from ..errors import UserError
+from .algorithm import run_method
 from .checkpoint import remove_stale_temp_files, write_text_atomic
 from .config import dump_config, load_config
+from .evaluate import evaluate_run
 from .guards import TrainingDiverged
 from .lock import run_lock
-from .loop import evaluate, run_method
 from .memory import plan_memory
 from .plots import write_training_curves
 from .metrics import markdown_table
@@ -107,7 +108,7 @@ def train(config_path, overrides, methods=None, *, resume=False, progress=True, 
                 results.append(exc.result)  # as in the run's result.json
     rows = [summary_row(r) for r in results]
     if main_rank and name is None and ws.sft_model is not None:  # the starting point, to read the tax against
-        rows.insert(0, {"method": "sft (reference)", **evaluate(ws, ws.sft_model, base)})
+        rows.insert(0, {"method": "sft (reference)", **evaluate_run(ws, ws.sft_model, base)})
     table = summary_table(rows)
     command = "hbat train" + (f" {config_path}" if config_path else "") + \
         "".join(f" --set {o}" for o in overrides) + (f" --methods {','.join(methods)}" if len(methods) > 1 else "")

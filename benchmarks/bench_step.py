@@ -142,7 +142,7 @@ def child_trainer_memory(overrides: list[str], device: str) -> dict:
     import ctypes
 
     from hbat.trainer.config import load_config
-    from hbat.trainer.loop import run_method
+    from hbat.trainer.algorithm import run_method
     from hbat.trainer.memory import plan_memory
     from hbat.trainer.workspace import prepare
 

@@ -57,7 +57,7 @@ def test_importing_hbat_and_a_run_without_deepspeed_import_no_deepspeed(tmp_path
     pytest.importorskip("deepspeed")
     pytest.importorskip("peft")
     run_python("-c", "import hbat, hbat.trainer, hbat.cli, hbat.averaging, hbat.integrations.transformers; "
-                     "from hbat.trainer import compare, loop, run, workspace" + NOT_IMPORTED, cwd=tmp_path)
+                     "from hbat.trainer import algorithm, compare, run, workspace" + NOT_IMPORTED, cwd=tmp_path)
     # a whole run that saves its model (save_pretrained: accelerate imports DeepSpeed to unwrap a model), with LoRA
     from hf_fixtures import TINY
 

@@ -90,7 +90,7 @@ def test_dpo_grad_accumulation_and_ewc_hook(tokenizer):
         ewc = RecordingEWC(policy)
         logged = []
         run_dpo(policy, tiny_llama(tokenizer, seed=5), tokenizer, pairs(8),
-                DPOConfig(lr=1e-3, batch_size=8, max_steps=1, grad_accum_steps=accum), ewc=ewc, log=logged.append,
+                DPOConfig(lr=1e-3, batch_size=8, max_steps=1, grad_accum_steps=accum), penalty=ewc, log=logged.append,
                 progress=False)
         assert len(ewc.calls) == 1 and logged[0]["ewc/penalty"] == 0.5
         grads.append(ewc.calls[0]["grads"])

@@ -189,7 +189,7 @@ def test_actor_update_calls_ewc_apply_before_clipping(tokenizer):
     rm = RewardModel.from_causal_lm(lm)
     ewc, logged = RecordingEWC(lm), []
     cfg = small_config(max_steps=1, max_grad_norm=1e-6)
-    run_ppo(lm, None, rm, Critic.from_reward_model(rm), tokenizer, ["q1:", "q2:", "q3:", "q4:"], cfg, ewc=ewc,
+    run_ppo(lm, None, rm, Critic.from_reward_model(rm), tokenizer, ["q1:", "q2:", "q3:", "q4:"], cfg, penalty=ewc,
             log=logged.append, progress=False)
     assert len(ewc.grad_norms) == 2  # one per mini-batch update
     assert all(norm > 1e-6 for norm in ewc.grad_norms)  # gradients were not clipped yet
@@ -206,12 +206,12 @@ def test_policy_and_critic_step_through_the_shared_stepper(tokenizer, monkeypatc
     critic, ewc, steps = Critic.from_reward_model(rm), RecordingEWC(lm), []
     real_step = steppers.TorchStepper.step
 
-    def recording_step(self, ewc=None):
-        steps.append(("critic" if self.params[0] is next(critic.parameters()) else "policy", ewc))
-        return real_step(self, ewc)
+    def recording_step(self, penalty=None):
+        steps.append(("critic" if self.params[0] is next(critic.parameters()) else "policy", penalty))
+        return real_step(self, penalty)
 
     monkeypatch.setattr(steppers.TorchStepper, "step", recording_step)
-    run_ppo(lm, None, rm, critic, tokenizer, ["q1:", "q2:", "q3:", "q4:"], small_config(max_steps=1), ewc=ewc,
+    run_ppo(lm, None, rm, critic, tokenizer, ["q1:", "q2:", "q3:", "q4:"], small_config(max_steps=1), penalty=ewc,
             progress=False)
     assert steps == [("critic", None), ("policy", ewc)] * 2  # 4 prompts, mini-batches of 2, one PPO epoch
     assert len(ewc.grad_norms) == 2

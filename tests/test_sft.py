@@ -55,7 +55,7 @@ def test_grad_accumulation_equals_one_big_batch(tokenizer):
         model = tiny_llama(tokenizer, seed=1)
         ewc = RecordingEWC(model)
         run_sft(model, tokenizer, rows, SFTConfig(lr=1e-3, batch_size=8, max_steps=1, grad_accum_steps=accum),
-                ewc=ewc, progress=False)
+                penalty=ewc, progress=False)
         grads.append(ewc.calls[0]["grads"])
     for one, two in zip(*grads):
         torch.testing.assert_close(one, two, rtol=1e-4, atol=1e-6)
@@ -66,7 +66,8 @@ def test_ewc_hook_runs_once_per_step_after_backward_and_before_clipping(tokenize
     ewc = RecordingEWC(model, add=10.0)
     logged = []
     run_sft(model, tokenizer, sft_rows(12), SFTConfig(lr=1e-3, batch_size=4, max_steps=3, grad_accum_steps=2,
-                                                      max_grad_norm=1.0), ewc=ewc, log=logged.append, progress=False)
+                                                      max_grad_norm=1.0), penalty=ewc, log=logged.append,
+            progress=False)
     assert len(ewc.calls) == 3
     for call, metrics in zip(ewc.calls, logged):
         assert all(g.abs().sum() > 0 for g in call["grads"][1:])  # gradients of the micro-batches are there

@@ -42,7 +42,7 @@ def _launch(out: Path, ds_json: Path, *flags: str, crash: bool = False) -> str:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    from hbat.trainer.loop import run_method
+    from hbat.trainer.algorithm import run_method
 
     out = tmp_path_factory.mktemp("single")
     run_method(W.tiny_workspace(), W.make_config(str(out)), progress=False)
@@ -131,7 +131,7 @@ def test_bf16_under_zero2_matches_single_process_bf16(tmp_path):
     """model.dtype=bfloat16 with the JSON's bf16 (DeepSpeed's fp32 master partitions) against one process in bf16
     (the stepper's fp32 masters): the run ends finite with bf16 weights that agree to bf16 precision."""
     pytest.importorskip("deepspeed")
-    from hbat.trainer.loop import run_method
+    from hbat.trainer.algorithm import run_method
 
     extra = ["model.dtype=bfloat16"]
     run_method(W.tiny_workspace(torch.bfloat16), W.make_config(str(tmp_path / "single"), extra), progress=False)

@@ -24,7 +24,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("yaml")
 
 from hbat.trainer import checkpoint as ckpt  # noqa: E402
-from hbat.trainer import loop  # noqa: E402
+from hbat.trainer import algorithm  # noqa: E402
 from hbat.trainer.checks import ConfigError  # noqa: E402
 from hbat.trainer.config import TrainConfig, load_config  # noqa: E402
 from hbat.trainer.guards import TrainingDiverged  # noqa: E402
@@ -126,7 +126,7 @@ def test_a_pickle_planted_as_checkpoint_never_runs_on_resume(tmp_path):
     marker = tmp_path / "ran"
     plant(folder / "checkpoint.pt", marker, with_checksum=True)
     with pytest.raises(ckpt.CheckpointError, match=r"checkpoint\.pt: cannot be loaded .*run without --resume"):
-        loop.run_method(tiny_workspace(), cfg, resume=True, progress=False)
+        algorithm.run_method(tiny_workspace(), cfg, resume=True, progress=False)
     assert not marker.exists()
 
 
@@ -166,7 +166,7 @@ def test_a_diverged_method_fails_named_and_the_others_still_run(tmp_path, shared
 def test_a_nan_weight_at_a_stage_end_keeps_the_last_good_checkpoint_and_best(tmp_path, monkeypatch):
     cfg = load_config(None, TINY + [f"output_dir={tmp_path}", "method=hbat", "n_parts=2", "eval.kl_samples=0"])
     folder = tmp_path / "hbat"
-    real_ifa, saved = loop._run_ifa, {}
+    real_ifa, saved = algorithm._run_ifa, {}
 
     def ifa_then_nan(ws, cfg, model, *args):
         critic = real_ifa(ws, cfg, model, *args)
@@ -176,10 +176,10 @@ def test_a_nan_weight_at_a_stage_end_keeps_the_last_good_checkpoint_and_best(tmp
                 dict(model.named_parameters())["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
         return critic
 
-    monkeypatch.setattr(loop, "_run_ifa", ifa_then_nan)
+    monkeypatch.setattr(algorithm, "_run_ifa", ifa_then_nan)
     with pytest.raises(TrainingDiverged, match=r"method hbat, stage 2 \(ifa, part 2 of 2\): at the end of the "
                                                r"stage: weight model\.layers\.1\.mlp\.up_proj\.weight is not finite"):
-        loop.run_method(tiny_workspace(), cfg, progress=False)
+        algorithm.run_method(tiny_workspace(), cfg, progress=False)
     for name, content in saved.items():
         assert (folder / name).read_bytes() == content, f"{name} was overwritten"
     assert ckpt.load(str(folder / "checkpoint.pt"))["position"] == 2
@@ -420,7 +420,7 @@ def test_temp_files_of_killed_writers_are_removed_at_start(tmp_path):
     for path in (live, other_host, foreign):
         path.write_text("x")
     cfg = load_config(None, TINY + [f"output_dir={tmp_path}", "method=sft_only", "eval.kl_samples=0"])
-    loop.run_method(tiny_workspace(), cfg, progress=False)
+    algorithm.run_method(tiny_workspace(), cfg, progress=False)
     names = {p.name for p in folder.iterdir()}
     assert not set(left) & names and {live.name, other_host.name, foreign.name} <= names
     assert not [n for n in names - {live.name, other_host.name, foreign.name} if n.startswith(".tmp-")]
@@ -429,9 +429,9 @@ def test_temp_files_of_killed_writers_are_removed_at_start(tmp_path):
 def test_resume_keeps_metrics_up_to_the_checkpoint(tmp_path, monkeypatch):
     cfg = load_config(None, TINY + [f"output_dir={tmp_path}", "method=hbat", "n_parts=2", "eval.kl_samples=0"])
     path = tmp_path / "hbat" / "metrics.jsonl"
-    loop.run_method(tiny_workspace(), cfg, progress=False)
+    algorithm.run_method(tiny_workspace(), cfg, progress=False)
     full = [(r["step"], r["stage"]) for r in read_metrics(path)]
-    real_hpa = loop._run_hpa
+    real_hpa = algorithm._run_hpa
 
     def crash_in_second_hpa(ws, cfg, model, parts, part, *args):
         if part == 1:
@@ -440,11 +440,11 @@ def test_resume_keeps_metrics_up_to_the_checkpoint(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_hpa(ws, cfg, model, parts, part, *args)
 
-    monkeypatch.setattr(loop, "_run_hpa", crash_in_second_hpa)
+    monkeypatch.setattr(algorithm, "_run_hpa", crash_in_second_hpa)
     with pytest.raises(KeyboardInterrupt):
-        loop.run_method(tiny_workspace(), cfg, progress=False)
-    monkeypatch.setattr(loop, "_run_hpa", real_hpa)
-    loop.run_method(tiny_workspace(), cfg, resume=True, progress=False)
+        algorithm.run_method(tiny_workspace(), cfg, progress=False)
+    monkeypatch.setattr(algorithm, "_run_hpa", real_hpa)
+    algorithm.run_method(tiny_workspace(), cfg, resume=True, progress=False)
     assert [(r["step"], r["stage"]) for r in read_metrics(path)] == full  # no record twice, none cut short
 
 

@@ -10,9 +10,10 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("yaml")
 
-from hbat.trainer import loop  # noqa: E402
+from hbat.trainer import algorithm  # noqa: E402
 from hbat.trainer.config import TrainConfig, load_config  # noqa: E402
-from hbat.trainer.methods import SPECS, stage_plan  # noqa: E402
+from hbat.trainer.algorithm import stage_plan  # noqa: E402
+from hbat.trainer.methods import SPECS  # noqa: E402
 from hbat.trainer.metrics import read_metrics  # noqa: E402
 
 from hf_fixtures import TINY, write_user_run  # noqa: E402  (tests/ is on sys.path under pytest)
@@ -52,6 +53,47 @@ def test_config_yaml_overrides_and_errors(tmp_path):
     assert set(SPECS) == set(METHODS)
 
 
+def _accepts(impl, proto) -> bool:
+    """Whether the method ``impl`` can be called as the protocol's ``proto`` is (same positional parameters, by
+    name and order; extra ones only with defaults)."""
+    import inspect
+
+    mine = [p for p in inspect.signature(impl).parameters.values() if p.kind != p.VAR_KEYWORD]
+    theirs = list(inspect.signature(proto).parameters.values())
+    if [p.name for p in mine[:len(theirs)]] != [p.name for p in theirs]:
+        return False
+    return all(p.default is not p.empty for p in mine[len(theirs):])
+
+
+def _check_protocol(obj, protocol):
+    assert isinstance(obj, protocol), type(obj).__name__
+    for name, member in vars(protocol).items():
+        if callable(member) and not name.startswith("_"):
+            assert _accepts(getattr(type(obj), name), member), f"{type(obj).__name__}.{name}"
+
+
+def test_every_regularizer_and_penalty_keeps_the_contract():
+    """hbat.trainer.regularizers: the stage loop's Regularizer (all four methods' regularisers) and the
+    optimizer step's Penalty (HybridEWC, FisherEWC), checked by isinstance and by signature."""
+    from hbat import HybridEWC
+    from hbat.baselines import FisherEWC
+    from hbat.trainer.regularizers import Penalty, Regularizer, make_regularizer
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    cfg = load_config(None, []).ewc
+    kinds = sorted({s.regularizer for s in SPECS.values()})
+    assert kinds == ["fisher", "freeze", "hbat", "none"]
+    for kind in kinds:
+        regularizer = make_regularizer(kind, model, cfg, tokenizer=None, max_len=16)
+        _check_protocol(regularizer, Regularizer)
+        assert (regularizer.penalty is None) == (kind in ("none", "freeze"))
+        if regularizer.penalty is not None:
+            _check_protocol(regularizer.penalty, Penalty)
+    for penalty in (HybridEWC(model), FisherEWC(model)):
+        _check_protocol(penalty, Penalty)
+    assert not isinstance(object(), Regularizer) and not isinstance(object(), Penalty)
+
+
 @pytest.fixture(scope="module")
 def workspace():
     """A tiny workspace built directly (no pre-training, untrained reward model): fast. Shared with the
@@ -68,7 +110,7 @@ def _cfg(tmp_path, *extra):
 
 def test_hbat_loop_order_and_penalty(workspace, tmp_path):
     cfg = _cfg(tmp_path, "method=hbat", "n_parts=2")
-    result = loop.run_method(workspace, cfg, progress=False)
+    result = algorithm.run_method(workspace, cfg, progress=False)
     records = read_metrics(os.path.join(tmp_path, "hbat", "metrics.jsonl"))
     stages = [(r["stage"], r["objective"], r["part"]) for r in records if "ewc/active" in r]
     assert stages == [(0, "ifa", 0), (1, "hpa", 0), (2, "ifa", 1), (3, "hpa", 1)]
@@ -91,7 +133,7 @@ def test_hbat_loop_order_and_penalty(workspace, tmp_path):
                                          ("rlhf_pt", "dpo"), ("sft_hpa", "dpo"), ("hbat", "ppo")])
 def test_methods_run_end_to_end(workspace, tmp_path, method, hpa):
     cfg = _cfg(tmp_path, f"method={method}", f"hpa={hpa}", "eval.kl_samples=0")
-    result = loop.run_method(workspace, cfg, progress=False)
+    result = algorithm.run_method(workspace, cfg, progress=False)
     assert result["method"] == method and "eval/reward" in result
     records = read_metrics(os.path.join(tmp_path, method, "metrics.jsonl"))
     if method == "freeze":
@@ -111,8 +153,8 @@ def test_resume_equals_uninterrupted_run(workspace, tmp_path, monkeypatch, hpa, 
     if dtype == "bfloat16":
         workspace = tiny_workspace(torch.bfloat16)
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
-    loop.run_method(workspace, _cfg(full_dir, "keep=last", f"hpa={hpa}", f"model.dtype={dtype}"), progress=False)
-    real_hpa = loop._run_hpa
+    algorithm.run_method(workspace, _cfg(full_dir, "keep=last", f"hpa={hpa}", f"model.dtype={dtype}"), progress=False)
+    real_hpa = algorithm._run_hpa
     calls = {"n": 0}
 
     def crash_in_second_hpa(*args, **kwargs):
@@ -121,15 +163,15 @@ def test_resume_equals_uninterrupted_run(workspace, tmp_path, monkeypatch, hpa, 
             raise KeyboardInterrupt("simulated crash")
         return real_hpa(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "_run_hpa", crash_in_second_hpa)
+    monkeypatch.setattr(algorithm, "_run_hpa", crash_in_second_hpa)
     with pytest.raises(KeyboardInterrupt):
-        loop.run_method(workspace, _cfg(cut_dir, "keep=last", f"hpa={hpa}", f"model.dtype={dtype}"), progress=False)
-    monkeypatch.setattr(loop, "_run_hpa", real_hpa)
+        algorithm.run_method(workspace, _cfg(cut_dir, "keep=last", f"hpa={hpa}", f"model.dtype={dtype}"), progress=False)
+    monkeypatch.setattr(algorithm, "_run_hpa", real_hpa)
     assert torch.load(cut_dir / "hbat" / "checkpoint.pt", weights_only=False)["position"] == 3
     with pytest.raises(ValueError, match="different settings for \\['seed'\\]"):
-        loop.run_method(workspace, _cfg(cut_dir, "keep=last", f"hpa={hpa}", f"model.dtype={dtype}", "seed=1"),
+        algorithm.run_method(workspace, _cfg(cut_dir, "keep=last", f"hpa={hpa}", f"model.dtype={dtype}", "seed=1"),
                         resume=True, progress=False)
-    loop.run_method(workspace, _cfg(cut_dir, "keep=last", f"hpa={hpa}", f"model.dtype={dtype}"), resume=True,
+    algorithm.run_method(workspace, _cfg(cut_dir, "keep=last", f"hpa={hpa}", f"model.dtype={dtype}"), resume=True,
                     progress=False)
     full = torch.load(full_dir / "hbat" / "checkpoint.pt", weights_only=False)
     cut = torch.load(cut_dir / "hbat" / "checkpoint.pt", weights_only=False)

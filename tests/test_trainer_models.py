@@ -18,7 +18,8 @@ pytest.importorskip("yaml")
 pytest.importorskip("peft")
 
 import hf_fixtures as H  # noqa: E402  (tests/ is on sys.path under pytest)
-from hbat.trainer import loop, memory  # noqa: E402
+from hbat.trainer import algorithm, memory  # noqa: E402
+from hbat.trainer.ppo import new_critic  # noqa: E402
 from hbat.trainer.checks import ConfigError  # noqa: E402
 from hbat.trainer.common import StageConfig, token_logprobs  # noqa: E402
 from hbat.trainer.config import load_config  # noqa: E402
@@ -65,11 +66,11 @@ def test_bf16_halves_every_model_held_and_runs_end_finite(user, tmp_path):
         cfg = config(user, tmp_path / dtype, "method=two_stage", "hpa=ppo", f"model.dtype={dtype}")
         ws = prepare(cfg, progress=False)
         held[dtype] = {"policy": H.param_bytes(ws.build()), "sft": H.param_bytes(ws.sft_model),
-                       "reward": H.param_bytes(ws.reward_model), "critic": H.param_bytes(loop._new_critic(ws, cfg)),
+                       "reward": H.param_bytes(ws.reward_model), "critic": H.param_bytes(new_critic(ws, cfg)),
                        "base": sum(v.numel() * v.element_size() for v in ws.base_state.values())}
         plans[dtype] = {item.name: item.bytes for item in memory.plan_memory(cfg).items}
         if dtype == "bfloat16":
-            result = loop.run_method(ws, cfg, progress=False)
+            result = algorithm.run_method(ws, cfg, progress=False)
             assert result["status"] == "ok"
             assert all(math.isfinite(v) for k, v in result.items() if k.startswith("eval/"))
             weights = torch.load(tmp_path / dtype / "two_stage" / "checkpoint.pt", weights_only=True)["model"]
@@ -138,7 +139,7 @@ def test_lora_trains_only_adapters_against_the_base_and_saves_for_peft(user, tmp
     trained = [n for n, p in policy.named_parameters() if p.requires_grad]
     assert trained and all("lora_" in n for n in trained)
     assert hybrid_ewc(policy, cfg.ewc).unit_names == trained  # the EWC units are the adapters
-    result = loop.run_method(ws, cfg, progress=False)
+    result = algorithm.run_method(ws, cfg, progress=False)
     assert result["status"] == "ok"
 
     folder = tmp_path / "two_stage"
@@ -171,7 +172,7 @@ def test_lora_ppo_with_bf16_gradient_checkpointing_on_qwen2(tmp_path, tokenizer)
     cfg = load_config(None, overrides)
     plan = {item.name for item in memory.plan_memory(cfg).items}
     assert "policy LoRA adapters" in plan and "PPO reference (copy of the policy)" not in plan
-    result = loop.run_method(prepare(cfg, progress=False), cfg, progress=False)
+    result = algorithm.run_method(prepare(cfg, progress=False), cfg, progress=False)
     assert result["status"] == "ok" and math.isfinite(result["eval/reward"])
     records = read_metrics(tmp_path / "out" / "two_stage" / "metrics.jsonl")
     assert any(math.isfinite(r.get("ppo/policy_loss", math.nan)) for r in records)
@@ -226,7 +227,7 @@ def test_a_reward_model_with_its_own_tokenizer_scores_retokenized_text(user, tmp
     with torch.no_grad():
         torch.testing.assert_close(ws.reward_model(ids), classifier(input_ids=expected).logits[:, 0])
     # PPO runs: its critic starts from the SFT model (the reward model's ids are not the policy's)
-    result = loop.run_method(ws, cfg, progress=False)
+    result = algorithm.run_method(ws, cfg, progress=False)
     assert result["status"] == "ok" and math.isfinite(result["eval/reward"])
 
 
@@ -268,7 +269,7 @@ def test_the_evaluation_prompt_limit_is_a_setting_checked_against_the_context(tm
     for module in (evaluate, rollout):  # greedy decoding (exact match, reward, win rate) and the KL's sampling
         monkeypatch.setattr(module, "encode_prompts", lambda tok, prompts, max_len, real=module.encode_prompts:
                             limits.append(max_len) or real(tok, prompts, max_len))
-    result = loop.run_method(prepare(cfg, progress=False), cfg, progress=False)
+    result = algorithm.run_method(prepare(cfg, progress=False), cfg, progress=False)
     assert result["status"] == "ok" and math.isfinite(result["eval/reward"])
     assert limits and set(limits) == {64}
 

@@ -77,11 +77,11 @@ def main() -> None:
     parser.add_argument("--crash-in-hpa", type=int, default=0)
     args = parser.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from hbat.trainer import engine, loop
+    from hbat.trainer import algorithm, engine
     from hbat.trainer.models import resolve_dtype
 
     if args.crash_in_hpa:  # simulate a crash (every rank) at the start of the N-th HPA stage
-        real_hpa, calls = loop._run_hpa, []
+        real_hpa, calls = algorithm._run_hpa, []
 
         def crashing_hpa(*a, **kw):
             calls.append(1)
@@ -90,9 +90,9 @@ def main() -> None:
                 raise SystemExit(3)
             return real_hpa(*a, **kw)
 
-        loop._run_hpa = crashing_hpa
+        algorithm._run_hpa = crashing_hpa
     cfg = make_config(args.out, args.extra, args.deepspeed)
-    loop.run_method(tiny_workspace(resolve_dtype(cfg)), cfg, progress=False, resume=args.resume)
+    algorithm.run_method(tiny_workspace(resolve_dtype(cfg)), cfg, progress=False, resume=args.resume)
     engine.shutdown_distributed()
     engine.exit_process(0)  # no interpreter finalization: DeepSpeed's gloo groups outlive the shutdown
 

@@ -13,6 +13,7 @@ __all__ = ["load_config", "prepare", "run_method", "TrainConfig", "METHODS", "Tr
 
 
 def __getattr__(name):
+    # lazy on purpose: `import hbat.trainer.checkpoint` (hbat.averaging) and `hbat --help` load no stage module
     if name in ("load_config", "TrainConfig", "METHODS"):
         from . import config
 
@@ -26,7 +27,7 @@ def __getattr__(name):
 
         return TrainingDiverged
     if name == "run_method":
-        from .loop import run_method
+        from .algorithm import run_method
 
         return run_method
     raise AttributeError(f"module 'hbat.trainer' has no attribute {name!r}")

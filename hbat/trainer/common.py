@@ -3,7 +3,7 @@ the stage loop.
 
 ``train_loop`` runs a stage's optimizer steps: for each step, the micro-batches' losses (each weighted by its
 share of the batch) go backward, then an optional mixed-in loss (RLHF+pt / SFT+ppo baselines), then the
-stepper's ``step(ewc)`` (hbat.trainer.steppers: the EWC gradient of eq. 5 / 8, clipping, AdamW with fp32
+stepper's ``step(penalty)`` (hbat.trainer.steppers: the EWC gradient of eq. 5 / 8, clipping, AdamW with fp32
 masters for bf16 weights, the schedule; the same step PPO's policy and critic take). Under DeepSpeed the
 stepper takes this rank's micro-batches of the global batch.
 
@@ -63,6 +63,16 @@ class StageConfig:
         if self.warmup_ratio == 1.0:
             fail(self, "warmup_ratio", "must be in [0, 1), got 1.0")
         choice(self, "lr_scheduler_type", SCHEDULERS)
+
+
+STEPPER_FIELDS = ("lr", "weight_decay", "max_grad_norm", "warmup_ratio", "lr_scheduler_type")  # what a stepper reads
+
+
+def stepper_settings(source, **overrides) -> StageConfig:
+    """The StageConfig a stepper (hbat.trainer.steppers) takes, for a stage whose config is no StageConfig (PPO):
+    the ``STEPPER_FIELDS`` that ``source`` has, then ``overrides``; StageConfig's defaults for the rest."""
+    values = {key: getattr(source, key) for key in STEPPER_FIELDS if hasattr(source, key)}
+    return StageConfig(**{**values, **overrides})
 
 
 # --- model helpers -----------------------------------------------------------------------------------------------
@@ -131,7 +141,7 @@ MicroLoss = Callable[[list, list], tuple]
 
 
 def train_loop(model: nn.Module, n_rows: int, cfg: StageConfig, micro_loss: MicroLoss, *, desc: str,
-               loss_key: str, ewc=None, extra_loss: Callable[[int], torch.Tensor] | None = None,
+               loss_key: str, penalty=None, extra_loss: Callable[[int], torch.Tensor] | None = None,
                extra_key: str = "train/extra_loss", log: Callable[[dict], None] | None = None,
                progress: bool = True) -> dict:
     """Optimise ``model`` over ``n_rows`` rows (order and step structure: module docstring).
@@ -139,11 +149,11 @@ def train_loop(model: nn.Module, n_rows: int, cfg: StageConfig, micro_loss: Micr
     ``micro_loss(micro_indices, batch_indices) -> (loss, stats)``: the micro-batch's loss already weighted by
     its share of the batch, and detached 0-dim stats weighted the same way (summed over the micro-batches they
     give the batch means). ``stats[loss_key]`` is the bar's live loss. Logs the stats plus ``train/lr``,
-    ``train/grad_norm`` (before clipping), ``train/step``, ``train/epoch``, ``ewc/penalty`` (with ``ewc``) and
+    ``train/grad_norm`` (before clipping), ``train/step``, ``train/epoch``, ``ewc/penalty`` (with ``penalty``) and
     ``extra_key`` (with ``extra_loss``). Returns the means over the run, ``train/steps`` and ``<loss_key>_last``.
     A non-finite loss, mixed-in loss or penalty raises hbat.trainer.guards.TrainingDiverged at the next log call.
     """
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # optional: hbat[train]
 
     total_steps = planned_steps(cfg, n_rows)
     stepper = make_stepper(model, cfg, total_steps)  # plain PyTorch, or this rank's part of a DeepSpeed engine
@@ -178,7 +188,7 @@ def train_loop(model: nn.Module, n_rows: int, cfg: StageConfig, micro_loss: Micr
                     extra = extra_loss(step)  # the same rows on every rank
                     stepper.backward(extra, last=True, replicated=True)
                     stats[extra_key] = extra.detach().float()
-                stats.update(stepper.step(ewc))  # ewc/penalty, train/grad_norm (before clipping), train/lr
+                stats.update(stepper.step(penalty))  # ewc/penalty, train/grad_norm (before clipping), train/lr
                 step += 1
                 for key, value in stats.items():
                     sums[key] = sums.get(key, 0.0) + value

@@ -14,15 +14,21 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
+from ..baselines.freeze import FREEZE_BY
+from ..data import ADAPTERS
 from ..errors import UserError
+from ..importance import IMPORTANCE_MODES
+from ..task import MODEL_SIZES
 from .checks import (FLOAT32_MAX, ConfigError, booleans, choice, fail, integers, learning_rates, numbers, paths,
                      patterns)
 from .dpo import DPOConfig
+from .methods import SPECS, preset
 from .ppo import PPOConfig
 from .reward import RewardConfig
 from .sft import SFTConfig
+from .validate import check_config
 
-METHODS = ("hbat", "two_stage", "sft_only", "no_ewc", "no_alternation", "rlhf_pt", "sft_hpa", "freeze", "fisher")
+METHODS = tuple(SPECS)  # the method names: one table, hbat.trainer.methods.SPECS
 HPA_KINDS = ("dpo", "ppo")
 KEEP = ("best", "last")
 DPO_REFERENCES = ("stage", "sft")
@@ -56,8 +62,6 @@ class ModelConfig:
     #                                   tokenizer or the policy's (no reward model is trained)
 
     def __post_init__(self):
-        from ..task import MODEL_SIZES
-
         paths(self, "path", "tokenizer", "sft_path", "reward_path")
         choice(self, "size", MODEL_SIZES)
         choice(self, "dtype", MODEL_DTYPES)
@@ -94,8 +98,6 @@ class DataConfig:
     task_conflict: float = 0.5        # share of preference pairs whose chosen answer fails the skill
 
     def __post_init__(self):
-        from ..data import ADAPTERS
-
         paths(self, "sft", "preference", "prompts")
         for name in ("sft_split", "preference_split", "prompts_split"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
@@ -126,9 +128,6 @@ class EWCConfig:
     fisher_scale: float = 1.0         # method "fisher": multiplies the empirical Fisher
 
     def __post_init__(self):
-        from ..baselines.freeze import FREEZE_BY
-        from ..importance import IMPORTANCE_MODES
-
         numbers(self, "f_max", "lam")
         if self.lam * self.f_max > FLOAT32_MAX:  # the penalty gradient lam * F * (p - a) is float32, F <= f_max
             fail(self, "lam", f"* f_max = {self.lam * self.f_max:.3g} overflows float32 (at most {FLOAT32_MAX:.3g}); "
@@ -250,7 +249,7 @@ def from_dict(cls, data: dict, where: str = "config"):
 def read_yaml(text: str, source: str):
     """``yaml.safe_load`` that refuses duplicate keys (naming the key and both lines) and turns syntax errors
     into one-line ValueErrors naming ``source``."""
-    import yaml
+    import yaml  # optional: pyyaml comes with hbat[train]
 
     class UniqueKeyLoader(yaml.SafeLoader):
         def construct_mapping(self, node, deep=False):
@@ -319,9 +318,6 @@ def load_config(path: str | None = None, overrides=None) -> TrainConfig:
     win over the preset. The result is validated whole (``hbat.trainer.validate.check_config``): every error
     names its dotted key, and comes before anything is built or trained.
     """
-    from .methods import preset
-    from .validate import check_config
-
     data: dict = {}
     if path is not None:
         loaded = read_yaml_file(path)
@@ -348,6 +344,6 @@ def _deep_merge(base: dict, top: dict) -> dict:
 
 
 def dump_config(cfg: TrainConfig) -> str:
-    import yaml
+    import yaml  # optional: pyyaml comes with hbat[train]
 
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)

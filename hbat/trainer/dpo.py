@@ -10,7 +10,7 @@ once, up front, so no second model is held during training; with ``ref_model=Non
 policy itself before its first update, so no copy is ever made. Metrics use TRL's names
 (``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``,
 ``logps/rejected``). With ``sft_coef > 0`` and ``sft_rows``, ``sft_coef`` times the SFT loss of a batch of
-``sft_rows`` is added to every step: the RLHF+pt baseline. With ``ewc`` the EWC gradient of eq. (5) is added.
+``sft_rows`` is added to every step: the RLHF+pt baseline. With ``penalty`` the EWC gradient of eq. (5) is added.
 """
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ def reference_logprobs(ref_model: nn.Module, encoded: Sequence[dict], pad: int, 
 
 
 def run_dpo(policy: nn.Module, ref_model: nn.Module | None, tokenizer, rows: Sequence[dict],
-            cfg: DPOConfig | None = None, *, ewc=None, log: Callable[[dict], None] | None = None,
+            cfg: DPOConfig | None = None, *, penalty=None, log: Callable[[dict], None] | None = None,
             progress: bool = True, sft_rows: Sequence[dict] | None = None) -> dict:
     """DPO on rows ``{prompt, chosen, rejected}``; updates ``policy`` in place (a fresh AdamW per call).
 
@@ -136,7 +136,7 @@ def run_dpo(policy: nn.Module, ref_model: nn.Module | None, tokenizer, rows: Seq
                  "logps/chosen": chosen.detach().mean(), "logps/rejected": rejected.detach().mean()}
         return loss * share, {key: value * share for key, value in stats.items()}
 
-    return train_loop(policy, len(encoded), cfg, micro_loss, desc="dpo", loss_key="dpo/loss", ewc=ewc,
+    return train_loop(policy, len(encoded), cfg, micro_loss, desc="dpo", loss_key="dpo/loss", penalty=penalty,
                       extra_loss=extra, extra_key="dpo/sft_loss", log=log, progress=progress)
 
 

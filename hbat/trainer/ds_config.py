@@ -16,6 +16,7 @@ import warnings
 from typing import TYPE_CHECKING
 
 from .checks import ConfigError
+from .methods import spec
 from .procgroup import world_size
 
 if TYPE_CHECKING:
@@ -92,7 +93,7 @@ def resolve_ds_config(raw: dict, stages: dict[str, StageConfig], world: int, *, 
     config.setdefault("zero_allow_untested_optimizer", True)  # torch.optim.AdamW, as in one process
     config.setdefault("steps_per_print", 10**9)
     try:
-        from deepspeed.accelerator import get_accelerator
+        from deepspeed.accelerator import get_accelerator  # optional, heavy: not for runs without it
 
         if get_accelerator().device_name() == "cpu":
             config.setdefault("zero_force_ds_cpu_optimizer", False)
@@ -113,8 +114,6 @@ def run_ds_config(cfg) -> dict:
 
 def check_supported(cfg, regularizer_kind: str) -> None:
     """Refuse, before any work, what the DeepSpeed path does not do (module docstring)."""
-    from .methods import spec
-
     if cfg.hpa == "ppo" and spec(cfg.method).hpa:
         raise NotImplementedError("deepspeed: PPO stages are not supported under DeepSpeed yet; use hpa=dpo")
     if regularizer_kind not in ("hbat", "none"):

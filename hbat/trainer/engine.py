@@ -26,19 +26,19 @@ hbat.trainer.steppers (``DeepSpeedStepper``: the stage's optimizer step on the e
   ``scheduler`` section is refused (the stage configs set the schedule); an ``optimizer`` section is
   used (its lr / weight decay are overridden per stage), otherwise ``torch.optim.AdamW`` as in one process.
 * **Clipping is DeepSpeed's** under ZeRO (``gradient_clipping``, set per stage on the ZeRO optimizer); it
-  measures the global norm after ``ewc.apply_()`` added the penalty gradient to the rank's reduced
+  measures the global norm after ``penalty.apply_()`` added the penalty gradient to the rank's reduced
   partition, so the penalty is clipped like a loss term; ``train/grad_norm`` is that pre-clip norm. ZeRO-0
   (every rank holds all-reduced full gradients) clips with ``clip_grad_norm_`` as in one process.
 * **Rank 0 writes, every rank computes.** Only rank 0 prints, shows bars, writes metrics, checkpoints and
   the final model; every rank runs evaluation identically (same weights, same seeds), which keeps the
   ranks in lockstep without long barriers. Each rank writes its own HybridEWC state (its anchor
-  partition) next to the checkpoint (hbat.trainer.loop). ``prepare()`` runs on rank 0 first (it trains
+  partition) next to the checkpoint (hbat.trainer.runstate). ``prepare()`` runs on rank 0 first (it trains
   and caches the SFT reference and the reward model, unsharded); the other ranks wait at a barrier and
   then load the cache, so all ranks hold identical data, base weights and judges.
 * **ZeRO-3 gathers at stage ends only.** The engine partitions the module's parameters in place, so the
-  plain ``model`` of hbat.trainer.loop holds no full weights after ``build_engine``. Training (engine
+  plain ``model`` of hbat.trainer.runstate holds no full weights after ``build_engine``. Training (engine
   forward / backward / step, DeepSpeed's own per-layer gathers) and the per-step HybridEWC penalty
-  (``ewc.apply_()`` on this rank's fp32 / gradient partitions) gather nothing of ours. What needs whole
+  (``penalty.apply_()`` on this rank's fp32 / gradient partitions) gather nothing of ours. What needs whole
   weights gathers them with ``deepspeed.zero.GatheredParameters`` over every parameter, on every rank (a
   collective): ``full_state_dict`` once per completed stage, whose CPU copy is evaluated on a plain copy of
   the model (``plain_copy``; a forward inside the gather context would re-partition the parameters) and
@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import torch
 
+from ..distributed import is_deepspeed_engine
 from .ds_config import check_supported, resolve_ds_config, run_ds_config  # noqa: F401 (public names before the split)
 from .procgroup import exit_process, finish, init_distributed, shutdown_distributed  # noqa: F401 (hbat.cli, docs)
 from .steppers import make_optimizer, trainable_parameters
@@ -64,7 +65,7 @@ from .steppers import make_optimizer, trainable_parameters
 
 def build_engine(model: torch.nn.Module, cfg):
     """One DeepSpeed engine for the whole run (``cfg.deepspeed`` names its JSON config)."""
-    import deepspeed
+    import deepspeed  # optional, heavy: not for runs without it
 
     init_distributed()
     config = run_ds_config(cfg)
@@ -77,8 +78,6 @@ def build_engine(model: torch.nn.Module, cfg):
 
 def is_zero3(engine) -> bool:
     """True for a DeepSpeed engine running ZeRO stage 3 (its module's parameters are partitioned)."""
-    from ..distributed import is_deepspeed_engine
-
     return engine is not None and is_deepspeed_engine(engine) and engine.zero_optimization_stage() == 3
 
 
@@ -88,7 +87,7 @@ def full_state_dict(module: torch.nn.Module, engine=None) -> dict:
     copied before the context re-partitions them. Otherwise the module's own tensors (no copy on the CPU)."""
     if not is_zero3(engine):
         return {k: v.detach().cpu() for k, v in module.state_dict().items()}
-    import deepspeed
+    import deepspeed  # optional, heavy: not for runs without it
 
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
         return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}

@@ -21,7 +21,7 @@ Prompts are rows ``{prompt}`` or strings; the callables receive the prompt text 
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 from torch import nn
@@ -32,6 +32,10 @@ from .ppo import PPOConfig
 from .rollout import Rollout, generate, response_logprobs
 from .reward import score_responses
 from .sft import sft_loss
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
+    from .workspace import Workspace
 
 EVAL_PROMPT_LEN = 128  # prompts are cut from the left to this many tokens for generation
 
@@ -44,7 +48,7 @@ def _prompt_text(prompt) -> str:
 def greedy_generate(model: nn.Module, tokenizer, prompts: Sequence, *, max_new_tokens: int = 32,
                     max_prompt_len: int = EVAL_PROMPT_LEN) -> Rollout:
     """One greedy response per prompt, as a ``Rollout`` (left-padded queries, response masked after EOS)."""
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig  # heavy, optional (hbat[train])
 
     pad, eos = pad_token_id(tokenizer), getattr(tokenizer, "eos_token_id", None)
     queries = collate([{"input_ids": ids} for ids in encode_prompts(tokenizer, prompts, max_prompt_len)], pad,
@@ -122,3 +126,50 @@ def evaluate_policy(model: nn.Module, tokenizer, *, sft_rows: Sequence[dict] | N
                                                         max_new_tokens=max_new_tokens,
                                                         max_prompt_len=max_prompt_len).mean().item()
     return results
+
+
+# --- in a run: the workspace's validation sets ------------------------------------------------------------------------
+
+def evaluate_run(ws: Workspace, model, cfg: TrainConfig) -> dict:
+    """Validation metrics of ``model`` after a part of Algorithm 1 (hbat.trainer.algorithm): held-out SFT loss,
+    exact match, preference, reward, win rate against SFT, KL to SFT."""
+    e = cfg.eval
+    metrics = evaluate_policy(model, ws.tokenizer, sft_rows=ws.sft_val, prompts=ws.prompts_val,
+                              reward_model=ws.reward_model, exact_match=ws.exact_match,
+                              preference_score=ws.preference_score, max_new_tokens=e.max_new_tokens,
+                              max_prompt_len=e.max_prompt_len, batch_size=e.batch_size, max_len=cfg.sft.max_len,
+                              seed=cfg.seed)
+    if ws.sft_model is not None and ws.reward_model is not None:
+        metrics["eval/win_rate"] = win_rate_vs_sft(ws, model, cfg)
+    if e.kl_samples:
+        kl = evaluate_policy(model, ws.tokenizer, prompts=ws.prompts_val[: e.kl_samples], ref_model=ws.sft_model,
+                             max_new_tokens=e.max_new_tokens, max_prompt_len=e.max_prompt_len,
+                             batch_size=e.batch_size, seed=cfg.seed)
+        metrics.update(kl)
+    return metrics
+
+
+@torch.no_grad()
+def _greedy_scores(ws: Workspace, model, cfg: TrainConfig) -> torch.Tensor:
+    prompts = [p["prompt"] for p in ws.prompts_val]
+    responses = []
+    with eval_mode(model):
+        for start in range(0, len(prompts), cfg.eval.batch_size):
+            rollout = greedy_generate(model, ws.tokenizer, prompts[start:start + cfg.eval.batch_size],
+                                      max_new_tokens=cfg.eval.max_new_tokens, max_prompt_len=cfg.eval.max_prompt_len)
+            responses += ws.tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)
+    return score_responses(ws.reward_model, ws.tokenizer, prompts, responses, batch_size=cfg.eval.batch_size,
+                           max_len=cfg.sft.max_len)
+
+
+def win_rate_vs_sft(ws: Workspace, model, cfg: TrainConfig) -> float:
+    """Share of validation prompts where the reward model prefers the model's greedy answer to the SFT
+    model's (ties count one half), as the paper's win rate against SFT."""
+    cache = ws.__dict__.setdefault("_sft_scores", {})
+    key = (cfg.eval.max_new_tokens, cfg.eval.max_prompt_len, cfg.eval.batch_size)
+    if key not in cache:
+        cache[key] = _greedy_scores(ws, ws.sft_model, cfg)
+    mine, theirs = _greedy_scores(ws, model, cfg), cache[key]
+    if not len(mine):
+        return float("nan")
+    return float(((mine > theirs).float() + 0.5 * (mine == theirs).float()).mean())

@@ -19,6 +19,7 @@ total with the measured peak.
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -26,7 +27,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..errors import UserError, reading
-from .models import pick_device, resolve_dtype
+from ..param_view import LocalParamView
+from ..task import build_model, build_tokenizer
+from .ds_config import bf16_enabled, load_ds_config, zero_stage
+from .methods import spec
+from .models import pick_device, resolve_dtype, with_lora
 
 GIB = 1024 ** 3
 ACTIVATION_FACTORS = (8, 3)   # values kept per token and layer: x hidden size, x intermediate size
@@ -119,14 +124,12 @@ def meta_policy(cfg):
     """The run's causal LM on the meta device (no memory, no weights read)."""
     with torch.device("meta"):
         if cfg.model.path is None:
-            from ..task import build_model, build_tokenizer
-
             return build_model(build_tokenizer(), size=cfg.model.size)
     return _meta_from(cfg.model.path, "AutoModelForCausalLM", "config.model.path")
 
 
 def _meta_from(path: str, auto_class: str, key: str) -> object:
-    import transformers
+    import transformers  # heavy, optional (hbat[train])
 
     with torch.device("meta"), reading(f"a transformers model config ({auto_class})", path, key):
         return getattr(transformers, auto_class).from_config(transformers.AutoConfig.from_pretrained(path))
@@ -135,10 +138,6 @@ def _meta_from(path: str, auto_class: str, key: str) -> object:
 def lora_numel(model, model_cfg, task_type: str | None = "CAUSAL_LM") -> tuple[int, int]:
     """(elements of the LoRA adapters ``model.lora_*`` would add to ``model``, the summed input width of the
     layers they adapt), from a copy built on the meta device."""
-    import copy
-
-    from .models import with_lora
-
     with torch.device("meta"):
         wrapped = with_lora(copy.deepcopy(model), model_cfg, seed=0, task_type=task_type)
     adapted = [m for m in wrapped.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
@@ -150,9 +149,6 @@ def lora_numel(model, model_cfg, task_type: str | None = "CAUSAL_LM") -> tuple[i
 
 def plan_memory(cfg, *, device: torch.device | None = None, world: int | None = None) -> MemoryPlan:
     """The memory plan of ``cfg`` (module docstring) on ``device`` (default: the run's), per rank of ``world``."""
-    from .ds_config import load_ds_config, zero_stage
-    from .methods import spec
-
     device = device or pick_device()
     method = spec(cfg.method)
     m = cfg.model
@@ -162,7 +158,6 @@ def plan_memory(cfg, *, device: torch.device | None = None, world: int | None = 
     if cfg.deepspeed is not None:
         raw = load_ds_config(cfg.deepspeed)
         zero = zero_stage(raw)
-        from .ds_config import bf16_enabled
 
         trained_dtype = torch.bfloat16 if bf16_enabled(raw) else torch.float32
     plan = MemoryPlan(device=str(device), available=available_bytes(device))
@@ -238,7 +233,6 @@ def _trained_state(plan: MemoryPlan, who: str, numel: int, dtype, shard: dict, l
 def _ewc_numel(meta, cfg, trainable: int) -> int:
     if cfg.model.lora_r or not (cfg.ewc.include or cfg.ewc.exclude):
         return trainable
-    from ..param_view import LocalParamView
 
     view = LocalParamView(meta.named_parameters(), include=cfg.ewc.include, exclude=cfg.ewc.exclude)
     return sum(view.unit_numel)

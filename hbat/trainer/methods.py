@@ -1,6 +1,6 @@
 """The methods of the HBAT paper as presets of one loop: which stages run, and what regularises them.
 
-Every method shares every line of the loop (hbat.trainer.loop); a method only decides
+Every method shares every line of the loop (hbat.trainer.algorithm); a method only decides
 - the stage plan: alternating IFA / HPA over N parts, or one IFA then one HPA stage (N = 1), or IFA only;
 - the regulariser: HybridEWC (eq. 5/8), none, HBAT-Freeze, or the per-element Fisher EWC;
 - a mixed-in loss: RLHF+pt mixes the SFT loss into HPA; SFT+hpa mixes the HPA (DPO) loss into SFT.
@@ -50,13 +50,3 @@ def spec(method: str) -> MethodSpec:
 def preset(method: str) -> dict:
     spec(method)
     return dict(PRESETS.get(method, {}))
-
-
-def stage_plan(method: str, n_parts: int) -> list[tuple[str, int]]:
-    """The (objective, part) sequence of a run: Algorithm 1 for alternating methods."""
-    s = spec(method)
-    if not s.hpa:
-        return [("ifa", part) for part in range(n_parts)]
-    if s.alternate:
-        return [(objective, part) for part in range(n_parts) for objective in ("ifa", "hpa")]
-    return [("ifa", part) for part in range(n_parts)] + [("hpa", part) for part in range(n_parts)]

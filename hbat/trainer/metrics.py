@@ -7,6 +7,7 @@ import os
 import time
 
 from ..errors import writing
+from .checkpoint import write_text_atomic
 
 
 def _plain(value):
@@ -27,8 +28,6 @@ class MetricsLogger:
 
     def __init__(self, folder: str, *, tensorboard: bool = True, console: bool = False,
                  resume_step: int | None = None):
-        from .checkpoint import write_text_atomic
-
         os.makedirs(folder, exist_ok=True)
         self.path = os.path.join(folder, "metrics.jsonl")
         self.context: dict = {}
@@ -39,7 +38,7 @@ class MetricsLogger:
         self.writer = None
         if tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # optional: needs the tensorboard package
 
                 self.writer = SummaryWriter(os.path.join(folder, "tensorboard"), purge_step=self.step + 1)
             except Exception:  # noqa: BLE001 - tensorboard is optional

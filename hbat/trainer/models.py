@@ -26,6 +26,7 @@ Python on a loaded model (hbat.trainer.reward, hbat.trainer.ppo), never left to 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import sys
@@ -34,6 +35,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError, reading
+from .ds_config import bf16_enabled, load_ds_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -52,8 +54,6 @@ def resolve_dtype(cfg) -> torch.dtype:
     if cfg.model.dtype != "auto":
         return DTYPES[cfg.model.dtype]
     if cfg.deepspeed is not None:
-        from .ds_config import bf16_enabled, load_ds_config
-
         return torch.bfloat16 if bf16_enabled(load_ds_config(cfg.deepspeed)) else torch.float32
     return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
 
@@ -71,7 +71,7 @@ def load_pretrained(auto_class: str, path: str, dtype, *, key: str, what: str) -
     UserError naming ``key``, ``path`` and the first keys of each kind (then their count), before any training.
     transformers' own loading report (a table on stderr) is not printed: the error says what it would.
     """
-    import transformers
+    import transformers  # heavy, optional (hbat[train])
 
     with reading(what, path, key), _quiet("transformers.modeling_utils"):
         model, info = getattr(transformers, auto_class).from_pretrained(
@@ -120,7 +120,7 @@ def has_tokenizer(folder: str) -> bool:
 
 def load_tokenizer(folder: str, *, key: str):
     """``AutoTokenizer.from_pretrained(folder)``; whatever fails is a UserError naming ``key`` and the folder."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy, optional (hbat[train])
 
     with reading("a tokenizer", folder, key):
         return AutoTokenizer.from_pretrained(folder)
@@ -138,7 +138,7 @@ def deepspeed_unimported():
     DeepSpeed whenever it is installed, only to test ``isinstance(model, DeepSpeedEngine)``, and DeepSpeed's
     import prints "Setting accelerator to CPU" (and takes seconds). A model no DeepSpeed made is no engine."""
     try:
-        from accelerate.utils import other
+        from accelerate.utils import other  # optional (comes with hbat[trl]): see the docstring
     except ImportError:
         other = None
     if "deepspeed" in sys.modules or other is None or not hasattr(other, "is_deepspeed_available"):
@@ -198,7 +198,7 @@ def is_lora(module) -> bool:
 def with_lora(module: nn.Module, model_cfg, *, seed: int, task_type: str | None = "CAUSAL_LM") -> nn.Module:
     """``module`` with fresh LoRA adapters (``model.lora_*``; seeded, the global RNG is left as it was); its
     own weights are frozen. The module's layers are replaced in place."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # optional: hbat[lora], for model.lora_r > 0
 
     config = LoraConfig(r=model_cfg.lora_r, lora_alpha=model_cfg.lora_alpha, lora_dropout=model_cfg.lora_dropout,
                         target_modules=model_cfg.lora_target_modules, task_type=task_type)
@@ -227,8 +227,6 @@ class AdaptersDisabled(nn.Module):
 
 def frozen_copy(model: nn.Module) -> nn.Module:
     """A copy of ``model`` in eval mode with no trainable parameter (a reference that must not follow it)."""
-    import copy
-
     return copy.deepcopy(model).eval().requires_grad_(False)
 
 

@@ -13,6 +13,7 @@ never fails a finished run (no matplotlib, or an unreadable file: a note instead
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -45,7 +46,7 @@ class Series:
 
 
 def _pyplot():
-    import matplotlib
+    import matplotlib  # optional and heavy: hbat[train]; only writing a plot needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -115,8 +116,6 @@ def tradeoff_plot(series: list[Series], path: str, *, x: str = "eval/reward", y:
 
 def read_records(path: str) -> list[dict]:
     """The whole records of a metrics.jsonl (a line a kill cut short is skipped)."""
-    import json
-
     out = []
     with open(path, encoding="utf-8", errors="replace") as fh:
         for line in fh:

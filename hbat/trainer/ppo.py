@@ -21,7 +21,7 @@ is not updated while the critic has had fewer than ``cold_start_steps`` PPO step
 ``cold_start_scope="run"``, during the first ``cold_start_steps`` steps of each ``run_ppo`` call.
 
 Each mini-batch steps the critic, then the policy, through the stepper of every stage
-(hbat.trainer.steppers): ``loss.backward()``; for the policy ``ewc.apply_()`` (hbat.HybridEWC adds the EWC
+(hbat.trainer.steppers): ``loss.backward()``; for the policy ``penalty.apply_()`` (hbat.HybridEWC adds the EWC
 gradient of eq. 5); ``clip_grad_norm_``; AdamW (its own for each model, lr 1e-5 and 5e-6, constant; fp32
 masters for bf16 weights). Dropout is off throughout (sampling and scoring in eval mode, updates in train
 mode with every dropout at 0, so transformers' gradient checkpointing recomputes), so the first epoch's ratio is
@@ -40,11 +40,11 @@ from torch import nn
 
 from ..data import position_ids_from_mask
 from .checks import booleans, choice, fail, integers, learning_rates, numbers
-from .common import StageConfig, read_scalars
+from .common import StageConfig, read_scalars, stepper_settings
 from .guards import check_values, check_weights
-from .models import base_of, frozen_copy, no_dropout
+from .models import base_of, frozen_copy, no_dropout, prepare_trainee
 from .ppo_math import gae, kl_rewards, masked_mean, policy_loss, value_loss, whiten
-from .reward import RewardModel
+from .reward import RetokenizedRewardModel, RewardModel
 from .rollout import Rollout, generate, response_logprobs, score_rollout
 from .steppers import TorchStepper
 
@@ -128,16 +128,26 @@ def response_values(critic: Critic, rollout: Rollout) -> torch.Tensor:
     return values[:, rollout.query_len - 1:-1]
 
 
+def new_critic(ws, cfg):
+    """The PPO critic: the reward model's backbone and head (copies), or, for a reward model with a tokenizer
+    of its own, the SFT model's backbone with a fresh head; gradient checkpointing and LoRA as configured."""
+    start = ws.reward_model
+    if isinstance(start, RetokenizedRewardModel):  # its token ids are not the policy's
+        start = RewardModel.from_causal_lm(ws.sft_model)
+    critic = Critic.from_reward_model(start).to(ws.device).requires_grad_(True)
+    critic.backbone = prepare_trainee(critic.backbone, cfg.model, seed=cfg.seed, task_type=None)
+    return critic
+
+
 # --- the stage -------------------------------------------------------------------------------------------------
 
 def _step_settings(lr: float, cfg: PPOConfig) -> StageConfig:
     """The optimizer settings of one PPO model for the shared stepper: constant lr, PPO's clipping."""
-    return StageConfig(lr=lr, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
-                       lr_scheduler_type="constant")
+    return stepper_settings(cfg, lr=lr, lr_scheduler_type="constant")
 
 
 def run_ppo(policy: nn.Module, ref_model: nn.Module | None, reward_model: RewardModel, critic: Critic, tokenizer,
-            prompts: Sequence[str | dict], cfg: PPOConfig | None = None, *, ewc=None,
+            prompts: Sequence[str | dict], cfg: PPOConfig | None = None, *, penalty=None,
             log: Callable[[dict], None] | None = None, seed: int = 0, progress: bool = True) -> dict:
     """PPO on ``prompts`` (rows ``{prompt}`` or strings); updates ``policy`` and ``critic`` in place.
 
@@ -150,12 +160,12 @@ def run_ppo(policy: nn.Module, ref_model: nn.Module | None, reward_model: Reward
     ``ppo/kl`` (mean over responses of the summed per-token KL to the reference), ``ppo/non_score_reward``,
     ``ppo/rlhf_reward`` (score - kl_coef * kl), ``ppo/entropy``, ``ppo/response_length``, ``ppo/eos_fraction``,
     ``ppo/value_loss``, ``ppo/value_clipfrac``, ``ppo/cold_start`` (1 while the policy is frozen) and, when the
-    policy was updated, ``ppo/policy_loss``, ``ppo/clipfrac``, ``ppo/approx_kl``, ``ppo/ratio`` and (with ewc)
+    policy was updated, ``ppo/policy_loss``, ``ppo/clipfrac``, ``ppo/approx_kl``, ``ppo/ratio`` and (with a penalty)
     ``ewc/penalty``. Returns the means of these over the run, ``ppo/steps``, ``ppo/policy_updates`` and
     ``ppo/reward_last`` (mean score of the last step). A non-finite loss, penalty or weight after a PPO step
     raises hbat.trainer.guards.TrainingDiverged.
     """
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # optional: hbat[train]
 
     cfg = cfg or PPOConfig()
     if not prompts:
@@ -187,7 +197,7 @@ def run_ppo(policy: nn.Module, ref_model: nn.Module | None, reward_model: Reward
                 batch_prompts = [prompts[i] for i in order[start:start + cfg.batch_size]]
                 cold = (int(critic.steps_trained) if cfg.cold_start_scope == "critic" else step) < cfg.cold_start_steps
                 metrics = _ppo_step(policy, ref_model, reward_model, critic, tokenizer, batch_prompts, cfg, steppers,
-                                    generator, ewc, update_policy=not cold)
+                                    generator, penalty, update_policy=not cold)
                 step += 1
                 # PPO reads its metrics every step anyway; NaN weights would break the next rollout's sampling
                 where = f"ppo step {step}"
@@ -236,7 +246,7 @@ def _update_mode(module: nn.Module):
         module.eval()
 
 
-def _ppo_step(policy, ref_model, reward_model, critic, tokenizer, prompts, cfg: PPOConfig, steppers, generator, ewc,
+def _ppo_step(policy, ref_model, reward_model, critic, tokenizer, prompts, cfg: PPOConfig, steppers, generator, penalty,
               *, update_policy: bool) -> dict:
     policy_stepper, critic_stepper = steppers
     rollout = generate(policy, tokenizer, prompts, cfg)
@@ -282,8 +292,8 @@ def _ppo_step(policy, ref_model, reward_model, critic, tokenizer, prompts, cfg: 
                     loss_p, stats = policy_loss(logprobs, old_logprobs[index], advantages[index], mini_mask,
                                                 cfg.clip_range)
                     policy_stepper.backward(loss_p)
-                step_stats = policy_stepper.step(ewc)  # the EWC gradient of eq. (5), clipping, AdamW
-                if ewc is not None:
+                step_stats = policy_stepper.step(penalty)  # the EWC gradient of eq. (5), clipping, AdamW
+                if penalty is not None:
                     add("ewc/penalty", step_stats["ewc/penalty"])
                 add("ppo/policy_loss", loss_p)
                 for key, value in stats.items():

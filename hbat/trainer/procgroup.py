@@ -6,11 +6,15 @@ set up (gloo on CPUs), writes its own files (``rank_file``) and ends with ``fini
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import NoReturn
 
 import torch
+import torch.distributed as dist
+
+from .checkpoint import save_atomic
 
 _JOINED_HERE = False  # whether init_distributed created the process group (so shutdown_distributed may end it)
 _LEFT_GROUP = False  # whether shutdown_distributed ended a group (then finish ends the process with exit_process)
@@ -20,8 +24,6 @@ def init_distributed() -> None:
     """Join the process group torchrun / the deepspeed launcher set up (gloo on CPU), once; ValueError, saying
     how to launch, outside a launcher."""
     global _JOINED_HERE
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         return
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:  # else DeepSpeed would try MPI (mpi4py)
@@ -29,11 +31,11 @@ def init_distributed() -> None:
                          "`torchrun --nproc_per_node N -m hbat.cli train CONFIG --set deepspeed=ds.json` (docs/distributed.md: "
                          "Multi-process training under DeepSpeed)")
     try:
-        import deepspeed
+        import deepspeed  # optional (hbat[deepspeed]) and heavy: only a DeepSpeed run imports it
     except ImportError as exc:
         raise ValueError(f"deepspeed is set but the deepspeed package does not import ({exc}); "
                          "pip install deepspeed") from None
-    from deepspeed.accelerator import get_accelerator
+    from deepspeed.accelerator import get_accelerator  # optional: as above
 
     backend = None
     if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
@@ -50,8 +52,6 @@ def shutdown_distributed() -> None:
     """Leave the process group init_distributed joined (a group the caller made is left alone): every rank
     waits for the others, then the group is destroyed."""
     global _JOINED_HERE, _LEFT_GROUP
-    import torch.distributed as dist
-
     if _JOINED_HERE and dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -74,8 +74,6 @@ def exit_process(code: int) -> NoReturn:
     there ("terminate called without an active exception", pytorch/pytorch#190489; rare, but seen twice in CI
     here) after a run that wrote everything. Output is flushed first.
     """
-    import logging
-
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -83,14 +81,10 @@ def exit_process(code: int) -> NoReturn:
 
 
 def rank() -> int:
-    import torch.distributed as dist
-
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def world_size() -> int:
-    import torch.distributed as dist
-
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
@@ -99,16 +93,12 @@ def is_main() -> bool:
 
 
 def barrier() -> None:
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
 
 def save_rank_file(obj, folder: str, position: int) -> None:
     """This rank's part of the checkpoint after ``position`` stages (its HybridEWC anchor partition)."""
-    from .checkpoint import save_atomic
-
     save_atomic(obj, rank_file(folder, rank(), position))
 
 

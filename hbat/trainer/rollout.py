@@ -46,7 +46,7 @@ def _first_param(module: nn.Module) -> torch.Tensor:
 def generate(policy: nn.Module, tokenizer, prompts: Sequence[str | dict], cfg) -> Rollout:
     """Sample one response per prompt with HF ``generate`` (``cfg``: a PPOConfig's top_p, temperature, top_k,
     max_new_tokens, max_prompt_len)."""
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig  # heavy, optional (hbat[train])
 
     pad = pad_token_id(tokenizer)
     eos = getattr(tokenizer, "eos_token_id", None)

@@ -16,6 +16,18 @@ import sys
 import time
 
 from ..errors import UserError
+from .algorithm import run_method
+from .checkpoint import remove_stale_temp_files, write_text_atomic
+from .config import dump_config, load_config
+from .evaluate import evaluate_run
+from .guards import TrainingDiverged
+from .lock import run_lock
+from .memory import plan_memory
+from .plots import write_training_curves
+from .metrics import markdown_table
+from .procgroup import finish, shutdown_distributed
+from .validate import check_data
+from .workspace import load_data, prepare
 
 SUMMARY_COLUMNS = ["method", "eval/exact_match", "eval/sft_loss", "eval/preference", "eval/reward",
                    "eval/win_rate", "eval/kl_to_sft", "train_seconds"]
@@ -46,8 +58,6 @@ def resolve_methods(args, base_cfg) -> list[str]:
 
 
 def summary_table(results: list[dict]) -> str:
-    from .metrics import markdown_table
-
     return markdown_table(results, SUMMARY_COLUMNS)
 
 
@@ -59,15 +69,6 @@ def train(config_path, overrides, methods=None, *, resume=False, progress=True, 
     (a second run into one of them is refused). A method
     whose training diverges gets a result with ``"status": "diverged"`` and its ``"error"``; the others run.
     """
-    from .checkpoint import remove_stale_temp_files, write_text_atomic
-    from .config import dump_config, load_config
-    from .guards import TrainingDiverged
-    from .lock import run_lock
-    from .loop import run_method
-    from .memory import plan_memory
-    from .validate import check_data
-    from .workspace import load_data, prepare
-
     base = load_config(config_path, overrides)
     methods = methods or [base.method]
     configs = [load_config(config_path, list(overrides) + [f"method={m}"]) for m in methods]
@@ -107,9 +108,7 @@ def train(config_path, overrides, methods=None, *, resume=False, progress=True, 
                 results.append(exc.result)  # as in the run's result.json
     rows = [summary_row(r) for r in results]
     if main_rank and name is None and ws.sft_model is not None:  # the starting point, to read the tax against
-        from .loop import evaluate
-
-        rows.insert(0, {"method": "sft (reference)", **evaluate(ws, ws.sft_model, base)})
+        rows.insert(0, {"method": "sft (reference)", **evaluate_run(ws, ws.sft_model, base)})
     table = summary_table(rows)
     command = "hbat train" + (f" {config_path}" if config_path else "") + \
         "".join(f" --set {o}" for o in overrides) + (f" --methods {','.join(methods)}" if len(methods) > 1 else "")
@@ -125,13 +124,10 @@ def train(config_path, overrides, methods=None, *, resume=False, progress=True, 
         stem = f"summary-{name}" if name else "summary"
         write_text_atomic(text, os.path.join(base.output_dir, f"{stem}.md"))
         write_text_atomic(json.dumps(results, indent=2, default=str), os.path.join(base.output_dir, f"{stem}.json"))
-        from .plots import write_training_curves  # curves.png: the metrics over training of these runs
-
+        # curves.png: the metrics over training of these runs
         write_training_curves(results, os.path.join(base.output_dir, stem.replace("summary", "curves") + ".png"))
         print("\n" + table)
     if base.deepspeed is not None:
-        from .procgroup import shutdown_distributed
-
         shutdown_distributed()  # only after every rank finished: a failed rank exits with its error instead
     return results
 
@@ -144,8 +140,6 @@ def summary_row(result: dict) -> dict:
 
 
 def run(args) -> int:
-    from .config import dump_config, load_config
-
     base = load_config(args.config, args.overrides)
     methods = resolve_methods(args, base)
     for m in methods:  # validate every method before any work
@@ -165,7 +159,7 @@ def run(args) -> int:
 @contextlib.contextmanager
 def _no_transformers_bars():
     """transformers' own progress bars ("Loading weights") off inside, as hbat's are with --no-progress."""
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # heavy, optional (hbat[train])
 
     enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
@@ -184,8 +178,6 @@ def call(prog: str, func, args) -> int:
     model folder, tokenizer, data, checkpoints: hbat.errors.reading / writing turn third-party exceptions into
     it), a ValueError of an argument check, or an OSError naming its file. Any other exception is a bug of
     hbat and keeps its traceback."""
-    from .guards import TrainingDiverged
-
     try:
         return int(func(args) or 0)
     except TrainingDiverged as exc:
@@ -200,7 +192,6 @@ def call(prog: str, func, args) -> int:
 
 def main(argv=None) -> int:
     parser = build_parser(argparse.ArgumentParser(prog="hbat train", description=__doc__.splitlines()[0]))
-    from .procgroup import finish
 
     return finish(call("hbat train", run, parser.parse_args(argv)))
 

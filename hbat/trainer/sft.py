@@ -4,7 +4,7 @@
 
 The loss is the mean over all response tokens of the optimizer batch (not a mean of per-row means), so
 long responses weigh what their tokens weigh, and grad accumulation is exact (hbat.trainer.common).
-With ``ewc`` (hbat.HybridEWC) the step adds the EWC gradient of eq. (8) before clipping.
+With ``penalty`` (hbat.HybridEWC) the step adds the EWC gradient of eq. (8) before clipping.
 
 Packing (``SFTConfig.packing``): encoded rows are concatenated greedily into rows of at most ``max_len``
 tokens, with position ids restarting at 0 for each sequence and no attention mask; transformers' masking
@@ -84,7 +84,7 @@ def _label_count(row: dict) -> int:
     return sum(1 for label in row["labels"][1:] if label != IGNORE_INDEX)
 
 
-def run_sft(model: nn.Module, tokenizer, rows: Sequence[dict], cfg: SFTConfig | None = None, *, ewc=None,
+def run_sft(model: nn.Module, tokenizer, rows: Sequence[dict], cfg: SFTConfig | None = None, *, penalty=None,
             log: Callable[[dict], None] | None = None, progress: bool = True,
             mix_loss: Callable[[int], torch.Tensor] | None = None) -> dict:
     """Fine-tune ``model`` in place on rows ``{prompt, response}`` with the MLE loss of the response tokens.
@@ -107,7 +107,7 @@ def run_sft(model: nn.Module, tokenizer, rows: Sequence[dict], cfg: SFTConfig | 
         loss = -logps.sum() / max(1, sum(counts[i] for i in batch))  # weight: the micro-batch's share of tokens
         return loss, {"sft/loss": loss.detach()}
 
-    return train_loop(model, len(encoded), cfg, micro_loss, desc="sft", loss_key="sft/loss", ewc=ewc,
+    return train_loop(model, len(encoded), cfg, micro_loss, desc="sft", loss_key="sft/loss", penalty=penalty,
                       extra_loss=mix_loss, extra_key="sft/mix_loss", log=log, progress=progress)
 
 

@@ -6,7 +6,7 @@ the EWC penalty, clips and steps.
         for micro in stepper.micro_batches(batch, grad_accum_steps):  # this rank's share of the global batch
             stepper.backward(loss_of(micro), last=...)
         stats = stepper.reduce(stats)                                 # loss statistics summed over ranks
-        stats.update(stepper.step(ewc))                               # penalty, clipping, optimizer, schedule
+        stats.update(stepper.step(penalty))                           # penalty, clipping, optimizer, schedule
 
 ``settings`` is a ``hbat.trainer.common.StageConfig`` (lr, weight_decay, max_grad_norm, warmup_ratio,
 lr_scheduler_type). ``step`` returns 0-dim tensors (``ewc/penalty``, ``train/grad_norm`` before clipping,
@@ -15,7 +15,7 @@ lr_scheduler_type). ``step`` returns 0-dim tensors (``ewc/penalty``, ``train/gra
 ``TorchStepper`` (one process), in this order: the penalty; ``clip_grad_norm_``; the optimizer step; the
 schedule; ``zero_grad``. Every backend clips the penalty gradient like a loss term, so one config gives the same
 weights in one process and under DeepSpeed. Hence: with clipping on (``max_grad_norm``), or any penalty other
-than a ``HybridEWC`` of the parameters it steps, the optimizer is torch's AdamW and ``ewc.apply_()`` first adds
+than a ``HybridEWC`` of the parameters it steps, the optimizer is torch's AdamW and ``penalty.apply_()`` first adds
 the penalty gradient to ``.grad``. With clipping off and the ``hbat`` regulariser, the optimizer is
 ``hbat.HybridAdamW``, which adds the penalty gradient inside its step (one fused pass: 32 bytes per fp32 element
 instead of AdamW's 28 plus the separate penalty pass's 16; ``ewc/penalty`` is the step's ``last_penalty``), the
@@ -34,7 +34,7 @@ boundary; a weight changed from outside (``load_state_dict``) gets a fresh maste
 
 ``DeepSpeedStepper`` runs the same step on a ``deepspeed.DeepSpeedEngine`` (hbat.trainer.engine): this rank's
 micro-batches, ``engine.backward`` with an explicit accumulation boundary, the penalty added to the rank's
-reduced gradient partition by ``ewc.apply_()`` (the engine's optimizer is DeepSpeed's to step), DeepSpeed's
+reduced gradient partition by ``penalty.apply_()`` (the engine's optimizer is DeepSpeed's to step), DeepSpeed's
 clipping, master weights and step.
 """
 from __future__ import annotations
@@ -44,7 +44,9 @@ import weakref
 from typing import Sequence
 
 import torch
+import torch.distributed as dist
 
+from ..distributed import is_deepspeed_engine
 from ..ewc import HybridEWC
 from ..optim import HybridAdamW
 from ..param_view import LocalParamView
@@ -153,17 +155,17 @@ class TorchStepper:
         self.scheduler = make_scheduler(self.optimizer, cfg, total_steps)
         self.steps = 0
 
-    def fuses(self, ewc) -> bool:
-        """Whether ``ewc``'s penalty goes inside the optimizer step: no clipping (it would clip the loss gradient
-        alone) and a single-process HybridEWC of parameters this stepper steps (a ``HybridAdamW`` is built for it at
-        the stage's first step)."""
+    def fuses(self, penalty) -> bool:
+        """Whether ``penalty``'s gradient goes inside the optimizer step: no clipping (it would clip the loss
+        gradient alone) and a single-process HybridEWC of parameters this stepper steps (a ``HybridAdamW`` is built
+        for it at the stage's first step)."""
         if isinstance(self.optimizer, HybridAdamW):
-            return self.optimizer.ewc is ewc
-        if self.cfg.max_grad_norm or not isinstance(ewc, HybridEWC) or not isinstance(ewc.view, LocalParamView) \
-                or self.steps:
+            return self.optimizer.ewc is penalty
+        if self.cfg.max_grad_norm or not isinstance(penalty, HybridEWC) \
+                or not isinstance(penalty.view, LocalParamView) or self.steps:
             return False
         stepped = {id(m) for m in self.masters}
-        return all(id(p) in stepped for p in ewc.view.params())
+        return all(id(p) in stepped for p in penalty.view.params())
 
     def start(self) -> None:
         self.close()
@@ -177,15 +179,15 @@ class TorchStepper:
     def reduce(self, stats: dict) -> dict:
         return stats
 
-    def step(self, ewc=None) -> dict:
+    def step(self, penalty=None) -> dict:
         stats = {}
         self._gradients_to_masters()
-        fused = ewc is not None and self.fuses(ewc)
+        fused = penalty is not None and self.fuses(penalty)
         if fused and not isinstance(self.optimizer, HybridAdamW):  # the stage's first step: nothing stepped yet
-            self.optimizer = HybridAdamW(self.masters, ewc, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+            self.optimizer = HybridAdamW(self.masters, penalty, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
             self.scheduler = make_scheduler(self.optimizer, self.cfg, self.total_steps)
-        if ewc is not None and not fused:  # a bf16 model's HybridEWC adds to the masters' gradients, a hook to .grad
-            stats["ewc/penalty"] = ewc.apply_().detach().float()
+        if penalty is not None and not fused:  # a bf16 model's HybridEWC: its masters' gradients
+            stats["ewc/penalty"] = penalty.apply_().detach().float()
         self._gradients_to_masters()
         stats["train/grad_norm"] = torch.nn.utils.clip_grad_norm_(
             self.masters, self.cfg.max_grad_norm if self.cfg.max_grad_norm else float("inf")).detach().float()
@@ -229,8 +231,6 @@ class DeepSpeedStepper:
     """A stage on a DeepSpeed engine: this rank's micro-batches, explicit boundary, DeepSpeed's clipping."""
 
     def __init__(self, engine, cfg, total_steps: int):
-        import torch.distributed as dist
-
         self.engine, self.cfg = engine, cfg
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.optimizer = inner_optimizer(engine)
@@ -265,8 +265,6 @@ class DeepSpeedStepper:
 
     def reduce(self, stats: dict) -> dict:
         """Sum each rank's share-weighted statistics: the global batch's means (one small all-reduce)."""
-        import torch.distributed as dist
-
         if not stats:
             return stats
         keys = sorted(stats)
@@ -275,10 +273,10 @@ class DeepSpeedStepper:
         dist.all_reduce(vec)
         return dict(zip(keys, vec.unbind()))  # left on the device: train_loop reads them when it logs
 
-    def step(self, ewc=None) -> dict:
+    def step(self, penalty=None) -> dict:
         stats = {}
-        if ewc is not None:  # on the boundary: adds lam*F*(p-a) to this rank's reduced gradient partition
-            stats["ewc/penalty"] = ewc.apply_().detach().float()
+        if penalty is not None:  # on the boundary: adds lam*F*(p-a) to this rank's reduced gradient partition
+            stats["ewc/penalty"] = penalty.apply_().detach().float()
         norm = None
         if self.own_clip:
             norm = torch.nn.utils.clip_grad_norm_(self.clip_params, self.cfg.max_grad_norm or float("inf"))
@@ -298,8 +296,6 @@ class DeepSpeedStepper:
 
 def make_stepper(model, cfg, total_steps: int):
     """A ``DeepSpeedStepper`` for a DeepSpeed engine, else a ``TorchStepper``."""
-    from ..distributed import is_deepspeed_engine
-
     if is_deepspeed_engine(model):
         return DeepSpeedStepper(model, cfg, total_steps)
     return TorchStepper(model, cfg, total_steps)

@@ -25,7 +25,13 @@ from __future__ import annotations
 import json
 import os
 
+from ..data.sources import DATA_FILE_SUFFIXES, looks_like_dataset_name
+from ..param_view import LocalParamView
+from ..task import CONTEXT
 from .checks import ConfigError
+from .ds_config import check_supported
+from .memory import lora_numel, meta_policy
+from .methods import spec
 from .models import has_tokenizer, load_tokenizer, tokenizer_size
 
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
@@ -36,8 +42,6 @@ DEFAULT_SPLIT = "train"
 
 
 def check_config(cfg) -> None:
-    from .methods import spec
-
     _check_data_and_model(cfg)
     _check_models(cfg)
     context, source = model_context(cfg)
@@ -47,8 +51,6 @@ def check_config(cfg) -> None:
     if method.regularizer in ("hbat", "freeze") and (cfg.ewc.include or cfg.ewc.exclude):
         _check_selection(cfg)
     if cfg.deepspeed is not None:
-        from .ds_config import check_supported
-
         check_supported(cfg, method.regularizer)
 
 
@@ -81,8 +83,6 @@ def _check_data_and_model(cfg) -> None:
 
 
 def _check_data_sources(d) -> None:
-    from ..data.sources import DATA_FILE_SUFFIXES, looks_like_dataset_name
-
     if d.prompts is None and d.prompts_split != DEFAULT_SPLIT:
         raise ConfigError("config.data.prompts_split", f"= {d.prompts_split!r} is set but data.prompts is null (the "
                           "prompts come from data.preference, split data.preference_split)")
@@ -152,11 +152,10 @@ def _check_models(cfg) -> None:
         _check_vocabulary("model.reward_path", m.reward_path, m.reward_path, "model.reward_path")
     if m.lora_r:
         try:
-            import peft  # noqa: F401
+            import peft  # noqa: F401  (optional: hbat[lora]; checked here, before any work)
         except ImportError:
             raise ConfigError("config.model.lora_r", "> 0 needs peft: pip install --no-build-isolation "
                               "'hbat[lora]'") from None
-        from .memory import lora_numel, meta_policy
 
         try:
             lora_numel(meta_policy(cfg), m)
@@ -164,8 +163,6 @@ def _check_models(cfg) -> None:
             raise ConfigError("config.model.lora_target_modules", f"= {m.lora_target_modules} does not fit the "
                               f"model ({' '.join(str(exc).split())[:300]})") from None
     if m.gradient_checkpointing:
-        from .memory import meta_policy
-
         if not getattr(meta_policy(cfg), "supports_gradient_checkpointing", False):
             raise ConfigError("config.model.gradient_checkpointing", "is true but the model does not support it")
 
@@ -199,8 +196,6 @@ def _tokenizer_size(folder: str, key: str) -> int:
 def model_context(cfg) -> tuple[int | None, str]:
     """(tokens the model can attend to, where that number comes from); (None, "") when its config has none."""
     if cfg.model.path is None:
-        from ..task import CONTEXT
-
         return CONTEXT, "the embedded model's context"
     path = os.path.join(cfg.model.path, "config.json")
     try:
@@ -218,8 +213,6 @@ def model_context(cfg) -> tuple[int | None, str]:
 
 
 def _check_context(cfg, context: int, source: str) -> None:
-    from .methods import spec
-
     method = spec(cfg.method)
     budgets = [("sft.max_len", cfg.sft.max_len), ("reward.max_len", cfg.reward.max_len)]
     if method.hpa and cfg.hpa == "ppo":
@@ -234,8 +227,6 @@ def _check_context(cfg, context: int, source: str) -> None:
 
 
 def _check_selection(cfg) -> None:
-    from ..param_view import LocalParamView
-
     named = named_parameters(cfg)
     try:
         LocalParamView(named, include=cfg.ewc.include, exclude=cfg.ewc.exclude)
@@ -247,8 +238,6 @@ def _check_selection(cfg) -> None:
 
 def named_parameters(cfg) -> list:
     """(name, parameter) pairs of the run's model, built on the "meta" device: no memory, no weights read."""
-    from .memory import meta_policy
-
     return list(meta_policy(cfg).named_parameters())
 
 

@@ -15,18 +15,28 @@ adapters and merged. Before any model is loaded, the run's memory plan must fit 
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 import torch
 
+from ..data import (attach_token_ids, load_preference, load_prompts, load_sft, SourceUnreadable, SplitError,
+                    token_cache_key, tokenize_rows, train_val_split)
+from ..task import build_model, build_tokenizer, make_task, pretrain
 from .checkpoint import CheckpointError, load, remove_stale_temp_files, save_atomic
 from .checks import ConfigError
 from .config import TrainConfig
+from .ds_config import run_ds_config
 from .guards import TrainingDiverged, check_weights
+from .memory import plan_memory
 from .models import (has_tokenizer, load_causal_lm, load_pretrained, load_tokenizer, merge_lora, pick_device,
                      prepare_trainee, resolve_dtype)
+from .procgroup import barrier, init_distributed, is_main
+from .reward import RetokenizedRewardModel, RewardModel, train_reward_model
+from .sft import run_sft
 from .steppers import drop_master_weights
 from .validate import check_data
 
@@ -71,8 +81,6 @@ def load_data(cfg: TrainConfig) -> RunData:
 
 
 def _embedded_data(cfg: TrainConfig) -> RunData:
-    from ..task import make_task
-
     d = cfg.data
     try:
         task = make_task(seed=cfg.seed, n_sft=d.task_n_sft, n_pref=d.task_n_pref, n_prompts=d.task_n_pref // 2,
@@ -89,8 +97,6 @@ def _embedded_data(cfg: TrainConfig) -> RunData:
 
 
 def _user_data(cfg: TrainConfig) -> RunData:
-    from ..data import load_preference, load_prompts, load_sft
-
     d = cfg.data
     tokenizer = data_tokenizer(cfg)  # renders conversational rows with its chat template
     sets = {}
@@ -118,8 +124,6 @@ def data_tokenizer(cfg: TrainConfig):
 
 def _read(loader, key: str, source: str, adapter, split: str, tokenizer) -> list[dict]:
     """The rows of ``source``; a missing data set or split is an error naming the config key."""
-    from ..data import SourceUnreadable, SplitError
-
     try:
         rows = loader(source, adapter=adapter, split=split, tokenizer=tokenizer)
     except SplitError as exc:
@@ -144,7 +148,6 @@ def attach_cached_token_ids(cfg: TrainConfig, data: RunData, tokenizer, *, progr
     are whole (each stage cuts them to its own max_len), so one file serves every budget."""
     if cfg.model.path is None:
         return
-    from ..data import attach_token_ids, token_cache_key, tokenize_rows
 
     folder = os.path.join(cfg.output_dir, "shared", "tokens")
     path = os.path.join(folder, f"{token_cache_key(tokenizer, data.splits)}.pt")
@@ -164,8 +167,6 @@ def attach_cached_token_ids(cfg: TrainConfig, data: RunData, tokenizer, *, progr
 
 
 def _split(rows: list[dict], val_size: float, seed: int, source: str) -> tuple[list[dict], list[dict]]:
-    from ..data import train_val_split
-
     try:
         return train_val_split(rows, val_size, seed=seed)
     except ValueError:
@@ -175,10 +176,6 @@ def _split(rows: list[dict], val_size: float, seed: int, source: str) -> tuple[l
 
 def shared_key(cfg: TrainConfig) -> str:
     """Cache key of the shared pieces: a hash of the settings they depend on (a changed setting rebuilds)."""
-    import hashlib
-    import json
-    from dataclasses import asdict
-
     relevant = {"seed": cfg.seed, "model": asdict(cfg.model), "data": asdict(cfg.data), "sft": asdict(cfg.sft),
                 "reward": asdict(cfg.reward)}
     return hashlib.sha1(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -196,8 +193,6 @@ def prepare(cfg: TrainConfig, *, progress: bool = True, log=None, data: RunData 
     """
     if cfg.deepspeed is None:
         return _prepare(cfg, progress=progress, log=log, data=data)
-    from .ds_config import run_ds_config
-    from .procgroup import barrier, init_distributed, is_main
 
     init_distributed()
     run_ds_config(cfg)  # a bad DeepSpeed config fails now, not after the shared pieces are trained
@@ -210,8 +205,6 @@ def prepare(cfg: TrainConfig, *, progress: bool = True, log=None, data: RunData 
 
 
 def _prepare(cfg: TrainConfig, *, progress: bool, log, data: RunData | None) -> Workspace:
-    from .memory import plan_memory
-
     data = data or load_data(cfg)
     check_data(data.splits, cfg, data.sources)  # before any model is built
     plan_memory(cfg).check()  # every model and state the run holds, sized from configs: before any is loaded
@@ -245,8 +238,6 @@ def _prepare(cfg: TrainConfig, *, progress: bool, log, data: RunData | None) -> 
 
 def _sft_model(cfg, shared, build_plain, tokenizer, data, own_sft, device, progress, log) -> torch.nn.Module:
     """``model.sft_path`` (``own_sft``, loaded), or the base trained on all SFT data once and cached (LoRA: merged)."""
-    from .sft import run_sft
-
     if own_sft is not None:
         sft_model = own_sft.to(device)
     else:
@@ -266,8 +257,6 @@ def _sft_model(cfg, shared, build_plain, tokenizer, data, own_sft, device, progr
 def _load_reward_model(cfg, tokenizer, dtype) -> torch.nn.Module:
     """``model.reward_path`` loaded (its weights checked), re-tokenizing with its own tokenizer where it has
     another one (on the CPU)."""
-    from .reward import RetokenizedRewardModel, RewardModel
-
     path = cfg.model.reward_path
     classifier = load_pretrained("AutoModelForSequenceClassification", path, dtype, key="config.model.reward_path",
                                  what="a sequence classifier (reward model)")
@@ -281,8 +270,6 @@ def _load_reward_model(cfg, tokenizer, dtype) -> torch.nn.Module:
 def _reward_model(cfg, shared, sft_model, tokenizer, data, own_reward, device, progress, log) -> torch.nn.Module:
     """``model.reward_path`` (``own_reward``, loaded), or a reward model initialised from the SFT model (a new
     score head on its backbone), trained once and cached (LoRA: merged)."""
-    from .reward import RewardModel, train_reward_model
-
     if own_reward is not None:
         return own_reward.to(device).eval().requires_grad_(False)
     reward_model = RewardModel.from_causal_lm(sft_model).to(device)
@@ -305,10 +292,7 @@ def _base_weights(cfg: TrainConfig, shared: str, tokenizer, fresh, data: RunData
     pre-trained once (in fp32) and cached like the other pieces."""
     base = fresh()
     if cfg.model.path is None:
-
         def pretrain_base():
-            from ..task import pretrain
-
             if cfg.model.pretrain_steps:
                 pretrain(base, tokenizer, data.pretrain_texts, steps=cfg.model.pretrain_steps,
                          batch_size=cfg.model.pretrain_batch_size, lr=cfg.model.pretrain_lr, seed=cfg.seed,
@@ -320,8 +304,6 @@ def _base_weights(cfg: TrainConfig, shared: str, tokenizer, fresh, data: RunData
 
 
 def _embedded_model(cfg: TrainConfig):
-    from ..task import build_model, build_tokenizer
-
     tokenizer = build_tokenizer()
     return tokenizer, lambda: build_model(tokenizer, size=cfg.model.size, seed=cfg.seed)
 

@@ -21,7 +21,7 @@ def hma_curve(ws, cfg, aligned_folder: str, alphas, pre_folder: str | None = Non
     the kept model of ``pre_folder``, or the shared SFT reference."""
     from ...averaging import average
     from ..checkpoint import load as load_checkpoint
-    from ..loop import evaluate
+    from ..evaluate import evaluate_run as evaluate
     from ..models import merge_lora
 
     def load(folder):

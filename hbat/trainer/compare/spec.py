@@ -153,7 +153,7 @@ def resolve_seeds(spec: dict, cli: int | None, base_seed: int) -> list[int]:
 
 
 def evaluated_metrics(cfg, data) -> list[str]:
-    """The eval/* metrics a run of ``cfg`` on ``data`` (hbat.trainer.workspace.RunData) reports (loop.evaluate):
+    """The eval/* metrics a run of ``cfg`` on ``data`` (hbat.trainer.workspace.RunData) reports (evaluate.evaluate_run):
     exact match and preference only where the data has the task's checks (the embedded task), the KL only with
     ``eval.kl_samples``."""
     have = {"eval/sft_loss", "eval/reward", "eval/win_rate"}

@@ -199,18 +199,18 @@ def test_actor_update_calls_ewc_apply_before_clipping(tokenizer):
 def test_policy_and_critic_step_through_the_shared_stepper(tokenizer, monkeypatch):
     """Every PPO update is a TorchStepper.step, the one every stage takes: per mini-batch the critic's (no
     penalty), then the policy's with the EWC hook."""
-    from hbat.trainer import steppers
+    from hbat.trainer import step
 
     lm = tiny_llama(tokenizer)
     rm = RewardModel.from_causal_lm(lm)
     critic, ewc, steps = Critic.from_reward_model(rm), RecordingEWC(lm), []
-    real_step = steppers.TorchStepper.step
+    real_step = step.TorchStepper.step
 
     def recording_step(self, penalty=None):
         steps.append(("critic" if self.params[0] is next(critic.parameters()) else "policy", penalty))
         return real_step(self, penalty)
 
-    monkeypatch.setattr(steppers.TorchStepper, "step", recording_step)
+    monkeypatch.setattr(step.TorchStepper, "step", recording_step)
     run_ppo(lm, None, rm, critic, tokenizer, ["q1:", "q2:", "q3:", "q4:"], small_config(max_steps=1), penalty=ewc,
             progress=False)
     assert steps == [("critic", None), ("policy", ewc)] * 2  # 4 prompts, mini-batches of 2, one PPO epoch

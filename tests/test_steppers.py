@@ -1,4 +1,4 @@
-"""hbat.trainer.steppers.TorchStepper with the hbat regulariser: HybridAdamW (the penalty inside the step) against
+"""hbat.trainer.step.TorchStepper with the hbat regulariser: HybridAdamW (the penalty inside the step) against
 the apply_() path (the penalty added to .grad, then torch's AdamW), the path it keeps for any other penalty.
 
 Without clipping the two give the same weights to fp32 rounding (not bit for bit: the fused kernel rounds the
@@ -14,7 +14,8 @@ import torch
 
 from hbat import HybridAdamW, HybridEWC
 from hbat.trainer.common import StageConfig
-from hbat.trainer.steppers import TorchStepper, master_named_parameters
+from hbat.trainer.optimizer import master_named_parameters
+from hbat.trainer.step import TorchStepper
 
 STAGES = ("ifa", "hpa", "ifa", "hpa")
 

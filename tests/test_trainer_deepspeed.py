@@ -23,7 +23,7 @@ sys.path.insert(0, str(HERE))
 import trainer_ds_worker as W  # noqa: E402
 from torchrun_launch import torchrun  # noqa: E402
 
-from hbat.trainer import engine, steppers  # noqa: E402
+from hbat.trainer import engine  # noqa: E402
 from hbat.trainer.dpo import DPOConfig  # noqa: E402
 from hbat.trainer.metrics import read_metrics  # noqa: E402
 from hbat.trainer.sft import SFTConfig  # noqa: E402
@@ -207,7 +207,7 @@ def test_unsupported_methods_are_refused_before_any_work(tmp_path):
 def test_rank_micro_batches_cover_the_global_batch_once():
     for rows, parts in ((8, 2), (6, 2), (3, 2), (1, 1), (5, 1)):
         batch = list(range(100, 100 + rows))
-        shares = [steppers.DeepSpeedStepper.micro_batches(types.SimpleNamespace(rank=r, world_size=2), batch, parts)
+        shares = [engine.DeepSpeedStepper.micro_batches(types.SimpleNamespace(rank=r, world_size=2), batch, parts)
                   for r in (0, 1)]
         assert all(len(share) == parts for share in shares)  # every rank joins every micro-step
         assert sorted(i for share in shares for micro in share for i in micro) == batch

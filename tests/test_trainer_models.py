@@ -19,7 +19,7 @@ pytest.importorskip("peft")
 
 import hf_fixtures as H  # noqa: E402  (tests/ is on sys.path under pytest)
 from hbat.trainer import algorithm, memory  # noqa: E402
-from hbat.trainer.ppo import new_critic  # noqa: E402
+from hbat.trainer.critic import new_critic  # noqa: E402
 from hbat.trainer.checks import ConfigError  # noqa: E402
 from hbat.trainer.common import StageConfig, token_logprobs  # noqa: E402
 from hbat.trainer.config import load_config  # noqa: E402
@@ -27,7 +27,7 @@ from hbat.trainer.metrics import read_metrics  # noqa: E402
 from hbat.trainer.models import AdaptersDisabled, base_of, is_checkpointed, load_causal_lm  # noqa: E402
 from hbat.trainer.regularizers import hybrid_ewc  # noqa: E402
 from hbat.trainer.reward import RetokenizedRewardModel, RewardModel  # noqa: E402
-from hbat.trainer.steppers import TorchStepper  # noqa: E402
+from hbat.trainer.step import TorchStepper  # noqa: E402
 from hbat.trainer.workspace import prepare  # noqa: E402
 
 

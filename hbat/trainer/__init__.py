@@ -5,29 +5,14 @@
     result = run_method(prepare(cfg), cfg)
 
 ``run_method`` raises ``TrainingDiverged`` (naming the method, stage and step) when a loss or weight turns
-non-finite. Needs transformers, tqdm and pyyaml (``pip install hbat[train]``); imported when used.
+non-finite. Needs transformers, tqdm and pyyaml (``pip install hbat[train]``); each is imported where it is used.
+The map of the modules: CONTRIBUTING.md, "The trainer: a map".
 """
 from __future__ import annotations
 
+from .algorithm import run_method
+from .config import METHODS, TrainConfig, load_config
+from .guards import TrainingDiverged
+from .workspace import prepare
+
 __all__ = ["load_config", "prepare", "run_method", "TrainConfig", "METHODS", "TrainingDiverged"]
-
-
-def __getattr__(name):
-    # lazy on purpose: `import hbat.trainer.checkpoint` (hbat.averaging) and `hbat --help` load no stage module
-    if name in ("load_config", "TrainConfig", "METHODS"):
-        from . import config
-
-        return getattr(config, name)
-    if name == "prepare":
-        from .workspace import prepare
-
-        return prepare
-    if name == "TrainingDiverged":
-        from .guards import TrainingDiverged
-
-        return TrainingDiverged
-    if name == "run_method":
-        from .algorithm import run_method
-
-        return run_method
-    raise AttributeError(f"module 'hbat.trainer' has no attribute {name!r}")

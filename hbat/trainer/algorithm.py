@@ -2,6 +2,8 @@
 
     ws = prepare(cfg)                   # tokenizer, base model, data, SFT reference, reward model (cached)
     result = run_method(ws, cfg)        # the stages of cfg.method, checkpointed after every stage
+      -> run_stage(...)                 # one stage: the regulariser's boundary, then the stage's objective
+        -> train_loop(trainee, objective, stage_cfg, penalty=...)   # hbat.trainer.step (PPO: run_ppo)
 
 For each stage of the plan (``stage_plan``): the regulariser's stage boundary (HybridEWC: change of the stage
 that ended, importance of the other objective, anchor refresh), then SFT (IFA) or DPO / PPO (HPA) on this part
@@ -24,15 +26,17 @@ from ..data import split_parts
 from . import checkpoint as ckpt
 from . import procgroup as pg
 from .config import TrainConfig
-from .dpo import dpo_mix_loss, run_dpo
+from .dpo import dpo_mix_loss, dpo_objective
 from .ds_config import check_supported
 from .engine import full_state_dict
 from .guards import TrainingDiverged, check_weights
 from .lock import run_lock
 from .methods import spec
-from .ppo import new_critic, run_ppo
+from .critic import new_critic
+from .ppo import run_ppo
 from .runstate import RunState
-from .sft import run_sft
+from .sft import sft_objective
+from .step import train_loop
 from .workspace import Workspace
 
 
@@ -65,43 +69,39 @@ def run_method(ws: Workspace, cfg: TrainConfig, *, resume: bool = False, progres
     with run_lock(folder) if main else contextlib.nullcontext():
         if main:
             ckpt.remove_stale_temp_files(folder)
-        return _run_stages(ws, cfg, name, folder, resume=resume, progress=progress and main, main=main)
+        plan = stage_plan(cfg.method, cfg.n_parts)
+        parts = {"sft": split_parts(ws.sft_train, cfg.n_parts, seed=cfg.seed),
+                 "pref": split_parts(ws.pref_train, cfg.n_parts, seed=cfg.seed + 1),
+                 "prompts": split_parts(ws.prompts_train, cfg.n_parts, seed=cfg.seed + 2)}
+        run = RunState(ws, cfg, name, folder, len(plan), resume=resume, main=main)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            for i in range(run.start, len(plan)):
+                objective, part = plan[i]
+                run.log.context = {"method": name, "stage": i, "objective": objective, "part": part}
+                started = time.perf_counter()
+                try:
+                    weights = run_stage(ws, cfg, plan, i, parts, run, progress and main)
+                except TrainingDiverged as exc:
+                    raise run.diverged(exc, i, objective, part) from None
+                run.elapsed += time.perf_counter() - started
+                if i == len(plan) - 1 or plan[i + 1][0] == "ifa" and objective != "ifa" or not spec(cfg.method).hpa:
+                    run.evaluate(i, part, weights)  # a part is complete
+                run.save(i, weights)
+                weights = None
+        finally:
+            run.log.close()
+        return run.finish()
 
 
-def _run_stages(ws: Workspace, cfg: TrainConfig, name: str, folder: str, *, resume: bool, progress: bool,
-                main: bool) -> dict:
-    method, plan = spec(cfg.method), stage_plan(cfg.method, cfg.n_parts)
-    parts = {"sft": split_parts(ws.sft_train, cfg.n_parts, seed=cfg.seed),
-             "pref": split_parts(ws.pref_train, cfg.n_parts, seed=cfg.seed + 1),
-             "prompts": split_parts(ws.prompts_train, cfg.n_parts, seed=cfg.seed + 2)}
-    run = RunState(ws, cfg, name, folder, len(plan), resume=resume, main=main)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    try:
-        for i in range(run.start, len(plan)):
-            objective, part = plan[i]
-            run.log.context = {"method": name, "stage": i, "objective": objective, "part": part}
-            started = time.perf_counter()
-            try:
-                weights = _run_stage(ws, cfg, plan, i, parts, run, progress)
-            except TrainingDiverged as exc:
-                raise run.diverged(exc, i, objective, part) from None
-            run.elapsed += time.perf_counter() - started
-            if i == len(plan) - 1 or plan[i + 1][0] == "ifa" and objective != "ifa" or not method.hpa:
-                run.evaluate(i, part, weights)  # a part is complete
-            run.save(i, weights)
-            weights = None
-    finally:
-        run.log.close()
-    return run.finish()
-
-
-def _run_stage(ws, cfg, plan, i, parts, run: RunState, progress) -> dict | None:
-    """Stage ``i`` of the plan, seeded from (cfg.seed, i): the regulariser's boundary, then IFA or HPA on
-    ``run.trainee`` (the DeepSpeed engine, or the model). Returns the stage's weights on the CPU (None where
-    this rank does not hold them). TrainingDiverged if a loss or weight is not finite."""
+def run_stage(ws: Workspace, cfg: TrainConfig, plan, i: int, parts: dict, run: RunState, progress: bool) -> dict | None:
+    """Stage ``i`` of the plan, seeded from (cfg.seed, i): the regulariser's boundary, then IFA (SFT) or HPA (DPO
+    or PPO) on this part's rows, trained on ``run.trainee`` (the DeepSpeed engine, or the model) with the
+    regulariser's penalty. Returns the stage's weights on the CPU (None where this rank does not hold them).
+    TrainingDiverged if a loss or weight is not finite."""
     objective, part = plan[i]
-    seed = cfg.seed * 1000 + i
+    method, seed, model = spec(cfg.method), cfg.seed * 1000 + i, run.trainee
     torch.manual_seed(seed)
     previous_rows = None
     if i:  # the rows of the stage that ended, as {prompt, response} (preference rows give their chosen answer)
@@ -110,38 +110,29 @@ def _run_stage(ws, cfg, plan, i, parts, run: RunState, progress) -> dict | None:
     boundary = run.regularizer.begin_stage(objective, previous_rows)
     if boundary:
         run.log(boundary)
-    stage = _run_ifa if objective == "ifa" else _run_hpa
-    run.critic = stage(ws, cfg, run.trainee, parts, part, seed, run.regularizer.penalty, run.log, progress,
-                       run.critic)
+    penalty, task = run.regularizer.penalty, None
+    if objective == "ifa":
+        stage_cfg, mix = replace(cfg.sft, seed=seed), None
+        if method.mix == "hpa_in_sft":  # SFT+hpa: the DPO loss of the same part mixed into SFT
+            mix = dpo_mix_loss(model, None, ws.tokenizer, parts["pref"][part], coef=cfg.mix_coef,
+                               batch_size=cfg.dpo.batch_size // cfg.dpo.grad_accum_steps, beta=cfg.dpo.beta,
+                               max_len=cfg.dpo.max_len, seed=seed)
+        task = sft_objective(model, ws.tokenizer, parts["sft"][part], stage_cfg, mix_loss=mix)
+    elif cfg.hpa == "ppo":
+        if run.critic is None:  # initialised from the reward model, then carried from one HPA stage to the next
+            run.critic = new_critic(ws, cfg)
+        run_ppo(model, None, ws.reward_model, run.critic, ws.tokenizer, parts["prompts"][part], cfg.ppo,
+                penalty=penalty, log=run.log, seed=seed, progress=progress)
+    else:
+        stage_cfg, sft_rows = replace(cfg.dpo, seed=seed), None
+        if method.mix == "sft_in_hpa":  # RLHF+pt
+            stage_cfg, sft_rows = replace(stage_cfg, sft_coef=cfg.mix_coef), parts["sft"][part]
+        reference = ws.sft_model if cfg.dpo_reference == "sft" else None  # frozen already: shared, not copied
+        task = dpo_objective(model, reference, ws.tokenizer, parts["pref"][part], stage_cfg, sft_rows=sft_rows)
+    if task is not None:
+        train_loop(model, task, stage_cfg, penalty=penalty, log=run.log, progress=progress)
     # the stage's weights on the CPU, once, for best.pt and checkpoint.pt (ZeRO-3: gathered on every rank, which
     # also evaluates them); checked before anything is evaluated or saved (every rank sees the same full weights)
     weights = full_state_dict(run.model, run.engine) if run.main or run.zero3 else None
     check_weights(weights if weights is not None else run.model.state_dict(), "at the end of the stage")
     return weights
-
-
-def _run_ifa(ws, cfg, model, parts, part, seed, penalty, log, progress, critic):
-    mix = None
-    if spec(cfg.method).mix == "hpa_in_sft":  # SFT+hpa: the DPO loss of the same part mixed into SFT
-        mix = dpo_mix_loss(model, None, ws.tokenizer, parts["pref"][part], coef=cfg.mix_coef,
-                           batch_size=cfg.dpo.batch_size // cfg.dpo.grad_accum_steps, beta=cfg.dpo.beta,
-                           max_len=cfg.dpo.max_len, seed=seed)
-    run_sft(model, ws.tokenizer, parts["sft"][part], replace(cfg.sft, seed=seed), penalty=penalty, log=log,
-            progress=progress, mix_loss=mix)
-    return critic
-
-
-def _run_hpa(ws, cfg, model, parts, part, seed, penalty, log, progress, critic):
-    if cfg.hpa == "ppo":
-        if critic is None:  # initialised from the reward model, then carried from one HPA stage to the next
-            critic = new_critic(ws, cfg)
-        run_ppo(model, None, ws.reward_model, critic, ws.tokenizer, parts["prompts"][part], cfg.ppo,
-                penalty=penalty, log=log, seed=seed, progress=progress)
-        return critic
-    dpo_cfg, sft_rows = replace(cfg.dpo, seed=seed), None
-    if spec(cfg.method).mix == "sft_in_hpa":  # RLHF+pt
-        dpo_cfg, sft_rows = replace(dpo_cfg, sft_coef=cfg.mix_coef), parts["sft"][part]
-    reference = ws.sft_model if cfg.dpo_reference == "sft" else None  # frozen already: shared, not copied
-    run_dpo(model, reference, ws.tokenizer, parts["pref"][part], dpo_cfg, penalty=penalty, log=log,
-            progress=progress, sft_rows=sft_rows)
-    return critic

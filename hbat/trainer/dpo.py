@@ -24,9 +24,10 @@ from torch import nn
 
 from ..data import collate_preference, encode_preference, pad_token_id
 from .checks import booleans, integers, numbers
-from .common import StageConfig, eval_mode, model_device, sequence_logprobs, train_loop
+from .common import StageConfig, eval_mode, model_device, sequence_logprobs
 from .models import base_of, frozen_copy
 from .sft import sft_mix_loss
+from .step import Objective, train_loop
 
 
 @dataclass
@@ -89,17 +90,11 @@ def reference_logprobs(ref_model: nn.Module, encoded: Sequence[dict], pad: int, 
     return torch.cat(chosen), torch.cat(rejected)
 
 
-def run_dpo(policy: nn.Module, ref_model: nn.Module | None, tokenizer, rows: Sequence[dict],
-            cfg: DPOConfig | None = None, *, penalty=None, log: Callable[[dict], None] | None = None,
-            progress: bool = True, sft_rows: Sequence[dict] | None = None) -> dict:
-    """DPO on rows ``{prompt, chosen, rejected}``; updates ``policy`` in place (a fresh AdamW per call).
-
-    ``ref_model`` None: the policy as it is now (module docstring); for a LoRA policy, its base with the
-    adapters disabled (hbat.trainer.models.base_of: no copy). Logs per step ``dpo/loss``, the TRL
-    metrics, ``dpo/sft_loss`` (RLHF+pt), ``ewc/penalty``, ``train/lr``, ``train/grad_norm``, ``train/step``,
-    ``train/epoch``; returns their means over the run plus ``train/steps`` and ``dpo/loss_last``.
-    """
-    cfg = cfg or DPOConfig()
+def dpo_objective(policy: nn.Module, ref_model: nn.Module | None, tokenizer, rows: Sequence[dict], cfg: DPOConfig,
+                  sft_rows: Sequence[dict] | None = None) -> Objective:
+    """The DPO loss of rows ``{prompt, chosen, rejected}`` against ``ref_model`` (None: the policy as it is now;
+    module docstring), for ``hbat.trainer.step.train_loop``; with ``cfg.sft_coef`` the SFT loss of ``sft_rows``
+    is mixed in. The reference log-probs are computed here, before the policy's first update."""
     if not rows:
         raise ValueError("run_dpo needs at least one preference pair")
     if cfg.sft_coef > 0 and not sft_rows:
@@ -136,8 +131,23 @@ def run_dpo(policy: nn.Module, ref_model: nn.Module | None, tokenizer, rows: Seq
                  "logps/chosen": chosen.detach().mean(), "logps/rejected": rejected.detach().mean()}
         return loss * share, {key: value * share for key, value in stats.items()}
 
-    return train_loop(policy, len(encoded), cfg, micro_loss, desc="dpo", loss_key="dpo/loss", penalty=penalty,
-                      extra_loss=extra, extra_key="dpo/sft_loss", log=log, progress=progress)
+    return Objective(len(encoded), micro_loss, desc="dpo", loss_key="dpo/loss", extra_loss=extra,
+                     extra_key="dpo/sft_loss")
+
+
+def run_dpo(policy: nn.Module, ref_model: nn.Module | None, tokenizer, rows: Sequence[dict],
+            cfg: DPOConfig | None = None, *, penalty=None, log: Callable[[dict], None] | None = None,
+            progress: bool = True, sft_rows: Sequence[dict] | None = None) -> dict:
+    """DPO on rows ``{prompt, chosen, rejected}``; updates ``policy`` in place (a fresh AdamW per call).
+
+    ``ref_model`` None: the policy as it is now (module docstring); for a LoRA policy, its base with the
+    adapters disabled (hbat.trainer.models.base_of: no copy). Logs per step ``dpo/loss``, the TRL
+    metrics, ``dpo/sft_loss`` (RLHF+pt), ``ewc/penalty``, ``train/lr``, ``train/grad_norm``, ``train/step``,
+    ``train/epoch``; returns their means over the run plus ``train/steps`` and ``dpo/loss_last``.
+    """
+    cfg = cfg or DPOConfig()
+    return train_loop(policy, dpo_objective(policy, ref_model, tokenizer, rows, cfg, sft_rows), cfg, penalty=penalty,
+                      log=log, progress=progress)
 
 
 @torch.no_grad()

@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import json
 import warnings
-from typing import TYPE_CHECKING
 
 from .checks import ConfigError
+from .common import StageConfig
 from .methods import spec
 from .procgroup import world_size
-
-if TYPE_CHECKING:
-    from .common import StageConfig
 
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
               "gradient_clipping")

@@ -3,14 +3,14 @@ its full weights gathered at stage ends under ZeRO-3.
 
 The pieces around it, one job each: hbat.trainer.procgroup (joining the process group, ranks, barriers,
 leaving), hbat.trainer.ds_config (the DeepSpeed JSON, checked against the stage configs) and
-hbat.trainer.steppers (``DeepSpeedStepper``: the stage's optimizer step on the engine, beside the one-process
+``DeepSpeedStepper`` below (the stage's optimizer step on the engine, beside hbat.trainer.step's one-process
 ``TorchStepper``). Design decisions:
 
 * **One engine per run, reset per stage.** HybridEWC's sharded view (hbat.distributed.ZeroParamView) is
   bound to the engine's fp32 partitions, so the run builds ONE engine (``build_engine``) and ONE
   ``HybridEWC(engine, ...)``. Each stage then starts like the paper's fresh optimizer: the optimizer state
   (Adam moments and step count) is cleared, lr / weight decay / clipping are set from the stage config
-  and a new LambdaLR (``steppers.make_scheduler``) drives the lr of the inner optimizer. DeepSpeed gets no
+  and a new LambdaLR (``optimizer.make_scheduler``) drives the lr of the inner optimizer. DeepSpeed gets no
   scheduler of its own.
 * **The stage configs own the batch.** ``batch_size`` is the GLOBAL batch (rows per optimizer step over
   all ranks) and ``grad_accum_steps`` the micro-batches per rank per step; each global batch is cut into
@@ -56,11 +56,12 @@ hbat.trainer.steppers (``DeepSpeedStepper``: the stage's optimizer step on the e
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from ..distributed import is_deepspeed_engine
 from .ds_config import check_supported, resolve_ds_config, run_ds_config  # noqa: F401 (public names before the split)
 from .procgroup import exit_process, finish, init_distributed, shutdown_distributed  # noqa: F401 (hbat.cli, docs)
-from .steppers import make_optimizer, trainable_parameters
+from .optimizer import make_optimizer, make_scheduler, split_micro, trainable_parameters
 
 
 def build_engine(model: torch.nn.Module, cfg):
@@ -105,3 +106,80 @@ def plain_copy(build, weights: dict, like: torch.nn.Module) -> torch.nn.Module:
         model.to(dtype=dtype)
     model.load_state_dict(weights)
     return model.requires_grad_(False)
+
+
+def inner_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer a DeepSpeed engine steps (under ZeRO: over this rank's fp32 partitions)."""
+    opt = engine.optimizer
+    while not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer"):
+        opt = opt.optimizer
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise TypeError(f"cannot find the torch optimizer inside {type(engine.optimizer).__name__}")
+    return opt
+
+
+class DeepSpeedStepper:
+    """A stage on a DeepSpeed engine: this rank's micro-batches, explicit boundary, DeepSpeed's clipping."""
+
+    def __init__(self, engine, cfg, total_steps: int):
+        self.engine, self.cfg = engine, cfg
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.optimizer = inner_optimizer(engine)
+        self.optimizer.state.clear()  # a fresh optimizer per stage (the paper): Adam moments and step count
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] = cfg.lr
+            group["weight_decay"] = cfg.weight_decay
+        self.scheduler = make_scheduler(self.optimizer, cfg, total_steps)
+        clip = float(cfg.max_grad_norm or 0.0)
+        # ZeRO-0 holds full all-reduced gradients in .grad but its clipping discards the norm: clip here, as in
+        # one process; under ZeRO the optimizer clips (and records the norm) over the rank partitions
+        self.own_clip = not engine.zero_optimization()
+        self.clip_params = [p for p in engine.module.parameters() if p.requires_grad] if self.own_clip else []
+        engine._config.gradient_clipping = 0.0 if self.own_clip else clip  # no public setter: read by step()
+        if hasattr(engine.optimizer, "clip_grad"):
+            engine.optimizer.clip_grad = clip  # the ZeRO optimizer copied it at init
+
+    def start(self) -> None:
+        self.engine.zero_grad()
+
+    def micro_batches(self, batch: list, parts: int) -> list[list]:
+        """This rank's ``parts`` micro-batches of the global batch (empty ones where rows ran out)."""
+        chunks = split_micro(batch, parts * self.world_size)
+        chunks += [[] for _ in range(parts * self.world_size - len(chunks))]
+        return chunks[self.rank * parts:(self.rank + 1) * parts]
+
+    def backward(self, loss: torch.Tensor, *, last: bool, replicated: bool = False) -> None:
+        """``loss`` is this micro-batch's share of the global batch's loss (a ``replicated`` loss is the same
+        on every rank); DeepSpeed averages gradients over ranks, hence the factor."""
+        self.engine.set_gradient_accumulation_boundary(last)
+        self.engine.backward(loss if replicated else loss * self.world_size, scale_wrt_gas=False)
+
+    def reduce(self, stats: dict) -> dict:
+        """Sum each rank's share-weighted statistics: the global batch's means (one small all-reduce)."""
+        if not stats:
+            return stats
+        keys = sorted(stats)
+        vec = torch.stack([torch.as_tensor(stats[k], dtype=torch.float32).reshape(()).to(self.engine.device)
+                           for k in keys])
+        dist.all_reduce(vec)
+        return dict(zip(keys, vec.unbind()))  # left on the device: train_loop reads them when it logs
+
+    def step(self, penalty=None) -> dict:
+        stats = {}
+        if penalty is not None:  # on the boundary: adds lam*F*(p-a) to this rank's reduced gradient partition
+            stats["ewc/penalty"] = penalty.apply_().detach().float()
+        norm = None
+        if self.own_clip:
+            norm = torch.nn.utils.clip_grad_norm_(self.clip_params, self.cfg.max_grad_norm or float("inf"))
+        lr = self.scheduler.get_last_lr()[0]
+        self.engine.step()
+        if not self.own_clip:
+            norm = self.engine.get_global_grad_norm()
+        # a tensor norm stays where it is (no host sync per step); DeepSpeed may also hand back a float or None
+        stats["train/grad_norm"] = torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32)
+        stats["train/lr"] = torch.tensor(lr)
+        self.scheduler.step()
+        return stats
+
+    def close(self) -> None:
+        self.engine.zero_grad()

@@ -21,21 +21,19 @@ Prompts are rows ``{prompt}`` or strings; the callables receive the prompt text 
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from ..data import collate, encode_prompts, pad_token_id
 from .common import eval_mode, model_device
+from .config import TrainConfig
 from .ppo import PPOConfig
 from .rollout import Rollout, generate, response_logprobs
 from .reward import score_responses
 from .sft import sft_loss
-
-if TYPE_CHECKING:
-    from .config import TrainConfig
-    from .workspace import Workspace
+from .workspace import Workspace
 
 EVAL_PROMPT_LEN = 128  # prompts are cut from the left to this many tokens for generation
 

@@ -1,7 +1,7 @@
 """Divergence: a non-finite loss or weight stops the run before anything is saved, evaluated or ranked.
 
 No host sync is added to a training step for it: the stage loop of SFT, DPO and the reward model
-(hbat.trainer.common.train_loop) checks the loss, the mixed-in loss and the penalty it already reads at every
+(hbat.trainer.step.train_loop) checks the loss, the mixed-in loss and the penalty it already reads at every
 log call (summed over the logging interval, so a NaN at any step of the interval shows), PPO checks the values
 it reads once per PPO step anyway, and the weights are checked once at the end of every stage, before the
 checkpoint, ``best.pt`` or an evaluation.

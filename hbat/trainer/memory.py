@@ -2,7 +2,7 @@
 
 ``plan_memory(cfg)`` sizes every piece from the models' configs alone (built on the "meta" device, no weight
 read): the policy (its weights, gradients, AdamW state and, for bf16 weights, the fp32 master copies of
-hbat.trainer.steppers), the SFT model, the reward model, the PPO critic and reference, the EWC anchor (or the
+hbat.trainer.optimizer), the SFT model, the reward model, the PPO critic and reference, the EWC anchor (or the
 Fisher baseline's state), the host copy of the base weights every method starts from (CPU runs), and the
 activations of the largest micro-batch of the method's stages. That is what is alive together while a
 method trains (the shared SFT and reward models are trained earlier, holding less). ``MemoryPlan.check()``

@@ -3,7 +3,7 @@
 Precision (``model.dtype``): every model the run holds (the policy, the SFT model, the reward model, the PPO
 critic and reference) is built or loaded in that dtype. ``auto`` is bfloat16 on a CUDA device that supports
 it and float32 on the CPU (bf16 matrix products are slow on most CPUs); under DeepSpeed it follows the JSON's
-``bf16`` section. Trained bf16 weights are stepped through fp32 master copies (hbat.trainer.steppers). The
+``bf16`` section. Trained bf16 weights are stepped through fp32 master copies (hbat.trainer.optimizer). The
 EWC anchor keeps ``ewc.anchor_dtype``.
 
 Gradient checkpointing (``model.gradient_checkpointing``): transformers' own, non-reentrant, on every model

@@ -14,14 +14,14 @@ score them, then ``ppo_epochs`` passes of mini-batch updates over that batch:
 Means are over all response tokens of the mini-batch. Log-probabilities use the temperature-scaled logits
 (logits / temperature, as TRL), the distribution the responses were sampled from before top-p.
 
-The critic (``Critic``) is initialised from the reward model (its backbone and head, giving one value per
+The critic (``Critic``, hbat.trainer.critic) is initialised from the reward model (its backbone and head, giving one value per
 token) and is carried by the caller from one HPA stage to the next, as in the paper. Cold start: the policy
 is not updated while the critic has had fewer than ``cold_start_steps`` PPO steps of training over its life
 (``cold_start_scope="critic"``, the default: a carried-over critic is already warm) or, with
 ``cold_start_scope="run"``, during the first ``cold_start_steps`` steps of each ``run_ppo`` call.
 
 Each mini-batch steps the critic, then the policy, through the stepper of every stage
-(hbat.trainer.steppers): ``loss.backward()``; for the policy ``penalty.apply_()`` (hbat.HybridEWC adds the EWC
+(hbat.trainer.step): ``loss.backward()``; for the policy ``penalty.apply_()`` (hbat.HybridEWC adds the EWC
 gradient of eq. 5); ``clip_grad_norm_``; AdamW (its own for each model, lr 1e-5 and 5e-6, constant; fp32
 masters for bf16 weights). Dropout is off throughout (sampling and scoring in eval mode, updates in train
 mode with every dropout at 0, so transformers' gradient checkpointing recomputes), so the first epoch's ratio is
@@ -30,7 +30,6 @@ exactly 1. The metrics of a PPO step are read once, at its end.
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -38,15 +37,15 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ..data import position_ids_from_mask
 from .checks import booleans, choice, fail, integers, learning_rates, numbers
-from .common import StageConfig, read_scalars, stepper_settings
+from .common import StageConfig, stepper_settings
+from .critic import Critic, response_values
 from .guards import check_values, check_weights
-from .models import base_of, frozen_copy, no_dropout, prepare_trainee
+from .models import base_of, frozen_copy, no_dropout
 from .ppo_math import gae, kl_rewards, masked_mean, policy_loss, value_loss, whiten
-from .reward import RetokenizedRewardModel, RewardModel
-from .rollout import Rollout, generate, response_logprobs, score_rollout
-from .steppers import TorchStepper
+from .reward import RewardModel
+from .rollout import generate, response_logprobs, score_rollout
+from .step import TorchStepper, read_scalars
 
 
 @dataclass
@@ -92,51 +91,6 @@ class PPOConfig:
         numbers(self, "missing_eos_penalty", minimum=-math.inf, optional=True)
         booleans(self, "whiten_advantages")
         choice(self, "cold_start_scope", ("critic", "run"))
-
-
-# --- the critic --------------------------------------------------------------------------------------------------
-
-class Critic(nn.Module):
-    """Value model: a backbone and a scalar head giving one value per token ([B, L], float32).
-
-    ``from_reward_model`` copies the reward model's backbone and head, so the first values are the reward
-    model's score of each prefix. ``steps_trained`` (a buffer, saved in the state dict) counts the PPO steps
-    the critic has been trained, for the cold start.
-    """
-
-    def __init__(self, backbone: nn.Module, head: nn.Linear):
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-        self.register_buffer("steps_trained", torch.zeros((), dtype=torch.long))
-
-    @classmethod
-    def from_reward_model(cls, rm: RewardModel) -> "Critic":
-        return cls(copy.deepcopy(rm.backbone), copy.deepcopy(rm.head))
-
-    def forward(self, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
-        if position_ids is None:
-            position_ids = position_ids_from_mask(attention_mask)
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            use_cache=False)
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        return self.head(hidden).squeeze(-1).float()
-
-def response_values(critic: Critic, rollout: Rollout) -> torch.Tensor:
-    """V(prefix before response token t) [B, Lr]."""
-    values = critic(rollout.input_ids, rollout.attention_mask)
-    return values[:, rollout.query_len - 1:-1]
-
-
-def new_critic(ws, cfg):
-    """The PPO critic: the reward model's backbone and head (copies), or, for a reward model with a tokenizer
-    of its own, the SFT model's backbone with a fresh head; gradient checkpointing and LoRA as configured."""
-    start = ws.reward_model
-    if isinstance(start, RetokenizedRewardModel):  # its token ids are not the policy's
-        start = RewardModel.from_causal_lm(ws.sft_model)
-    critic = Critic.from_reward_model(start).to(ws.device).requires_grad_(True)
-    critic.backbone = prepare_trainee(critic.backbone, cfg.model, seed=cfg.seed, task_type=None)
-    return critic
 
 
 # --- the stage -------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ Two contracts, each a ``typing.Protocol`` checked against every implementation (
     regularizer.penalty                                -> the stages' ``Penalty``, or None (nothing added)
     regularizer.state_dict() / regularizer.load_state_dict(state)   (checkpoint.pt, exact resume)
 
-``Penalty``, what the optimizer step (hbat.trainer.steppers) calls, once per step: ``penalty.apply_()`` adds the
+``Penalty``, what the optimizer step (hbat.trainer.step) calls, once per step: ``penalty.apply_()`` adds the
 penalty's gradient to ``.grad`` and returns its value (logged as ``ewc/penalty``). hbat.HybridEWC and
 hbat.baselines.FisherEWC are penalties; a HybridEWC of the parameters the step updates is fused into the
 optimizer (hbat.HybridAdamW) instead.
@@ -29,7 +29,7 @@ from ..data import encode_sft
 from ..distributed import is_deepspeed_engine
 from ..ewc import HybridEWC
 from .config import EWCConfig
-from .steppers import has_low_precision, master_named_parameters
+from .optimizer import has_low_precision, master_named_parameters
 
 
 @runtime_checkable
@@ -90,7 +90,7 @@ class HBATRegularizer:
     """HybridEWC: the penalty of eq. (5)/(8) with importance from the other objective's accumulated change."""
 
     def __init__(self, model, cfg: EWCConfig):
-        # bf16 weights (one process): the penalty is measured on their fp32 masters (hbat.trainer.steppers)
+        # bf16 weights (one process): the penalty is measured on their fp32 masters (hbat.trainer.optimizer)
         bf16 = not is_deepspeed_engine(model) and has_low_precision(model)
         self.penalty = hybrid_ewc(master_named_parameters(model) if bf16 else model, cfg)
 

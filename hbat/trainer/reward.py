@@ -5,7 +5,7 @@
 
 The paper initialises the reward model from the SFT model and trains 2 epochs, lr 1e-5, batch 64
 (``RewardConfig`` keeps lr and epochs; the batch default is small for CPU runs). Training steps through
-``common.train_loop``, as SFT and DPO do. Responses are scored
+``hbat.trainer.step.train_loop``, as SFT and DPO do. Responses are scored
 with EOS appended, exactly as they are encoded for training (hbat.data.encode_sft).
 """
 from __future__ import annotations
@@ -21,7 +21,8 @@ from torch import nn
 
 from ..data import collate, collate_preference, encode_preference, encode_sft, pad_token_id, position_ids_from_mask
 from .checks import numbers
-from .common import StageConfig, train_loop
+from .common import StageConfig
+from .step import Objective, train_loop
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -146,7 +147,8 @@ def train_reward_model(rm: RewardModel, tokenizer, pairs: Sequence[dict], cfg: R
                        log: Callable[[dict], None] | None = None, eval_pairs: Sequence[dict] | None = None,
                        progress: bool = True) -> dict:
     """Train ``rm`` on preference rows ``{prompt, chosen, rejected}`` with the ranking loss, stepping through
-    the stage loop every stage uses (``common.train_loop``: clipping, AdamW, fp32 masters for bf16 weights).
+    the training loop every stage uses (``hbat.trainer.step.train_loop``: clipping, AdamW, fp32 masters for bf16
+    weights).
 
     Logs ``rm/loss``, ``rm/accuracy``, ``rm/margin`` and ``train/*`` every ``logging_steps`` steps through
     ``log``; returns their means over the run, ``train/steps``, ``rm/loss_last`` and, with ``eval_pairs``, the
@@ -168,7 +170,7 @@ def train_reward_model(rm: RewardModel, tokenizer, pairs: Sequence[dict], cfg: R
                  "rm/margin": (chosen - rejected).detach().mean()}
         return loss * share, {key: value * share for key, value in stats.items()}
 
-    result = train_loop(rm, len(encoded), cfg, micro_loss, desc="reward", loss_key="rm/loss", log=log,
+    result = train_loop(rm, Objective(len(encoded), micro_loss, desc="reward", loss_key="rm/loss"), cfg, log=log,
                         progress=progress)
     if eval_pairs:
         held_out = evaluate_reward_model(rm, tokenizer, eval_pairs, batch_size=cfg.eval_batch_size,

@@ -170,30 +170,34 @@ def _no_transformers_bars():
             hf_logging.enable_progress_bar()
 
 
-def call(prog: str, func, args) -> int:
-    """``func(args)`` as a command: its exit code, or one line ``prog: message`` on stderr and EXIT_ERROR (bad
-    input, a file, a setting, the disk) or EXIT_DIVERGED (training diverged).
+# what a command reports in one line (report_error) instead of a traceback
+COMMAND_ERRORS = (TrainingDiverged, UserError, ValueError, OSError, KeyError, NotImplementedError)
+
+
+def report_error(prog: str, exc: BaseException) -> int:
+    """One line ``prog: message`` on stderr for an error of ``COMMAND_ERRORS``, and the command's exit code:
+    EXIT_DIVERGED (training diverged) or EXIT_ERROR (bad input, a file, a setting, the disk).
 
     The user's input and machine raise ``hbat.errors.UserError`` where hbat reads or writes their files (config,
     model folder, tokenizer, data, checkpoints: hbat.errors.reading / writing turn third-party exceptions into
     it), a ValueError of an argument check, or an OSError naming its file. Any other exception is a bug of
-    hbat and keeps its traceback."""
-    try:
-        return int(func(args) or 0)
-    except TrainingDiverged as exc:
+    hbat and keeps its traceback (the commands catch only ``COMMAND_ERRORS``)."""
+    if isinstance(exc, TrainingDiverged):
         print(f"{prog}: {exc}", file=sys.stderr)
         return EXIT_DIVERGED
-    except (UserError, ValueError, OSError, KeyError, NotImplementedError) as exc:
-        message = f"missing key {exc}" if type(exc) is KeyError else " ".join(
-            line.strip() for line in str(exc).splitlines() if line.strip())  # one line, whatever raised it
-        print(f"{prog}: {message}", file=sys.stderr)
-        return EXIT_ERROR
+    message = f"missing key {exc}" if type(exc) is KeyError else " ".join(
+        line.strip() for line in str(exc).splitlines() if line.strip())  # one line, whatever raised it
+    print(f"{prog}: {message}", file=sys.stderr)
+    return EXIT_ERROR
 
 
 def main(argv=None) -> int:
-    parser = build_parser(argparse.ArgumentParser(prog="hbat train", description=__doc__.splitlines()[0]))
-
-    return finish(call("hbat train", run, parser.parse_args(argv)))
+    args = build_parser(argparse.ArgumentParser(prog="hbat train", description=__doc__.splitlines()[0])).parse_args(argv)
+    try:
+        code = run(args)
+    except COMMAND_ERRORS as exc:
+        code = report_error("hbat train", exc)
+    return finish(code)
 
 
 if __name__ == "__main__":

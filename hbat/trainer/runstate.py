@@ -30,9 +30,9 @@ from .memory import plan_memory
 from .methods import spec
 from .metrics import MetricsLogger
 from .models import deepspeed_unimported, is_lora
-from .ppo import new_critic
+from .critic import new_critic
 from .regularizers import make_regularizer
-from .steppers import load_master_state, master_state
+from .optimizer import load_master_state, master_state
 from .workspace import Workspace
 
 RESUME_IGNORED = ("output_dir", "save_model")  # settings that may differ between a run and its resumption
@@ -56,7 +56,7 @@ class RunState:
             state = _load_checkpoint(self.state_path)
             _check_resume_config(state["config"], cfg)
             self.model.load_state_dict(state["model"])  # before the engine copies the weights into its partitions
-            load_master_state(self.model, state["masters"]["policy"])  # bf16 weights: their fp32 masters (steppers)
+            load_master_state(self.model, state["masters"]["policy"])  # bf16 weights: their fp32 masters (optimizer)
         self.engine = build_engine(self.model, cfg) if self.distributed else None
         self.trainee = self.engine if self.distributed else self.model  # what the stages step; ``model`` stays plain
         # ZeRO-3: ``model``'s parameters are partitioned now; evaluation and checkpoints gather them (engine docstring)

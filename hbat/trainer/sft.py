@@ -3,7 +3,7 @@
     L_MLE = - sum_t log p(y_t | y_<t, x) / (number of response tokens in the batch)
 
 The loss is the mean over all response tokens of the optimizer batch (not a mean of per-row means), so
-long responses weigh what their tokens weigh, and grad accumulation is exact (hbat.trainer.common).
+long responses weigh what their tokens weigh, and grad accumulation is exact (hbat.trainer.step).
 With ``penalty`` (hbat.HybridEWC) the step adds the EWC gradient of eq. (8) before clipping.
 
 Packing (``SFTConfig.packing``): encoded rows are concatenated greedily into rows of at most ``max_len``
@@ -24,7 +24,8 @@ from torch import nn
 
 from ..data import IGNORE_INDEX, collate, encode_sft, pad_sequences, pad_token_id
 from .checks import booleans
-from .common import StageConfig, eval_mode, token_logprobs, train_loop
+from .common import StageConfig, eval_mode, token_logprobs
+from .step import Objective, train_loop
 
 
 @dataclass
@@ -84,6 +85,25 @@ def _label_count(row: dict) -> int:
     return sum(1 for label in row["labels"][1:] if label != IGNORE_INDEX)
 
 
+def sft_objective(model: nn.Module, tokenizer, rows: Sequence[dict], cfg: SFTConfig,
+                  mix_loss: Callable[[int], torch.Tensor] | None = None) -> Objective:
+    """The MLE loss of the response tokens of rows ``{prompt, response}`` (each micro-batch weighted by its share of
+    the batch's tokens), for ``hbat.trainer.step.train_loop``; ``mix_loss(step)`` is added to every step."""
+    if not rows:
+        raise ValueError("run_sft needs at least one SFT row")
+    encoded = encode_for_sft(tokenizer, rows, cfg.max_len, cfg.packing)
+    counts = [_label_count(row) for row in encoded]
+    pad = pad_token_id(tokenizer)
+
+    def micro_loss(micro, batch):
+        logps, _ = token_logprobs(model, collate_sft([encoded[i] for i in micro], pad))
+        loss = -logps.sum() / max(1, sum(counts[i] for i in batch))  # weight: the micro-batch's share of tokens
+        return loss, {"sft/loss": loss.detach()}
+
+    return Objective(len(encoded), micro_loss, desc="sft", loss_key="sft/loss", extra_loss=mix_loss,
+                     extra_key="sft/mix_loss")
+
+
 def run_sft(model: nn.Module, tokenizer, rows: Sequence[dict], cfg: SFTConfig | None = None, *, penalty=None,
             log: Callable[[dict], None] | None = None, progress: bool = True,
             mix_loss: Callable[[int], torch.Tensor] | None = None) -> dict:
@@ -96,19 +116,8 @@ def run_sft(model: nn.Module, tokenizer, rows: Sequence[dict], cfg: SFTConfig | 
     means over the run plus ``train/steps`` and ``sft/loss_last``.
     """
     cfg = cfg or SFTConfig()
-    if not rows:
-        raise ValueError("run_sft needs at least one SFT row")
-    encoded = encode_for_sft(tokenizer, rows, cfg.max_len, cfg.packing)
-    counts = [_label_count(row) for row in encoded]
-    pad = pad_token_id(tokenizer)
-
-    def micro_loss(micro, batch):
-        logps, _ = token_logprobs(model, collate_sft([encoded[i] for i in micro], pad))
-        loss = -logps.sum() / max(1, sum(counts[i] for i in batch))  # weight: the micro-batch's share of tokens
-        return loss, {"sft/loss": loss.detach()}
-
-    return train_loop(model, len(encoded), cfg, micro_loss, desc="sft", loss_key="sft/loss", penalty=penalty,
-                      extra_loss=mix_loss, extra_key="sft/mix_loss", log=log, progress=progress)
+    return train_loop(model, sft_objective(model, tokenizer, rows, cfg, mix_loss), cfg, penalty=penalty, log=log,
+                      progress=progress)
 
 
 @torch.no_grad()

@@ -37,7 +37,7 @@ from .models import (has_tokenizer, load_causal_lm, load_pretrained, load_tokeni
 from .procgroup import barrier, init_distributed, is_main
 from .reward import RetokenizedRewardModel, RewardModel, train_reward_model
 from .sft import run_sft
-from .steppers import drop_master_weights
+from .optimizer import drop_master_weights
 from .validate import check_data
 
 

@@ -32,15 +32,16 @@ per run and seed), compare.json (everything the tables are made from), compare.p
 curves.png (the metrics over training of every run).
 
 
-The package: ``spec`` (the spec, the plan and its checks), ``pool`` (the processes and their dependency graph),
-``report`` (intervals, tables, plots), ``runner`` (``compare``, the command line).
+The package: ``spec`` (the spec and its checks), ``plan`` (every run of every seed, checked, and the code
+fingerprint), ``pool`` (the processes and their dependency graph), ``report`` (intervals, tables), ``plots``
+(compare.png, curves.png), ``runner`` (``compare``, the command line).
 """
+from .plan import Job, Plan, code_fingerprint, evaluated_metrics, make_plan, seed_folder
+from .plots import tradeoff_series
 from .pool import Task, child_env, machine_cores, run_graph
-from .report import (build_report, claims, curve_table, diff_table, main_table, markdown, seeds_table,
-                     tradeoff_series)
+from .report import build_report, claims, curve_table, diff_table, main_table, markdown, seeds_table
 from .runner import build_parser, compare, hma_curve, run
-from .spec import (DEFAULT_SPEC, FACTS, METRICS, Job, Plan, code_fingerprint, evaluated_metrics, load_spec,
-                   make_plan, normalise_runs, plot_axes, resolve_seeds, seed_folder)
+from .spec import DEFAULT_SPEC, FACTS, METRICS, load_spec, normalise_runs, plot_axes, resolve_seeds
 
 __all__ = ["DEFAULT_SPEC", "FACTS", "METRICS", "Job", "Plan", "Task", "build_parser", "build_report", "child_env",
            "claims", "code_fingerprint", "compare", "curve_table", "diff_table", "evaluated_metrics", "hma_curve",

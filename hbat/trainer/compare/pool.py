@@ -6,11 +6,13 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
+from ..checkpoint import write_text_atomic
 from ..run import EXIT_DIVERGED
-from .spec import Job, Plan
+from .plan import Job, Plan
 
 
 def machine_cores() -> int:
@@ -49,8 +51,6 @@ def _reusable(job: Job, plan: Plan) -> dict | None:
 
 
 def _run_job(job: Job, plan: Plan) -> None:
-    from ..checkpoint import write_text_atomic
-
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "hbat.cli", *job.command[1:]], capture_output=True, text=True,
                           env=child_env(plan.threads))
@@ -85,8 +85,6 @@ def run_graph(tasks: list[Task], workers: int) -> None:
     """Run ``tasks`` on ``workers`` threads (each waits on its own process), always the first ready task in list
     order, a task once every task it needs has finished. The first failure stops new starts and is raised once
     the tasks running have finished (their runs are complete, and reused on the next invocation)."""
-    import threading
-
     state = ["waiting"] * len(tasks)
     errors: list[BaseException] = []
     cond = threading.Condition()

@@ -1,21 +1,23 @@
 """The report of `hbat compare`: means with t-intervals and paired differences (build_report), the tables of
-compare.md, compare.csv and the plots."""
+compare.md and compare.csv (its plots: ``plots``)."""
 from __future__ import annotations
 
 import csv
 import os
-import sys
 
+import torch
+
+from ..metrics import markdown_table
 from ..run import DIVERGED
-from .spec import FACTS, LEVEL, METRICS, Plan
+from ..stats import mean_interval, paired_difference
+from .plan import Plan
 from .pool import machine_cores
+from .spec import FACTS, LEVEL, METRICS
 
 
 def build_report(plan: Plan, rows: list[dict], curves: dict[int, list[dict]]) -> dict:
     """Everything compare.md, the plots and the README's tables are made from: per run and metric, the values by
     seed, the mean with its t-interval, and the paired difference from the baseline."""
-    from ..stats import mean_interval, paired_difference
-
     def interval(iv):
         return None if iv is None else {"mean": iv.mean, "low": iv.low, "high": iv.high, "n": iv.n,
                                         **({"p": iv.p_value} if iv.p_value is not None else {})}
@@ -50,8 +52,6 @@ def build_report(plan: Plan, rows: list[dict], curves: dict[int, list[dict]]) ->
                 values = [curves[s][i][key] for s in curves if key in curves[s][i]]
                 point[key] = interval(mean_interval(values, LEVEL)) if values else None
             curve.append(point)
-    import torch
-
     return {"seeds": plan.seeds, "baseline": plan.baseline, "level": LEVEL, "metrics": plan.metrics,
             "axes": list(plan.axes), "hma": plan.hma, "threads": plan.threads, "code": plan.code,
             "machine": {"cores": machine_cores(), "torch": torch.__version__,
@@ -84,8 +84,6 @@ def _significant(iv: dict | None) -> int:
 
 def main_table(report: dict) -> str:
     """Means with 95% t-intervals; ▲ / ▼: significantly higher / lower than the baseline (paired by seed)."""
-    from ..metrics import markdown_table
-
     multi = len(report["seeds"]) > 1
     keys = report["metrics"] + [k for k, _, _ in FACTS]
     labels = {k: label for k, label, _ in METRICS + FACTS}
@@ -123,8 +121,6 @@ def run_fact(run: dict, key: str) -> str:
 def diff_table(report: dict) -> str:
     """The paired differences from the baseline: mean over seeds ± the half-width of its 95% t-interval, and the
     paired t-test's p-value."""
-    from ..metrics import markdown_table
-
     labels = {k: label for k, label, _ in METRICS}
     columns = ["method"] + [labels[k] for k in report["metrics"]]
     rows = []
@@ -145,8 +141,6 @@ def diff_table(report: dict) -> str:
 
 
 def curve_table(report: dict) -> str:
-    from ..metrics import markdown_table
-
     labels = {k: label for k, label, _ in METRICS}
     columns = ["alpha"] + [labels[k] for k in report["metrics"]]
     multi = len(report["seeds"]) > 1
@@ -181,8 +175,6 @@ def claims(report: dict) -> str:
 
 
 def seeds_table(report: dict) -> str:
-    from ..metrics import markdown_table
-
     labels = {k: label for k, label, _ in METRICS}
     columns = ["method"] + [f"seed {s}" for s in report["seeds"]]
     out = []
@@ -254,61 +246,3 @@ def _write_csv(rows: list[dict], plan: Plan, path: str) -> None:
         for row in rows:
             writer.writerow(row)
     os.replace(tmp, path)
-
-
-def tradeoff_series(report: dict):
-    """The series of the trade-off plot: each run that is not a sweep point, with its sweep points (in value
-    order), then the averaging curve."""
-    from ..plots import Point, Series
-
-    x, y = report["axes"]
-
-    def point(stats: dict, label: str = ""):
-        mx, my = stats.get(x), stats.get(y)
-        if mx is None or my is None:
-            return None
-        err = lambda iv: None if iv["low"] is None else (iv["high"] - iv["low"]) / 2  # noqa: E731
-        return Point(mx["mean"], my["mean"], err(mx), err(my), label)
-
-    series = []
-    for run in report["runs"]:
-        if run["sweep"]:
-            continue
-        members = [run] + [r for r in report["runs"] if (r["sweep"] or {}).get("of") == run["name"]]
-        pts = []
-        for member in members:
-            value = (member["sweep"] or member.get("sweep_value") or {}).get("value")
-            key = (member["sweep"] or member.get("sweep_value") or {}).get("key", "")
-            p = point(member["mean"], f"{key.split('.')[-1]}={value}" if len(members) > 1 else "")
-            if p is not None:
-                pts.append((value if isinstance(value, (int, float)) else 0, p))
-        pts.sort(key=lambda vp: vp[0])
-        name = run["name"] + (f" ({members[1]['sweep']['key']})" if len(members) > 1 else "")
-        series.append(Series(name, [p for _, p in pts]))
-    if report["curve"]:
-        pts = [point(p, f"α={p['alpha']:g}") for p in report["curve"]]
-        hma = report["hma"]
-        series.append(Series(f"averaging {hma['pre'] or 'SFT'}/{hma['aligned']}", [p for p in pts if p],
-                             kind="average"))
-    return series
-
-
-def _plots(plan: Plan, report: dict, out: str) -> None:
-    try:
-        from ..plots import training_curves, tradeoff_plot
-    except ImportError:
-        return
-    x, y = plan.axes
-    n = len(plan.seeds)
-    try:
-        front = tradeoff_plot(tradeoff_series(report), os.path.join(out, "compare.png"), x=x, y=y,
-                              title=f"trade-off over {n} seed{'s' * (n > 1)}: {y[5:]} vs {x[5:]}",
-                              note=("mean over seeds, bars: 95% t-interval" if n > 1 else "one seed"))
-        report["pareto_front"] = front
-        runs = [(job.run["name"], os.path.join(job.folder, "metrics.jsonl")) for job in plan.jobs
-                if not job.run.get("sweep") and os.path.exists(os.path.join(job.folder, "metrics.jsonl"))]
-        if runs:
-            training_curves(runs, os.path.join(out, "curves.png"),
-                            title=f"metrics over training, {len(plan.seeds)} seed{'s' * (n > 1)} per run")
-    except ImportError:
-        print("hbat compare: no plots (pip install matplotlib)", file=sys.stderr)

@@ -10,20 +10,26 @@ import os
 import shlex
 import time
 
+import torch
+
+from ...averaging import average
+from ..checkpoint import load as load_checkpoint
+from ..checkpoint import write_text_atomic
+from ..config import load_config
+from ..evaluate import evaluate_run as evaluate
+from ..models import merge_lora
 from ..run import EXIT_DIVERGED
-from .spec import Job, Plan, load_spec, make_plan, seed_folder
+from ..workspace import prepare
+from .plan import Job, Plan, make_plan, seed_folder
+from .plots import write_plots
 from .pool import Task, _reusable, _run_job, _worker, machine_cores, run_graph
-from .report import _plots, _write_csv, build_report, main_table, markdown
+from .report import _write_csv, build_report, main_table, markdown
+from .spec import load_spec
 
 
 def hma_curve(ws, cfg, aligned_folder: str, alphas, pre_folder: str | None = None) -> list[dict]:
     """Uniform averaging (1 - alpha) * pre + alpha * aligned, evaluated at each alpha (hbat.averaging); pre is
     the kept model of ``pre_folder``, or the shared SFT reference."""
-    from ...averaging import average
-    from ..checkpoint import load as load_checkpoint
-    from ..evaluate import evaluate_run as evaluate
-    from ..models import merge_lora
-
     def load(folder):
         model = ws.build()
         model.load_state_dict(load_checkpoint(os.path.join(folder, "best.pt"), remedy="delete the run's folder and "
@@ -49,8 +55,6 @@ def _curve_key(plan: Plan, seed: int, jobs_by_name: dict) -> str:
 def compare(spec: dict, extra: list[str], out_dir: str | None, *, progress=True, reuse=True, seeds: int | None = None,
             jobs: int | None = None, threads: int = 1) -> list[dict]:
     """Run the comparison (module docstring); returns one row per (seed, run), as in compare.csv."""
-    from ..checkpoint import write_text_atomic
-
     started = time.perf_counter()
     if threads < 1:
         raise ValueError(f"--threads must be >= 1, got {threads}")
@@ -104,7 +108,7 @@ def compare(spec: dict, extra: list[str], out_dir: str | None, *, progress=True,
     write_text_atomic(markdown(report, wall), os.path.join(out, "compare.md"))
     write_text_atomic(json.dumps(report, indent=1, default=str), os.path.join(out, "compare.json"))
     _write_csv(rows, plan, os.path.join(out, "compare.csv"))
-    _plots(plan, report, out)
+    write_plots(plan, report, out)
     print("\n" + main_table(report))
     return rows
 
@@ -194,12 +198,6 @@ def run(args) -> int:
 def _worker_main(kind: str, payload: str) -> int:
     """The processes of the pool besides `hbat train`: ``prepare`` (a seed's shared pieces) and ``curve`` (its
     averaging curve, written to ``path`` with its ``key``)."""
-    import torch
-
-    from ..checkpoint import write_text_atomic
-    from ..config import load_config
-    from ..workspace import prepare
-
     args = json.loads(payload)
     torch.set_num_threads(int(args["threads"]))
     cfg = load_config(None, args["overrides"])

@@ -27,7 +27,8 @@ from .plots import write_training_curves
 from .metrics import markdown_table
 from .procgroup import finish, shutdown_distributed
 from .validate import check_data
-from .workspace import load_data, prepare
+from .rundata import load_data
+from .workspace import prepare
 
 SUMMARY_COLUMNS = ["method", "eval/exact_match", "eval/sft_loss", "eval/preference", "eval/reward",
                    "eval/win_rate", "eval/kl_to_sft", "train_seconds"]

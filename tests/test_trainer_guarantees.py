@@ -166,17 +166,18 @@ def test_a_diverged_method_fails_named_and_the_others_still_run(tmp_path, shared
 def test_a_nan_weight_at_a_stage_end_keeps_the_last_good_checkpoint_and_best(tmp_path, monkeypatch):
     cfg = load_config(None, TINY + [f"output_dir={tmp_path}", "method=hbat", "n_parts=2", "eval.kl_samples=0"])
     folder = tmp_path / "hbat"
-    real_ifa, saved = algorithm._run_ifa, {}
+    real_loop, saved, sft_stages = algorithm.train_loop, {}, []
 
-    def ifa_then_nan(ws, cfg, model, *args):
-        critic = real_ifa(ws, cfg, model, *args)
-        if args[1] == 1:  # the second IFA stage (stage 2): the files of stages 0-1 exist now
+    def sft_then_nan(model, objective, *args, **kwargs):
+        result = real_loop(model, objective, *args, **kwargs)
+        sft_stages.append(objective.desc == "sft")
+        if objective.desc == "sft" and sum(sft_stages) == 2:  # the second IFA stage (stage 2): files of 0-1 exist
             saved.update({name: (folder / name).read_bytes() for name in ("checkpoint.pt", "best.pt")})
             with torch.no_grad():
                 dict(model.named_parameters())["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
-        return critic
+        return result
 
-    monkeypatch.setattr(algorithm, "_run_ifa", ifa_then_nan)
+    monkeypatch.setattr(algorithm, "train_loop", sft_then_nan)
     with pytest.raises(TrainingDiverged, match=r"method hbat, stage 2 \(ifa, part 2 of 2\): at the end of the "
                                                r"stage: weight model\.layers\.1\.mlp\.up_proj\.weight is not finite"):
         algorithm.run_method(tiny_workspace(), cfg, progress=False)
@@ -431,19 +432,19 @@ def test_resume_keeps_metrics_up_to_the_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "hbat" / "metrics.jsonl"
     algorithm.run_method(tiny_workspace(), cfg, progress=False)
     full = [(r["step"], r["stage"]) for r in read_metrics(path)]
-    real_hpa = algorithm._run_hpa
+    real_stage = algorithm.run_stage
 
-    def crash_in_second_hpa(ws, cfg, model, parts, part, *args):
-        if part == 1:
+    def crash_in_second_hpa(ws, cfg, plan, i, *args):
+        if plan[i] == ("hpa", 1):
             with open(path, "a") as fh:
                 fh.write('{"time": 1.0, "step": 9')  # a line cut short by the kill
             raise KeyboardInterrupt
-        return real_hpa(ws, cfg, model, parts, part, *args)
+        return real_stage(ws, cfg, plan, i, *args)
 
-    monkeypatch.setattr(algorithm, "_run_hpa", crash_in_second_hpa)
+    monkeypatch.setattr(algorithm, "run_stage", crash_in_second_hpa)
     with pytest.raises(KeyboardInterrupt):
         algorithm.run_method(tiny_workspace(), cfg, progress=False)
-    monkeypatch.setattr(algorithm, "_run_hpa", real_hpa)
+    monkeypatch.setattr(algorithm, "run_stage", real_stage)
     algorithm.run_method(tiny_workspace(), cfg, resume=True, progress=False)
     assert [(r["step"], r["stage"]) for r in read_metrics(path)] == full  # no record twice, none cut short
 

@@ -154,19 +154,17 @@ def test_resume_equals_uninterrupted_run(workspace, tmp_path, monkeypatch, hpa, 
         workspace = tiny_workspace(torch.bfloat16)
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
     algorithm.run_method(workspace, _cfg(full_dir, "keep=last", f"hpa={hpa}", f"model.dtype={dtype}"), progress=False)
-    real_hpa = algorithm._run_hpa
-    calls = {"n": 0}
+    real_stage = algorithm.run_stage
 
-    def crash_in_second_hpa(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
+    def crash_in_second_hpa(ws, cfg, plan, i, *args):
+        if plan[i] == ("hpa", 1):
             raise KeyboardInterrupt("simulated crash")
-        return real_hpa(*args, **kwargs)
+        return real_stage(ws, cfg, plan, i, *args)
 
-    monkeypatch.setattr(algorithm, "_run_hpa", crash_in_second_hpa)
+    monkeypatch.setattr(algorithm, "run_stage", crash_in_second_hpa)
     with pytest.raises(KeyboardInterrupt):
         algorithm.run_method(workspace, _cfg(cut_dir, "keep=last", f"hpa={hpa}", f"model.dtype={dtype}"), progress=False)
-    monkeypatch.setattr(algorithm, "_run_hpa", real_hpa)
+    monkeypatch.setattr(algorithm, "run_stage", real_stage)
     assert torch.load(cut_dir / "hbat" / "checkpoint.pt", weights_only=False)["position"] == 3
     with pytest.raises(ValueError, match="different settings for \\['seed'\\]"):
         algorithm.run_method(workspace, _cfg(cut_dir, "keep=last", f"hpa={hpa}", f"model.dtype={dtype}", "seed=1"),

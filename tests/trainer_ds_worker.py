@@ -81,16 +81,17 @@ def main() -> None:
     from hbat.trainer.models import resolve_dtype
 
     if args.crash_in_hpa:  # simulate a crash (every rank) at the start of the N-th HPA stage
-        real_hpa, calls = algorithm._run_hpa, []
+        real_stage, calls = algorithm.run_stage, []
 
-        def crashing_hpa(*a, **kw):
-            calls.append(1)
-            if len(calls) == args.crash_in_hpa:
-                print(SIMULATED_CRASH, flush=True)
-                raise SystemExit(3)
-            return real_hpa(*a, **kw)
+        def crashing_stage(ws, cfg, plan, i, *a):
+            if plan[i][0] == "hpa":
+                calls.append(1)
+                if len(calls) == args.crash_in_hpa:
+                    print(SIMULATED_CRASH, flush=True)
+                    raise SystemExit(3)
+            return real_stage(ws, cfg, plan, i, *a)
 
-        algorithm._run_hpa = crashing_hpa
+        algorithm.run_stage = crashing_stage
     cfg = make_config(args.out, args.extra, args.deepspeed)
     algorithm.run_method(tiny_workspace(resolve_dtype(cfg)), cfg, progress=False, resume=args.resume)
     engine.shutdown_distributed()

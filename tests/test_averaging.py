@@ -117,6 +117,16 @@ def test_sweep_reuses_one_output_model():
     assert all(s[1] == seen[0][1] for s in seen)
 
 
+def test_extrapolation_past_the_aligned_model_is_expo():
+    pre, post = _pair()
+    expo = average(pre, post, 1.5, extrapolate=True)  # post + 0.5 (post - pre)
+    for m, a, b in zip(expo.parameters(), pre.parameters(), post.parameters()):
+        torch.testing.assert_close(m, b + 0.5 * (b - a))
+    for bad in (-0.5, float("inf")):
+        with pytest.raises(ValueError, match="alpha must be finite"):
+            average(pre, post, bad, extrapolate=True)
+
+
 def test_bad_inputs_raise_before_anything_changes():
     pre, post = _pair()
     with pytest.raises(ValueError, match="alpha"):

@@ -72,6 +72,15 @@ def test_compare_spec_errors(tmp_path):
     with pytest.raises(ValueError, match="hma.aligned 'two_stage' is not one of the runs"):
         compare({"runs": ["hbat"], "hma": {"aligned": "two_stage"}}, [], str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match=r"hma.alphas must be finite and >= 0"):
+        compare({"runs": ["sft_only", "two_stage"], "hma": {"pre": "sft_only", "alphas": [0.5, -0.25]}}, [],
+                str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+    from hbat.trainer.compare import make_plan
+
+    plan = make_plan({"runs": ["sft_only", "two_stage"], "hma": {"pre": "sft_only", "alphas": [1.0, 1.25]}}, [],
+                     str(tmp_path / "out"))  # above 1: ExPO, past the aligned model
+    assert plan.hma["alphas"] == [1.0, 1.25]
 
 
 def test_seeds_and_sweep_in_the_spec(tmp_path):

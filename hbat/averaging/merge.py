@@ -77,9 +77,10 @@ class ModelAverager:
         ops.lerp_(self._dst, self._pre, self._post, weights, backend=self.backend)
         return self.out
 
-    def average_(self, alpha: float) -> nn.Module:
-        """Uniform averaging with the aligned model's weight ``alpha``."""
-        alpha = check_alpha(alpha)
+    def average_(self, alpha: float, *, extrapolate: bool = False) -> nn.Module:
+        """Uniform averaging with the aligned model's weight ``alpha`` in [0, 1]; with ``extrapolate`` any alpha
+        >= 0, above 1 past the aligned model: ``post + (alpha - 1) * (post - pre)`` (ExPO)."""
+        alpha = check_alpha(alpha, extrapolate=extrapolate)
         return self.merge_(torch.full((len(self._dst),), alpha, dtype=torch.float32))
 
     def average_blocks_(self, ratios, mean: float | None = None) -> nn.Module:
@@ -94,9 +95,10 @@ class ModelAverager:
 
 
 def average(pre: nn.Module, post: nn.Module, alpha: float, *, scope: str = "all", out: nn.Module | None = None,
-            backend: str = "auto") -> nn.Module:
-    """``(1 - alpha) * pre + alpha * post`` as a new model (or written into ``out``)."""
-    return ModelAverager(pre, post, out=out, scope=scope, backend=backend).average_(alpha)
+            backend: str = "auto", extrapolate: bool = False) -> nn.Module:
+    """``(1 - alpha) * pre + alpha * post`` as a new model (or written into ``out``); alpha in [0, 1], or with
+    ``extrapolate`` any alpha >= 0 (above 1: ExPO)."""
+    return ModelAverager(pre, post, out=out, scope=scope, backend=backend).average_(alpha, extrapolate=extrapolate)
 
 
 def sweep(pre: nn.Module, post: nn.Module, alphas: Iterable[float], *, scope: str = "all",

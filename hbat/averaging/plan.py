@@ -9,6 +9,7 @@ as the released split-merge script does) or "pre" (copied from the pre-RLHF mode
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Callable
@@ -114,9 +115,12 @@ def plan_merge(model: nn.Module, *, scope: str = "all", blocks=None, non_layer: 
     return MergePlan(names, block_ids, block_names, copied)
 
 
-def check_alpha(alpha) -> float:
-    """``alpha`` (the aligned model's weight) as a float in [0, 1], or one clear error."""
+def check_alpha(alpha, *, extrapolate: bool = False) -> float:
+    """``alpha`` (the aligned model's weight) as a float in [0, 1] (with ``extrapolate``: any finite alpha >= 0,
+    above 1 past the aligned model, ExPO), or one clear error."""
     alpha = _validate.check_scalar("alpha", alpha)
-    if not 0.0 <= alpha <= 1.0:
+    if extrapolate and not (alpha >= 0.0 and math.isfinite(alpha)):
+        raise ValueError(f"alpha must be finite and >= 0 (above 1 extrapolates past the aligned model), got {alpha}")
+    if not extrapolate and not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1] (the weight of the aligned model), got {alpha}")
     return alpha

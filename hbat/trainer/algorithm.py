@@ -29,6 +29,7 @@ from .config import TrainConfig
 from .dpo import dpo_mix_loss, dpo_objective
 from .ds_config import check_supported
 from .engine import full_state_dict
+from .forgetting import with_forgetting_meter
 from .guards import TrainingDiverged, check_weights
 from .lock import run_lock
 from .methods import spec
@@ -130,7 +131,9 @@ def run_stage(ws: Workspace, cfg: TrainConfig, plan, i: int, parts: dict, run: R
         reference = ws.sft_model if cfg.dpo_reference == "sft" else None  # frozen already: shared, not copied
         task = dpo_objective(model, reference, ws.tokenizer, parts["pref"][part], stage_cfg, sft_rows=sft_rows)
     if task is not None:
-        train_loop(model, task, stage_cfg, penalty=penalty, log=run.log, progress=progress)
+        meter_rows = ws.sft_val if objective == "ifa" else ws.pref_val  # held out, of this stage's task
+        log = with_forgetting_meter(model, ws.tokenizer, meter_rows, cfg, run.log)
+        train_loop(model, task, stage_cfg, penalty=penalty, log=log, progress=progress)
     # the stage's weights on the CPU, once, for best.pt and checkpoint.pt (ZeRO-3: gathered on every rank, which
     # also evaluates them); checked before anything is evaluated or saved (every rank sees the same full weights)
     weights = full_state_dict(run.model, run.engine) if run.main or run.zero3 else None

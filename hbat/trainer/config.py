@@ -147,10 +147,12 @@ class EvalConfig:
     max_prompt_len: int = 128         # prompt tokens kept (the last ones) for the evaluation's generation
     batch_size: int = 32
     kl_samples: int = 64              # prompts sampled for the KL-to-SFT estimate (0: skip)
+    kl_to_start_every: int = 0        # forgetting meter: ewc/kl_to_start every N optimizer steps (0: off)
+    kl_to_start_rows: int = 16        # held-out rows of the stage's task it is measured on
 
     def __post_init__(self):
-        integers(self, 1, "max_new_tokens", "max_prompt_len", "batch_size")
-        integers(self, 0, "kl_samples")
+        integers(self, 1, "max_new_tokens", "max_prompt_len", "batch_size", "kl_to_start_rows")
+        integers(self, 0, "kl_samples", "kl_to_start_every")
 
 
 @dataclass

@@ -213,6 +213,9 @@ def plan_memory(cfg, *, device: torch.device | None = None, world: int | None = 
     elif method.regularizer == "fisher":
         plan.add("Fisher EWC anchor and per-element Fisher", torch.float32, 2 * selected)
 
+    if cfg.eval.kl_to_start_every:  # hbat.trainer.forgetting: the stage's start weights
+        plan.add("forgetting meter (start copy of the trained weights)", torch.float32 if m.lora_r else trained_dtype,
+                 trainable, shrink="eval.kl_to_start_every: 0 holds none")
     plan.add("activations (largest micro-batch)", dtype,
              _activation_bytes(cfg, shape, dtype, world, ppo, method, lora_width),
              bytes_per=1, shrink="model.gradient_checkpointing: true, more *.grad_accum_steps or a shorter *.max_len")

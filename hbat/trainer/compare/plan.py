@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -89,8 +90,9 @@ def make_plan(spec: dict, extra: list[str], out_dir: str | None, *, seeds: int |
         for key in ("aligned", "pre"):
             if hma[key] is not None and hma[key] not in names:
                 raise ValueError(f"hma.{key} {hma[key]!r} is not one of the runs")
-        if any(not 0.0 <= a <= 1.0 for a in hma["alphas"]):
-            raise ValueError(f"hma.alphas must be in [0, 1], got {hma['alphas']}")
+        if any(not (a >= 0.0 and math.isfinite(a)) for a in hma["alphas"]):
+            raise ValueError(f"hma.alphas must be finite and >= 0 (above 1: ExPO, past the aligned model), got "
+                             f"{hma['alphas']}")
     jobs, seed_overrides, run_metrics = [], {}, {}
     first_configs: dict[str, str] = {}
     dropped: set[str] = set()

@@ -28,8 +28,9 @@ from .spec import load_spec
 
 
 def hma_curve(ws, cfg, aligned_folder: str, alphas, pre_folder: str | None = None) -> list[dict]:
-    """Uniform averaging (1 - alpha) * pre + alpha * aligned, evaluated at each alpha (hbat.averaging); pre is
-    the kept model of ``pre_folder``, or the shared SFT reference."""
+    """Uniform averaging (1 - alpha) * pre + alpha * aligned, evaluated at each alpha (hbat.averaging; alpha above 1
+    extrapolates past the aligned model: ExPO); pre is the kept model of ``pre_folder``, or the shared SFT
+    reference."""
     def load(folder):
         model = ws.build()
         model.load_state_dict(load_checkpoint(os.path.join(folder, "best.pt"), remedy="delete the run's folder and "
@@ -40,7 +41,7 @@ def hma_curve(ws, cfg, aligned_folder: str, alphas, pre_folder: str | None = Non
     pre = load(pre_folder) if pre_folder else ws.sft_model
     points = []
     for alpha in alphas:
-        merged = average(pre, aligned, float(alpha))
+        merged = average(pre, aligned, float(alpha), extrapolate=True)
         points.append({"alpha": float(alpha), **evaluate(ws, merged, cfg)})
     return points
 

@@ -27,6 +27,7 @@ from . import checkpoint as ckpt
 from . import procgroup as pg
 from .config import TrainConfig
 from .dpo import dpo_mix_loss, dpo_objective
+from .ema import EMAAnchor
 from .ds_config import check_supported
 from .engine import full_state_dict
 from .forgetting import with_forgetting_meter
@@ -133,7 +134,11 @@ def run_stage(ws: Workspace, cfg: TrainConfig, plan, i: int, parts: dict, run: R
     if task is not None:
         meter_rows = ws.sft_val if objective == "ifa" else ws.pref_val  # held out, of this stage's task
         log = with_forgetting_meter(model, ws.tokenizer, meter_rows, cfg, run.log)
-        train_loop(model, task, stage_cfg, penalty=penalty, log=log, progress=progress)
+        ema = EMAAnchor(model, cfg.ema_anchor) if cfg.ema_anchor and objective == "hpa" else None
+        train_loop(model, task, stage_cfg, penalty=penalty, log=log, progress=progress,
+                   after_step=ema.update if ema is not None else None)
+        if ema is not None:
+            ema.finish()  # the stage ends on its EMA anchor
     # the stage's weights on the CPU, once, for best.pt and checkpoint.pt (ZeRO-3: gathered on every rank, which
     # also evaluates them); checked before anything is evaluated or saved (every rank sees the same full weights)
     weights = full_state_dict(run.model, run.engine) if run.main or run.zero3 else None

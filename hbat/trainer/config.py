@@ -165,6 +165,7 @@ class TrainConfig:
     keep: str = "best"                # "best" by validation reward after each part (paper) or "last"
     dpo_reference: str = "stage"      # DPO reference: "stage" (the model at the start of each HPA stage) or "sft"
     mix_coef: float = 0.5             # rlhf_pt: SFT loss weight in HPA; sft_hpa: DPO loss weight in SFT
+    ema_anchor: float = 0.0           # EMA anchor of each DPO stage (rate per step; it ends on the anchor; 0: off)
     save_model: bool = True           # write the kept model with save_pretrained at the end
     deepspeed: str | None = None      # path to a DeepSpeed JSON config (multi-process runs, see docs/distributed.md)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -186,6 +187,10 @@ class TrainConfig:
                              ("dpo_reference", DPO_REFERENCES)):
             choice(self, key, allowed)
         numbers(self, "mix_coef")
+        numbers(self, "ema_anchor", maximum=1.0)
+        if self.ema_anchor and self.hpa == "ppo":
+            fail(self, "ema_anchor", "needs hpa=dpo (the EMA anchor follows DPO's optimizer steps; PPO's loop is its "
+                 "own)")
         booleans(self, "save_model")
         if self.method == "rlhf_pt" and self.hpa == "ppo":  # run_ppo has no SFT-loss mixing yet
             fail(self, "hpa", "must be dpo with method rlhf_pt (mixing the SFT loss into PPO is not implemented)")

@@ -120,6 +120,9 @@ def check_supported(cfg, regularizer_kind: str) -> None:
     if cfg.model.lora_r:
         raise NotImplementedError("deepspeed: LoRA (model.lora_r > 0) is not supported under DeepSpeed yet; set "
                                   "model.lora_r=0 or run in one process")
+    if cfg.ema_anchor:
+        raise NotImplementedError("deepspeed: the EMA anchor (ema_anchor > 0) is not supported under DeepSpeed yet; "
+                                  "set ema_anchor=0")
     if cfg.eval.kl_to_start_every:
         raise NotImplementedError("deepspeed: the forgetting meter (eval.kl_to_start_every > 0) is not supported "
                                   "under DeepSpeed yet; set eval.kl_to_start_every=0")

@@ -213,6 +213,9 @@ def plan_memory(cfg, *, device: torch.device | None = None, world: int | None = 
     elif method.regularizer == "fisher":
         plan.add("Fisher EWC anchor and per-element Fisher", torch.float32, 2 * selected)
 
+    if cfg.ema_anchor:  # hbat.trainer.ema
+        plan.add("EMA anchor (a copy of the trained weights)", torch.float32 if m.lora_r else trained_dtype, trainable,
+                 shrink="ema_anchor: 0 holds none")
     if cfg.eval.kl_to_start_every:  # hbat.trainer.forgetting: the stage's start weights
         plan.add("forgetting meter (start copy of the trained weights)", torch.float32 if m.lora_r else trained_dtype,
                  trainable, shrink="eval.kl_to_start_every: 0 holds none")

@@ -81,13 +81,15 @@ def planned_steps(cfg, n_rows: int) -> int:
 
 
 def train_loop(model: torch.nn.Module, objective: Objective, cfg, *, penalty=None,
-               log: Callable[[dict], None] | None = None, progress: bool = True) -> dict:
+               log: Callable[[dict], None] | None = None, progress: bool = True,
+               after_step: Callable[[], None] | None = None) -> dict:
     """Optimise ``model`` (or a DeepSpeed engine) on ``objective`` with the settings ``cfg`` (a StageConfig).
 
     Logs the objective's stats plus ``train/lr``, ``train/grad_norm`` (before clipping), ``train/step``,
     ``train/epoch``, ``ewc/penalty`` (with ``penalty``) and its ``extra_key`` (with an ``extra_loss``). Returns the
     means over the run, ``train/steps`` and ``<loss_key>_last``. A non-finite loss, mixed-in loss or penalty
-    raises hbat.trainer.guards.TrainingDiverged at the next log call.
+    raises hbat.trainer.guards.TrainingDiverged at the next log call. ``after_step()`` runs after every optimizer
+    step (hbat.trainer.ema).
     """
     from tqdm.auto import tqdm  # optional: hbat[train]
 
@@ -127,6 +129,8 @@ def train_loop(model: torch.nn.Module, objective: Objective, cfg, *, penalty=Non
                     stepper.backward(extra, last=True, replicated=True)
                     stats[extra_key] = extra.detach().float()
                 stats.update(stepper.step(penalty))  # ewc/penalty, train/grad_norm (before clipping), train/lr
+                if after_step is not None:
+                    after_step()
                 step += 1
                 for key, value in stats.items():
                     sums[key] = sums.get(key, 0.0) + value

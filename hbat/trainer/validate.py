@@ -25,6 +25,8 @@ from __future__ import annotations
 import json
 import os
 
+import torch
+
 from ..data.sources import DATA_FILE_SUFFIXES, looks_like_dataset_name
 from ..param_view import LocalParamView
 from ..task import CONTEXT
@@ -32,7 +34,7 @@ from .checks import ConfigError
 from .ds_config import check_supported
 from .memory import lora_numel, meta_policy
 from .methods import spec
-from .models import has_tokenizer, load_tokenizer, tokenizer_size
+from .models import has_tokenizer, load_tokenizer, resolve_dtype, tokenizer_size
 
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 DATA_FILES = ("sft", "preference", "prompts")
@@ -52,6 +54,9 @@ def check_config(cfg) -> None:
         _check_selection(cfg)
     if cfg.deepspeed is not None:
         check_supported(cfg, method.regularizer)
+    if cfg.ema_anchor and resolve_dtype(cfg) != torch.float32:
+        raise ConfigError("config.ema_anchor", "needs float32 weights (model.dtype: float32): the anchor has the "
+                          "weights' dtype, and in bfloat16 an update below its resolution is lost")
 
 
 def _check_data_and_model(cfg) -> None:

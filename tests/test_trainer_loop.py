@@ -203,3 +203,15 @@ def test_cli_train_on_user_jsonl(tmp_path):
     proc = subprocess.run(args + ["--set", "output_dir=" + str(tmp_path / "out2")], capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 2 and "pref.jsonl" in proc.stderr and "2" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_l2sp_penalises_from_the_first_stage(workspace, tmp_path):
+    """ewc.importance_mode=l2sp: F_i = 1 for every tensor from the first stage on (L2-SP: decay toward the anchor),
+    where HBAT's first IFA stage has no penalty."""
+    algorithm.run_method(workspace, _cfg(tmp_path, "method=hbat", "n_parts=1", "ewc.importance_mode=l2sp",
+                                         "eval.kl_samples=0"), progress=False)
+    records = read_metrics(os.path.join(tmp_path, "hbat", "metrics.jsonl"))
+    assert [r["ewc/active"] for r in records if "ewc/active" in r] == [1.0, 1.0]
+    assert max(r["ewc/penalty"] for r in records if r.get("stage") == 0 and "ewc/penalty" in r) > 0.0
+    with pytest.raises(ValueError, match="ewc.importance_mode"):
+        _cfg(tmp_path, "method=freeze", "ewc.importance_mode=l2sp")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from ..baselines.freeze import FREEZE_BY
 from ..data import ADAPTERS
+from ..ewc import L2SP
 from ..importance import IMPORTANCE_MODES
 from ..task import MODEL_SIZES
 from .checks import FLOAT32_MAX, booleans, choice, fail, integers, learning_rates, numbers, paths, patterns
@@ -115,7 +116,8 @@ class DataConfig:
 class EWCConfig:
     f_max: float = 100.0              # F_max of eq. (6)/(9) (paper: 50 summarization, 100 dialogue)
     lam: float = 1.0                  # lambda of eq. (5)/(8)
-    importance_mode: str = "normalized"  # normalized | paper | released | proportional | uniform (hbat.importance)
+    importance_mode: str = "normalized"  # normalized | paper | released | proportional | uniform (hbat.importance),
+    #                                      or l2sp (F_i = 1 from the first stage: decay toward the anchor, hbat.ewc)
     importance_scale: float = 1.0     # temperature of the importance mode
     anchor_dtype: str = "float32"     # float32 or bfloat16
     include: list[str] | None = None  # fnmatch patterns of parameter names to penalise (None: all trainable)
@@ -133,7 +135,7 @@ class EWCConfig:
                               "lower ewc.lam or ewc.f_max")
         numbers(self, "freeze_fraction", maximum=1.0)
         numbers(self, "importance_scale", "fisher_scale", strict=True)
-        choice(self, "importance_mode", IMPORTANCE_MODES)
+        choice(self, "importance_mode", IMPORTANCE_MODES + (L2SP,))
         choice(self, "anchor_dtype", ANCHOR_DTYPES)
         choice(self, "group_by", GROUP_BY, optional=True)
         choice(self, "freeze_by", FREEZE_BY)
@@ -192,6 +194,9 @@ class TrainConfig:
             fail(self, "ema_anchor", "needs hpa=dpo (the EMA anchor follows DPO's optimizer steps; PPO's loop is its "
                  "own)")
         booleans(self, "save_model")
+        if self.method == "freeze" and self.ewc.importance_mode == L2SP:  # F_i = 1 everywhere ranks nothing
+            fail(self, "ewc.importance_mode", "l2sp gives every tensor the same importance; method freeze needs a "
+                 "ranking (use normalized, paper, released or proportional)")
         if self.method == "rlhf_pt" and self.hpa == "ppo":  # run_ppo has no SFT-loss mixing yet
             fail(self, "hpa", "must be dpo with method rlhf_pt (mixing the SFT loss into PPO is not implemented)")
 

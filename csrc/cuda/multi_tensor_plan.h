@@ -43,7 +43,7 @@ struct LaunchGroup {
   int64_t chunk_begin = 0, chunk_end = 0;
 };
 
-// Tuning knobs (see README.md): chunks are powers of two in [kMinChunk, kMaxChunk] elements; small calls
+// Tuning knobs (see CONTRIBUTING.md, "Chunks: one plan, three planners"): chunks are powers of two in [kMinChunk, kMaxChunk] elements; small calls
 // get smaller chunks so that every SM has about kMinChunksPerSM of them.
 constexpr int64_t kMinChunk = 4096;
 constexpr int64_t kMaxChunk = 32768;

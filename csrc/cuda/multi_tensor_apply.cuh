@@ -1,6 +1,7 @@
 // The one multi-tensor apply behind every op: a streaming kernel templated on the op (its math is
 // OpMath<op>, csrc/ops/<op>.h; its lists' roles and dtype rules come from the op table) and on the element
-// type of each list, plus the deterministic per-tensor reduction of its partial sums. See CONTRIBUTING.md, "Chunks: one plan, three planners".
+// type of each list, plus the deterministic per-tensor reduction of its partial sums. The plan and its
+// chunks: CONTRIBUTING.md, "Chunks: one plan, three planners".
 // An op's .cu file instantiates it with HBAT_CUDA_OP(name).
 #pragma once
 

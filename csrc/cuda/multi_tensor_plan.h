@@ -43,8 +43,8 @@ struct LaunchGroup {
   int64_t chunk_begin = 0, chunk_end = 0;
 };
 
-// Tuning knobs (see CONTRIBUTING.md, "Chunks: one plan, three planners"): chunks are powers of two in [kMinChunk, kMaxChunk] elements; small calls
-// get smaller chunks so that every SM has about kMinChunksPerSM of them.
+// Tuning knobs (CONTRIBUTING.md, "Chunks: one plan, three planners"): chunks are powers of two in
+// [kMinChunk, kMaxChunk] elements; small calls get smaller chunks so that every SM has about kMinChunksPerSM of them.
 constexpr int64_t kMinChunk = 4096;
 constexpr int64_t kMaxChunk = 32768;
 constexpr int64_t kMinChunksPerSM = 4;

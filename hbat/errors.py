@@ -2,7 +2,7 @@
 
 ``UserError`` is what a config, a model folder, a tokenizer, a data file or the disk can cause: its message
 names the path or the config key and what to do, in one line. Every ``hbat`` command prints it as one line
-``hbat <command>: <message>`` with exit code 2 (hbat.trainer.run.call). An exception of another kind that
+``hbat <command>: <message>`` with exit code 2 (hbat.trainer.run.report_error). An exception of another kind that
 escapes a command is a bug of hbat, and keeps its traceback.
 
 Third-party code reports a bad file in its own terms (transformers' ``RuntimeError``, pickle's

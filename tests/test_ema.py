@@ -39,12 +39,15 @@ def test_the_anchor_is_the_moving_average_of_the_weights():
 
 def test_a_dpo_stage_ends_on_its_anchor(tmp_path, monkeypatch):
     ws = tiny_workspace()
-    start, steps = {}, []  # the weights when the DPO stage starts and after each of its optimizer steps
+    start, steps, sft_end = {}, [], {}  # the weights when the DPO stage starts and after each of its steps
     real_loop = algorithm.train_loop
 
     def recording_loop(model, objective, *args, after_step=None, **kwargs):
         if objective.desc != "dpo":
-            return real_loop(model, objective, *args, after_step=after_step, **kwargs)
+            assert after_step is None  # no anchor in SFT stages
+            result = real_loop(model, objective, *args, after_step=after_step, **kwargs)
+            sft_end.update({k: v.detach().clone() for k, v in model.named_parameters()})
+            return result
         start.update({k: v.detach().clone() for k, v in model.named_parameters()})
 
         def record():
@@ -56,6 +59,7 @@ def test_a_dpo_stage_ends_on_its_anchor(tmp_path, monkeypatch):
     result = algorithm.run_method(ws, _cfg(tmp_path, "ema_anchor=0.5", "keep=last"), progress=False)
     assert result["status"] == "ok" and len(steps) == 2  # dpo.max_steps=2
     final = torch.load(tmp_path / "two_stage" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(start[k], v) for k, v in sft_end.items())  # the SFT stage ended on its last step
     moved = 0
     for name, s0 in start.items():  # rate 0.5: anchor = 0.25 start + 0.25 step 1 + 0.5 step 2
         torch.testing.assert_close(final[name], 0.25 * s0 + 0.25 * steps[0][name] + 0.5 * steps[1][name])
@@ -66,8 +70,12 @@ def test_a_dpo_stage_ends_on_its_anchor(tmp_path, monkeypatch):
 def test_refused_where_not_supported(tmp_path):
     with pytest.raises(ValueError, match="ema_anchor"):
         _cfg(tmp_path, "ema_anchor=1.5")
-    with pytest.raises(ValueError, match="ema_anchor.*hpa=dpo"):
+    with pytest.raises(ValueError, match="ema_anchor.*DPO stages"):
         _cfg(tmp_path, "ema_anchor=0.1", "hpa=ppo")
+    with pytest.raises(ValueError, match="ema_anchor.*DPO stages"):
+        _cfg(tmp_path, "ema_anchor=0.1", "method=sft_only")
+    with pytest.raises(ValueError, match="ema_anchor.*LoRA"):
+        _cfg(tmp_path, "ema_anchor=0.1", "model.lora_r=4")
     with pytest.raises(ValueError, match="ema_anchor.*float32"):
         _cfg(tmp_path, "ema_anchor=0.1", "model.dtype=bfloat16")
     with pytest.raises(NotImplementedError, match="ema_anchor"):

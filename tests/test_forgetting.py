@@ -48,10 +48,10 @@ def test_the_meter_logs_the_kl_and_leaves_training_unchanged(tmp_path):
 
 def test_the_logged_kl_is_the_kl_between_the_start_and_current_models(tmp_path):
     ws = tiny_workspace()
-    cfg = _cfg(tmp_path, "eval.kl_to_start_every=1", "eval.kl_to_start_rows=3")
+    cfg = _cfg(tmp_path, "eval.kl_to_start_every=1", "eval.kl_to_start_rows=3", "eval.batch_size=2")  # 2 forwards
     model = ws.build()
     logged = []
-    log = with_forgetting_meter(model, ws.tokenizer, ws.sft_val, cfg, logged.append)
+    log = with_forgetting_meter(model, ws.tokenizer, ws.sft_val, cfg, logged.append, max_len=cfg.sft.max_len)
     start = copy.deepcopy(model)
     with torch.no_grad():
         for p in model.parameters():
@@ -73,7 +73,7 @@ def test_off_by_default_and_checked(tmp_path):
     ws = tiny_workspace()
     cfg = _cfg(tmp_path)
     sink = []
-    assert with_forgetting_meter(ws.build(), ws.tokenizer, ws.sft_val, cfg, sink.append) == sink.append
+    assert with_forgetting_meter(ws.build(), ws.tokenizer, ws.sft_val, cfg, sink.append, max_len=64) == sink.append
     with pytest.raises(ValueError, match="eval.kl_to_start_every"):
         _cfg(tmp_path, "eval.kl_to_start_every=-1")
     with pytest.raises(ValueError, match="eval.kl_to_start_rows"):

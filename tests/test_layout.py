@@ -2,6 +2,8 @@
 graph in plain sight (imports of hbat modules at the top of each module, never inside a function)."""
 import ast
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -40,3 +42,15 @@ def test_the_check_sees_a_nested_import():
     tree = ast.parse("import os\n\ndef f():\n    from .config import load_config\n    import hbat.ops\n")
     assert _nested_hbat_imports(tree) == [4, 5]
     assert _nested_hbat_imports(ast.parse("from . import config\nimport torch\n")) == []
+
+
+# hbat.averaging's CLI reads models through the trainer, whose meter and EMA anchor use hbat.averaging's parts:
+# each of these must import first, in a fresh process (a cycle through a package __init__ fails only there)
+FIRST_IMPORTS = ["hbat", "hbat.averaging", "hbat.trainer", "hbat.cli", "hbat.integrations.averaging",
+                 "hbat.trainer.forgetting", "hbat.trainer.ema", "hbat.trainer.compare"]
+
+
+@pytest.mark.parametrize("module", FIRST_IMPORTS)
+def test_module_imports_first_in_a_fresh_process(module):
+    proc = subprocess.run([sys.executable, "-c", f"import {module}"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]

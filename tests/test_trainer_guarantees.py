@@ -432,19 +432,21 @@ def test_resume_keeps_metrics_up_to_the_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "hbat" / "metrics.jsonl"
     algorithm.run_method(tiny_workspace(), cfg, progress=False)
     full = [(r["step"], r["stage"]) for r in read_metrics(path)]
-    real_stage = algorithm.run_stage
+    real_loop, dpo_calls = algorithm.train_loop, []
 
-    def crash_in_second_hpa(ws, cfg, plan, i, *args):
-        if plan[i] == ("hpa", 1):
-            with open(path, "a") as fh:
-                fh.write('{"time": 1.0, "step": 9')  # a line cut short by the kill
-            raise KeyboardInterrupt
-        return real_stage(ws, cfg, plan, i, *args)
+    def crash_in_second_hpa(model, objective, *args, **kwargs):  # after the stage's boundary record
+        if objective.desc == "dpo":
+            dpo_calls.append(1)
+            if len(dpo_calls) == 2:
+                with open(path, "a") as fh:
+                    fh.write('{"time": 1.0, "step": 9')  # a line cut short by the kill
+                raise KeyboardInterrupt
+        return real_loop(model, objective, *args, **kwargs)
 
-    monkeypatch.setattr(algorithm, "run_stage", crash_in_second_hpa)
+    monkeypatch.setattr(algorithm, "train_loop", crash_in_second_hpa)
     with pytest.raises(KeyboardInterrupt):
         algorithm.run_method(tiny_workspace(), cfg, progress=False)
-    monkeypatch.setattr(algorithm, "run_stage", real_stage)
+    monkeypatch.setattr(algorithm, "train_loop", real_loop)
     algorithm.run_method(tiny_workspace(), cfg, resume=True, progress=False)
     assert [(r["step"], r["stage"]) for r in read_metrics(path)] == full  # no record twice, none cut short
 

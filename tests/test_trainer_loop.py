@@ -154,17 +154,23 @@ def test_resume_equals_uninterrupted_run(workspace, tmp_path, monkeypatch, hpa, 
         workspace = tiny_workspace(torch.bfloat16)
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
     algorithm.run_method(workspace, _cfg(full_dir, "keep=last", f"hpa={hpa}", f"model.dtype={dtype}"), progress=False)
-    real_stage = algorithm.run_stage
+    real_loop, real_ppo, hpa_calls = algorithm.train_loop, algorithm.run_ppo, []
 
-    def crash_in_second_hpa(ws, cfg, plan, i, *args):
-        if plan[i] == ("hpa", 1):
-            raise KeyboardInterrupt("simulated crash")
-        return real_stage(ws, cfg, plan, i, *args)
+    def crash_in_second_hpa(real):  # inside the stage's training: after its boundary and its first records
+        def wrapped(model, objective, *args, **kwargs):
+            if real is real_ppo or objective.desc == "dpo":
+                hpa_calls.append(1)
+                if len(hpa_calls) == 2:
+                    raise KeyboardInterrupt("simulated crash")
+            return real(model, objective, *args, **kwargs)
+        return wrapped
 
-    monkeypatch.setattr(algorithm, "run_stage", crash_in_second_hpa)
+    monkeypatch.setattr(algorithm, "train_loop", crash_in_second_hpa(real_loop))
+    monkeypatch.setattr(algorithm, "run_ppo", crash_in_second_hpa(real_ppo))
     with pytest.raises(KeyboardInterrupt):
         algorithm.run_method(workspace, _cfg(cut_dir, "keep=last", f"hpa={hpa}", f"model.dtype={dtype}"), progress=False)
-    monkeypatch.setattr(algorithm, "run_stage", real_stage)
+    monkeypatch.setattr(algorithm, "train_loop", real_loop)
+    monkeypatch.setattr(algorithm, "run_ppo", real_ppo)
     assert torch.load(cut_dir / "hbat" / "checkpoint.pt", weights_only=False)["position"] == 3
     with pytest.raises(ValueError, match="different settings for \\['seed'\\]"):
         algorithm.run_method(workspace, _cfg(cut_dir, "keep=last", f"hpa={hpa}", f"model.dtype={dtype}", "seed=1"),

@@ -81,17 +81,17 @@ def main() -> None:
     from hbat.trainer.models import resolve_dtype
 
     if args.crash_in_hpa:  # simulate a crash (every rank) at the start of the N-th HPA stage
-        real_stage, calls = algorithm.run_stage, []
+        real_loop, calls = algorithm.train_loop, []
 
-        def crashing_stage(ws, cfg, plan, i, *a):
-            if plan[i][0] == "hpa":
+        def crashing_loop(model, objective, *a, **kw):  # inside the HPA stage, after its boundary
+            if objective.desc == "dpo":
                 calls.append(1)
                 if len(calls) == args.crash_in_hpa:
                     print(SIMULATED_CRASH, flush=True)
                     raise SystemExit(3)
-            return real_stage(ws, cfg, plan, i, *a)
+            return real_loop(model, objective, *a, **kw)
 
-        algorithm.run_stage = crashing_stage
+        algorithm.train_loop = crashing_loop
     cfg = make_config(args.out, args.extra, args.deepspeed)
     algorithm.run_method(tiny_workspace(resolve_dtype(cfg)), cfg, progress=False, resume=args.resume)
     engine.shutdown_distributed()

@@ -133,7 +133,7 @@ def run_stage(ws: Workspace, cfg: TrainConfig, plan, i: int, parts: dict, run: R
         task = dpo_objective(model, reference, ws.tokenizer, parts["pref"][part], stage_cfg, sft_rows=sft_rows)
     if task is not None:
         meter_rows = ws.sft_val if objective == "ifa" else ws.pref_val  # held out, of this stage's task
-        log = with_forgetting_meter(model, ws.tokenizer, meter_rows, cfg, run.log)
+        log = with_forgetting_meter(model, ws.tokenizer, meter_rows, cfg, run.log, max_len=stage_cfg.max_len)
         ema = EMAAnchor(model, cfg.ema_anchor) if cfg.ema_anchor and objective == "hpa" else None
         train_loop(model, task, stage_cfg, penalty=penalty, log=log, progress=progress,
                    after_step=ema.update if ema is not None else None)

@@ -190,9 +190,12 @@ class TrainConfig:
             choice(self, key, allowed)
         numbers(self, "mix_coef")
         numbers(self, "ema_anchor", maximum=1.0)
-        if self.ema_anchor and self.hpa == "ppo":
-            fail(self, "ema_anchor", "needs hpa=dpo (the EMA anchor follows DPO's optimizer steps; PPO's loop is its "
-                 "own)")
+        if self.ema_anchor and (self.hpa == "ppo" or not SPECS[self.method].hpa):
+            fail(self, "ema_anchor", f"needs DPO stages (hpa=dpo and a method with HPA stages; method {self.method}, "
+                 f"hpa {self.hpa}): the EMA anchor follows DPO's optimizer steps")
+        if self.ema_anchor and self.model.lora_r:
+            fail(self, "ema_anchor", "is not supported with LoRA (model.lora_r > 0): the average of the adapter "
+                 "factors is not the average of their product")
         booleans(self, "save_model")
         if self.method == "freeze" and self.ewc.importance_mode == L2SP:  # F_i = 1 everywhere ranks nothing
             fail(self, "ewc.importance_mode", "l2sp gives every tensor the same importance; method freeze needs a "

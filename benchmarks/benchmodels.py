@@ -11,7 +11,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hbat.baselines.fisher import sequence_logprob
-from hbat.trainer.dpo import dpo_loss
+from hbat.trainer.dpo import dpo_loss as sigmoid_dpo_loss
 
 VOCAB = 8000
 HEAD_DIM = 64
@@ -72,7 +72,7 @@ def dpo_loss(policy, reference, batch: dict, beta: float = 0.1) -> torch.Tensor:
     logp = sequence_logprob(policy(batch["input_ids"]).logits, batch["labels"])
     with torch.no_grad():
         ref_logp = sequence_logprob(reference(batch["input_ids"]).logits, batch["labels"])
-    return dpo_loss(*logp.chunk(2), *ref_logp.chunk(2), beta)[0]
+    return sigmoid_dpo_loss(*logp.chunk(2), *ref_logp.chunk(2), beta)[0]
 
 
 # --- the same model for the trainer (bench_step's precision part) ---------------------------------------------

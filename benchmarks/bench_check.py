@@ -14,12 +14,15 @@ Every callable runs once per round, ROUNDS rounds in a rotating order after a wa
 best (least) time: a figure is a ratio of two best times taken in the same rounds. Times are the calling thread's
 CPU time (time.thread_time; with one torch thread every kernel runs on it), not wall time: on a shared machine a
 round that loses the CPU to another job does not count the time it waited. A figure fails when it falls below
-its baseline by more than MARGIN (a fraction of the baseline).
+its baseline by more than MARGIN (a fraction of the baseline) in the first measurement and in CONFIRMATIONS more
+measurements of the whole set (each figure keeps its best): a slower kernel fails every time, a noisy moment rarely
+three times in a row.
 
 Why these numbers: a healthy build's figures stayed within 5% of the baseline in ten runs on the 2-core development
 machine at load average 9-12, two of them beside a second gate (benchmarks/results/bench-check.md); a 1.3x slowdown
 of a kernel takes its figure 23% below the baseline. MARGIN = 0.12 sits between. The baseline is this machine's
-(the median of three runs): on another machine (CI), regenerate it there once.
+(the median of three runs): on another machine (CI), regenerate it there once. On 2026-12-05 the same build gave
+scaled_diff 1.02-1.10 in eight runs (baseline 1.170, floor 1.029), hence the confirmations.
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ from hbat.ops import table
 ELEMENTS = 32_000_000  # 128 MB per fp32 list: a copy_ of it streams at the memory's speed here (16M already does)
 ROUNDS = 12
 MARGIN = 0.12
+CONFIRMATIONS = 2  # further measurements while a figure fails; a figure fails only if it fails in all of them
 BASELINE_RUNS = 3
 BASELINE = Path(__file__).resolve().parent / "results" / "bench-check-baseline.json"
 REGENERATE = "python benchmarks/bench_check.py --write-baseline"
@@ -137,7 +141,20 @@ def main(argv=None) -> int:
         figures = {name: statistics.median(run[0][name] for run in runs) for name in runs[0][0]}
         times = {name: statistics.median(run[1][name] for run in runs) for name in runs[0][1]}
     else:
+        try:
+            baseline = json.loads(args.baseline.read_text())["figures"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"bench_check: cannot read the baseline {args.baseline} ({exc}); write one with `{REGENERATE}`",
+                  file=sys.stderr)
+            return 1
         figures, times = measure(int(args.elements), args.rounds)
+        for _ in range(CONFIRMATIONS):
+            failing = [name for name, _, _, passes in check(figures, baseline, args.margin) if not passes]
+            if not failing:
+                break
+            print(f"bench_check: below the floor, measuring again: {', '.join(failing)}")
+            again, _ = measure(int(args.elements), args.rounds)
+            figures = {name: max(value, again.get(name, value)) for name, value in figures.items()}
     elapsed = time.time() - started
     where = (f"{report.machine_line('cpu')}; hbat from {Path(ops.__file__).parents[1]}; {int(args.elements):,} elements, "
              f"best of {args.rounds} rounds, {elapsed:.0f} s")
@@ -152,12 +169,6 @@ def main(argv=None) -> int:
         for name, value in figures.items():
             print(f"  {name:32s} {value:7.3f}")
         return 0
-    try:
-        baseline = json.loads(args.baseline.read_text())["figures"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        print(f"bench_check: cannot read the baseline {args.baseline} ({exc}); write one with `{REGENERATE}`",
-              file=sys.stderr)
-        return 1
     rows = check(figures, baseline, args.margin)
     print(f"bench_check: {where}; a figure fails below baseline x {1 - args.margin:.2f}")
     for name, value, base, passes in rows:
